@@ -1,0 +1,191 @@
+"""Maths of the shared helpers (Eq. 4, 7, 8), the reward wrappers and the prompt sets."""
+
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import SHARED_ASSETS
+
+
+# ---------------------------------------------------------------------------------------------- Eq. 7
+def test_dynamic_cfg_scale_switches_after_t_thres():
+    assert common.dynamic_cfg_scale(901, 1.0, 5.0, 900) == 1.0  # above t_thres: noisy steps, w_l
+    assert common.dynamic_cfg_scale(900, 1.0, 5.0, 900) == 5.0  # at t_thres: w_h (w_l only for t > t_thres)
+    assert common.dynamic_cfg_scale(899, 1.0, 5.0, 900) == 5.0
+    assert common.dynamic_cfg_scale(torch.tensor(981), 0.5, 7.5, 900) == 0.5  # a scheduler timestep tensor
+
+
+# ---------------------------------------------------------------------------------------------- Eq. 8
+def test_random_word_token_mask_selects_every_token_of_one_word(tiny_pipeline):
+    tokenizer = tiny_pipeline.tokenizer  # character-level: "dolphin" is 7 tokens
+    prompts = ["a dolphin riding a bike", "zebra", "an ant playing chess"]
+    generator = torch.Generator().manual_seed(0)
+    seen_words = set()
+    for _ in range(40):
+        mask = common.random_word_token_mask(tokenizer, prompts, generator)
+        assert mask.shape == (3, tokenizer.model_max_length) and mask.dtype == torch.bool
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        for row, prompt in enumerate(prompts):
+            positions = mask[row].nonzero().flatten().tolist()
+            assert positions == list(range(positions[0], positions[-1] + 1))  # one contiguous word
+            chosen = tokenizer.decode(ids[row, positions]).strip()
+            assert chosen in prompt.split()  # exactly a whole word, all of its tokens
+            assert ids[row, positions].ne(tokenizer.bos_token_id).all() and ids[row, positions].ne(tokenizer.eos_token_id).all()
+            seen_words.add((row, chosen))
+    assert {w for r, w in seen_words if r == 0} == {"a", "dolphin", "riding", "bike"}  # every word gets drawn
+
+
+def test_weight_prompt_embeds_matches_eq8_only_on_the_mask():
+    generator = torch.Generator().manual_seed(0)
+    prompt_embeds = torch.randn(2, 77, 8, generator=generator)
+    null_embeds = torch.randn(1, 77, 8, generator=generator)
+    mask = torch.zeros(2, 77, dtype=torch.bool)
+    mask[0, 3:6] = True
+    mask[1, 1] = True
+    weights = torch.tensor([1.15, 1.05])
+    weighted = common.weight_prompt_embeds(prompt_embeds, null_embeds, mask, weights)
+    expected = null_embeds + weights.view(2, 1, 1) * (prompt_embeds - null_embeds)  # Eq. 8
+    assert torch.allclose(weighted[mask], expected[mask])
+    assert torch.equal(weighted[~mask], prompt_embeds[~mask])  # other tokens untouched
+    assert not torch.allclose(weighted[mask], prompt_embeds[mask])
+    identity = common.weight_prompt_embeds(prompt_embeds, null_embeds, mask, torch.ones(2))
+    assert torch.allclose(identity, prompt_embeds, atol=1e-6)  # w = 1 is the identity
+
+
+# ---------------------------------------------------------------------------------------------- Eq. 4
+def test_guided_noise_prediction_is_cfg_with_per_sample_scales(tiny_pipeline):
+    unet = tiny_pipeline.unet
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, generator=generator)
+    prompt_embeds = common.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, ["a dog", "a cat"])
+    null_embeds = common.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""])
+    scales = torch.tensor([1.0, 7.5])
+    timesteps = torch.tensor([981, 501])
+    with torch.no_grad():
+        guided = common.guided_noise_prediction(unet, latents, timesteps, prompt_embeds, null_embeds, scales)
+        for i in range(2):
+            cond = unet(latents[i : i + 1], timesteps[i], encoder_hidden_states=prompt_embeds[i : i + 1]).sample
+            uncond = unet(latents[i : i + 1], timesteps[i], encoder_hidden_states=null_embeds).sample
+            assert torch.allclose(guided[i : i + 1], uncond + scales[i] * (cond - uncond), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def test_tiny_pipeline_is_sd_shaped_with_sd15_schedule(tiny_pipeline):
+    from diffusers import DDIMScheduler
+
+    assert isinstance(tiny_pipeline.scheduler, DDIMScheduler)
+    assert tiny_pipeline.scheduler.config.beta_schedule == "scaled_linear" and not tiny_pipeline.scheduler.config.set_alpha_to_one
+    tiny_pipeline.scheduler.set_timesteps(50)
+    assert tiny_pipeline.scheduler.timesteps[0] == 981 and tiny_pipeline.scheduler.timesteps[-1] == 1
+    images = tiny_pipeline(["a dog"], num_inference_steps=4, height=32, width=32, output_type="pt",
+                           generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_unreachable_model_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as error:
+        common.load_pipeline("no-such-user/no-such-model", "cpu", torch.float32)
+    message = str(error.value)
+    assert message.startswith("error: cannot load the model 'no-such-user/no-such-model'") and "--tiny" in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+def test_unknown_reward_is_one_clear_error():
+    with pytest.raises(SystemExit, match="^error: unknown reward 'beauty'; choose one of aesthetic"):
+        common.load_reward("beauty", "cpu", torch.float32, tiny=True)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")), reason="needs ../shared/assets")
+def test_real_laion_head_loads_strictly_and_scores():
+    path = os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    head = common.AestheticMLP()
+    head.load_state_dict(state, strict=True)  # raises on any missing or unexpected key / shape
+    reward = common.load_reward("aesthetic", "cpu", torch.float32, tiny=True, aesthetic_head_path=path)
+    assert torch.equal(reward.head.layers[0].weight, state["layers.0.weight"])
+    scores = reward(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)), ["a", "b"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_tensor_preprocessing_matches_the_transformers_processor():
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(  # the openai/clip-vit-large-patch14 preprocessor_config.json
+        do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True, crop_size={"height": 224, "width": 224},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(common.CLIP_MEAN), image_std=list(common.CLIP_STD),
+    )
+    generator = torch.Generator().manual_seed(0)
+    for height, width in [(512, 512), (64, 96), (300, 200)]:
+        smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=generator), size=(height, width), mode="bilinear")
+        images = (smooth * 255).round() / 255  # values a uint8 image can hold, so both paths see the same input
+        ours = common.clip_preprocess(images)
+        theirs = processor(images=common.images_to_pil(images), return_tensors="pt").pixel_values
+        assert ours.shape == theirs.shape == (1, 3, 224, 224)
+        difference = (ours - theirs).abs()
+        # the processor rounds to uint8 after resizing: 1/255 / std(0.26) = 0.015 per pixel at most, plus filters
+        assert difference.mean() < 0.01 and difference.max() < 0.06, (height, width, difference.mean(), difference.max())
+
+
+def test_flat_image_is_more_jpeg_compressible_than_noise():
+    compressibility = common.load_reward("jpeg_compressibility", "cpu", torch.float32)
+    incompressibility = common.load_reward("jpeg_incompressibility", "cpu", torch.float32)
+    images = torch.stack([torch.full((3, 64, 64), 0.5), torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))])
+    flat, noise = compressibility(images, ["", ""]).tolist()
+    assert flat > noise  # fewer kB -> higher (less negative) reward
+    buffer = io.BytesIO()
+    common.images_to_pil(images[1:])[0].save(buffer, format="JPEG", quality=95)
+    assert math.isclose(-noise, buffer.tell() / 1000, rel_tol=1e-6)  # the reward is the size in kB
+    assert torch.allclose(incompressibility(images, ["", ""]), -compressibility(images, ["", ""]))
+    assert not compressibility.differentiable
+
+
+@pytest.mark.parametrize("name", common.DIFFERENTIABLE_REWARDS)
+def test_gradient_reaches_the_image_through_differentiable_rewards(name):
+    reward = common.load_reward(name, "cpu", torch.float32, tiny=True)
+    assert reward.differentiable
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    scores = reward(images, ["a dog", "a cat riding a bike"])
+    assert scores.shape == (2,) and scores.dtype == torch.float32
+    scores.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+    assert all(not p.requires_grad for p in reward.parameters())  # the reward itself stays frozen
+
+
+def test_pickscore_is_logit_scaled_clipscore():
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pick = common.load_reward("pickscore", "cpu", torch.float32, tiny=True)
+    clip = common.load_reward("clipscore", "cpu", torch.float32, tiny=True)
+    scale = pick.clip_model.logit_scale.exp()
+    assert torch.allclose(pick(images, ["a", "b"]), scale * clip(images, ["a", "b"]), atol=1e-5)
+    assert (clip(images, ["a", "b"]).abs() <= 1).all()
+
+
+def test_optional_backends_without_tiny_version_say_so():
+    for name in ("imagereward", "hpsv2"):
+        with pytest.raises(SystemExit, match=f"^error: {name}"):
+            common.load_reward(name, "cpu", torch.float32, tiny=True)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def test_prompt_sets_follow_the_paper_tables(tmp_path):
+    assert len(common.load_prompts("animals")) == 45 and "hedgehog" in common.load_prompts("animals")
+    assert common.load_prompts("unseen_animals") == ["hippopotamus", "snail", "crocodile", "cheetah", "lobster", "octopus"]
+    activities = common.load_prompts("animal_activities")
+    assert len(activities) == 135 and "an ant washing the dishes" in activities and "a dolphin riding a bike" in activities
+    unseen = common.load_prompts("unseen_activities")
+    assert len(unseen) == 135 and not set(unseen) & set(activities)
+    path = tmp_path / "mine.txt"
+    path.write_text("a red apple\n\n  a blue car \n")
+    assert common.load_prompts(str(path)) == ["a red apple", "a blue car"]
+    with pytest.raises(SystemExit, match="^error: prompt file '.*missing.txt' not found$"):
+        common.load_prompts(str(tmp_path / "missing.txt"))
+    with pytest.raises(SystemExit, match="^error: unknown prompt set 'plants'"):
+        common.load_prompts("plants")

@@ -1,0 +1,216 @@
+"""ddpo_diffexp.py: the DDIM policy's log-prob, the clipped loss, advantages, and the script end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import ddpo_diffexp
+from conftest import MICRO_FLAGS, ROOT, run_script
+
+
+# ---------------------------------------------------------------------------------------------- maths
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_ddim_step_mean_and_log_prob_match_diffusers_and_the_gaussian(tiny_pipeline, eta):
+    scheduler = tiny_pipeline.scheduler
+    scheduler.set_timesteps(50)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 16, 16, generator=generator)
+    noise_pred = torch.randn(3, 4, 16, 16, generator=generator)
+    for t in (scheduler.timesteps[0], scheduler.timesteps[25], scheduler.timesteps[-1]):  # includes abar_prev = abar_0
+        # diffusers' step with zero noise is the policy's mean mu; its variance gives sigma_t
+        mean = scheduler.step(noise_pred, t, latents, eta=eta, variance_noise=torch.zeros_like(latents)).prev_sample
+        prev_t = t - 1000 // 50
+        std_dev = eta * scheduler._get_variance(t, prev_t) ** 0.5
+        sample, log_prob = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
+        expected = torch.distributions.Normal(mean, std_dev).log_prob(sample).mean(dim=(1, 2, 3))  # mean over C*H*W
+        assert torch.allclose(log_prob, expected, atol=1e-4), (t, log_prob, expected)
+        # scoring the mean itself gives the density's maximum, -log(sigma) - log(sqrt(2 pi)): same mean exactly
+        _, log_prob_at_mean = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, prev_sample=mean)
+        assert torch.allclose(log_prob_at_mean, -torch.log(torch.as_tensor(std_dev)) - 0.5 * np.log(2 * np.pi) * torch.ones(3), atol=1e-4)
+        # the sample is mean + sigma z with z ~ N(0, I)
+        z = (sample - mean) / std_dev
+        assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
+
+
+def test_ddim_step_accepts_one_timestep_per_sample(tiny_pipeline):
+    scheduler = tiny_pipeline.scheduler
+    scheduler.set_timesteps(8)
+    generator = torch.Generator().manual_seed(1)
+    latents, noise_pred = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 4, 16, 16, generator=generator)
+    prev = torch.randn(2, 4, 16, 16, generator=generator)
+    timesteps = torch.tensor([876, 1])
+    _, together = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, 1.0, prev_sample=prev)
+    for i in range(2):
+        _, alone = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred[i : i + 1], int(timesteps[i]), latents[i : i + 1], 1.0, prev_sample=prev[i : i + 1])
+        assert torch.allclose(together[i], alone[0])
+
+
+def test_clipped_loss_values():
+    one = torch.zeros(1)
+    loss, approx_kl, clipfrac = ddpo_diffexp.clipped_policy_loss(one, one, torch.tensor([-1.0]), 1e-4, 5.0)
+    assert loss.item() == 1.0 and approx_kl.item() == 0.0 and clipfrac.item() == 0.0  # A = -1, ratio = 1
+    # a ratio past 1 + eps with A > 0 is clipped: no more gain (the loss is -A (1 + eps))
+    loss, _, clipfrac = ddpo_diffexp.clipped_policy_loss(torch.tensor([0.01]), torch.zeros(1), torch.tensor([2.0]), 1e-4, 5.0)
+    assert torch.isclose(loss, torch.tensor(-2.0 * (1 + 1e-4))) and clipfrac.item() == 1.0
+    # advantages are clipped to +-5
+    loss, _, _ = ddpo_diffexp.clipped_policy_loss(torch.zeros(1), torch.zeros(1), torch.tensor([-50.0]), 1e-4, 5.0)
+    assert loss.item() == 5.0
+
+
+def test_clipped_loss_gradient_is_the_policy_gradient():
+    log_prob = torch.zeros(4, requires_grad=True)
+    advantages = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    loss, _, _ = ddpo_diffexp.clipped_policy_loss(log_prob, torch.zeros(4), advantages, 1e-4, 5.0)
+    loss.backward()
+    assert torch.allclose(log_prob.grad, -advantages / 4)  # at ratio 1: d loss / d log p = -A / N (Eq. 6)
+
+
+def test_per_prompt_advantages_use_batch_stats_then_history():
+    history = {}
+    prompts = ["a"] * 4 + ["b"] * 4
+    rewards = np.array([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0])
+    first = ddpo_diffexp.per_prompt_advantages(prompts, rewards, history, buffer_size=8, min_count=6)
+    assert np.allclose(first, (rewards - rewards.mean()) / (rewards.std() + 1e-6))  # fewer than 6: batch stats
+    second = ddpo_diffexp.per_prompt_advantages(prompts, rewards, history, buffer_size=8, min_count=6)
+    a_history = np.array([1.0, 2.0, 3.0, 4.0] * 2)
+    assert np.allclose(second[:4], (rewards[:4] - a_history.mean()) / (a_history.std() + 1e-6))
+    assert np.allclose(second[4:], 0.0)  # "b" always scores 10: zero advantage
+    assert len(history["a"]) == 8
+
+
+def test_exploration_only_in_the_first_three_quarters():
+    args = ddpo_diffexp.parse_args(["--diffexp", "--epochs", "8"])
+    assert args.dynamic_cfg and args.prompt_weighting
+    assert [ddpo_diffexp.exploration_settings(args, e) for e in range(8)] == [(True, True)] * 6 + [(False, False)] * 2
+    plain = ddpo_diffexp.parse_args(["--epochs", "8"])
+    assert ddpo_diffexp.exploration_settings(plain, 0) == (False, False)
+
+
+def test_tiny_preset_and_explicit_flags():
+    args = ddpo_diffexp.parse_args(["--tiny", "--epochs", "3"])
+    assert args.model == "tiny" and args.resolution == 32 and args.epochs == 3  # the flag wins over the preset
+    assert ddpo_diffexp.parse_args([]).model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reward", "beauty"], "error: unknown reward 'beauty'"),
+        (["--prompts", "nowhere.txt"], "error: prompt file 'nowhere.txt' not found"),
+        (["--prompts", "plants"], "error: unknown prompt set 'plants'"),
+        (["--t-thres", "1000"], "error: --t-thres 1000 must be in [0, 1000)"),
+        (["--prompt-weight-range", "1.2", "1.0"], "error: --prompt-weight-range 1.2 1.0 is inverted"),
+        (["--samples-per-epoch", "30"], "error: --samples-per-epoch 30 is not a multiple of --sample-batch-size"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_model_loads(tmp_path, flags, message):
+    result = run_script("ddpo_diffexp.py", ["--model", "no-such/model", *flags], tmp_path, check=False)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[-1].startswith(message), result.stderr  # one line, no traceback
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_flag_is_rejected(tmp_path):
+    result = run_script("ddpo_diffexp.py", ["--tiny", "--no-such-flag", "3"], tmp_path, check=False)
+    assert result.returncode != 0 and "no-such-flag" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def lora_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted 3-epoch run with DiffExp on, shared by the end-to-end tests."""
+    output = tmp_path_factory.mktemp("runs")
+    run_script("ddpo_diffexp.py", [*MICRO_FLAGS, "--diffexp", "--epochs", "3", "--run-name", "full"], output)
+    return output / "full"
+
+
+def test_run_writes_finite_metrics_grids_and_checkpoints(finished_run):
+    metrics = read_jsonl(finished_run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert [m["reward_queries"] for m in metrics] == [8, 16, 24]
+    for m in metrics:
+        for key in ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "seconds"):
+            assert np.isfinite(m[key]), (key, m)
+    assert [m["dynamic_cfg"] for m in metrics] == [True, True, False]  # explores in the first 3/4 of 3 epochs
+    evaluations = read_jsonl(finished_run / "eval.jsonl")
+    assert [e["epoch"] for e in evaluations] == [0, 1, 2, 3] and all(np.isfinite(e["seen_reward_mean"]) for e in evaluations)
+    assert (finished_run / "samples" / "eval_seen_epoch_0003.png").exists()
+    assert json.load(open(finished_run / "args.json"))["diffexp"] is True
+    assert sorted(os.listdir(finished_run / "checkpoints")) == ["epoch_0001", "epoch_0002", "epoch_0003"]
+
+
+def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
+    from common import load_pipeline
+
+    pipeline = load_pipeline("tiny", "cpu", torch.float32)
+
+    def generate():
+        return pipeline(["snail"], num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="pt",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    before = generate()
+    pipeline.load_lora_weights(str(finished_run / "checkpoints" / "epoch_0003"))
+    after = generate()
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, tmp_path):
+    flags = [*MICRO_FLAGS, "--diffexp", "--epochs", "3", "--run-name", "full"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo_diffexp.py"), "--output-dir", str(tmp_path), *flags],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "full" / "checkpoints"
+    deadline = time.time() + 300
+    while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # as a preempted job: no clean-up
+    process.wait()
+    left = sorted(os.listdir(checkpoints))
+    assert "epoch_0003" not in left and "epoch_0001" in left, left  # really interrupted mid-run
+    run_script("ddpo_diffexp.py", [*flags, "--resume"], tmp_path)
+    resumed, uninterrupted = lora_tensors(checkpoints / "epoch_0003"), lora_tensors(finished_run / "checkpoints" / "epoch_0003")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
+    resumed_metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    full_metrics = read_jsonl(finished_run / "metrics.jsonl")
+    assert [m["epoch"] for m in resumed_metrics] == [0, 1, 2]  # every epoch logged once
+    assert np.allclose([m["reward_mean"] for m in resumed_metrics], [m["reward_mean"] for m in full_metrics], atol=1e-6)
+    assert [e["epoch"] for e in read_jsonl(tmp_path / "full" / "eval.jsonl")] == [0, 1, 2, 3]
+
+
+def test_existing_run_needs_resume(finished_run):
+    result = run_script("ddpo_diffexp.py", [*MICRO_FLAGS, "--run-name", "full"], finished_run.parent, check=False)
+    assert result.returncode != 0 and "pass --resume" in result.stderr.strip().splitlines()[-1]
+
+
+def test_two_processes_keep_identical_lora(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_script("ddpo_diffexp.py", [*MICRO_FLAGS, "--diffexp", "--epochs", "2", "--run-name", "ddp"], tmp_path, launcher=launcher)
+    metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
+    for m in metrics:
+        rank0, rank1 = m["lora_sum_per_process"]
+        assert rank0 == rank1, m  # bit-identical replicas after the all-reduced updates
+    assert metrics[0]["lora_sum_per_process"] != metrics[1]["lora_sum_per_process"]  # and they did train
+    assert metrics[-1]["reward_queries"] == 16  # 8 samples per epoch over 2 processes, not per process
