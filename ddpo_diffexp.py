@@ -527,7 +527,7 @@ def main(args):
         # 5. Update: DDPO-IS over the sampled timesteps, one optimiser step per samples_per_update samples
         # ==================================================================================================
         unet.train()
-        losses, approx_kls, clipfracs = [], [], []
+        losses, approx_kls, clipfracs, grad_norms = [], [], [], []
         for inner_epoch in range(args.inner_epochs):
             order = torch.randperm(samples_per_process, generator=generator)
             # each sample visits its timesteps in its own random order; training the first trained_steps of them
@@ -553,19 +553,19 @@ def main(args):
                         accelerator.backward(loss / (micro_batches_per_update * trained_steps))
                         losses.append(loss.item()), approx_kls.append(approx_kl.item()), clipfracs.append(clipfrac.item())
                 if last_of_update:
-                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
+                    grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
                     optimizer.step()
                     optimizer.zero_grad()
 
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint
         # ==================================================================================================
-        statistics = accelerator.gather(torch.tensor([np.mean(losses), np.mean(approx_kls), np.mean(clipfracs)], device=accelerator.device)).view(-1, 3).mean(0)
-        loss_mean, approx_kl_mean, clipfrac_mean = statistics.tolist()
+        statistics = torch.tensor([np.mean(losses), np.mean(approx_kls), np.mean(clipfracs), np.mean(grad_norms)], device=accelerator.device)
+        loss_mean, approx_kl_mean, clipfrac_mean, grad_norm_mean = accelerator.gather(statistics).view(-1, 4).mean(0).tolist()
         stop_on_non_finite(accelerator, "loss", loss_mean)
         metrics = dict(
             epoch=epoch, reward_queries=(epoch + 1) * args.samples_per_epoch, reward_mean=float(all_rewards.mean()),
-            reward_std=float(all_rewards.std()), loss=loss_mean, approx_kl=approx_kl_mean, clipfrac=clipfrac_mean,
+            reward_std=float(all_rewards.std()), loss=loss_mean, approx_kl=approx_kl_mean, clipfrac=clipfrac_mean, grad_norm=grad_norm_mean,
             dynamic_cfg=use_dynamic_cfg, prompt_weighting=use_prompt_weighting, seconds=round(time.time() - epoch_start, 3),
         )
         if accelerator.num_processes > 1:  # every replica must hold the same LoRA after the all-reduced updates
