@@ -72,6 +72,43 @@ def test_clipped_loss_gradient_is_the_policy_gradient():
     assert torch.allclose(log_prob.grad, -advantages / 4)  # at ratio 1: d loss / d log p = -A / N (Eq. 6)
 
 
+def test_one_update_moves_probability_toward_high_advantage_trajectories():
+    """The script's sampler, log-prob and loss, one gradient step: sum_i A_i log p(trajectory_i) must rise."""
+    from common import add_lora, encode_prompts, guided_noise_prediction, load_pipeline
+
+    pipeline = load_pipeline("tiny", "cpu", torch.float32)  # a fresh one: LoRA is added in place
+    lora_parameters = add_lora(pipeline.unet, 4)
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(4)
+    generator = torch.Generator().manual_seed(0)
+    prompts = ["a dog", "a cat", "a fox", "an ant"] * 2
+    prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)
+    null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])
+    scales = torch.full((8, 4), 5.0)
+    trajectory, log_prob_old, _ = ddpo_diffexp.sample_trajectories(
+        pipeline, pipeline.unet, prompt_embeds, null_embeds, scales, torch.randn(8, 4, 16, 16, generator=generator), 1.0, generator)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 1.0, -1.0])  # a hand-made reward ranking
+
+    def trajectory_log_probs():  # (8, T): recomputed with the current LoRA, as in section 5
+        return torch.stack([
+            ddpo_diffexp.ddim_step_with_logprob(
+                scheduler, guided_noise_prediction(pipeline.unet, trajectory[:, j], t, prompt_embeds, null_embeds, scales[:, j]),
+                t, trajectory[:, j], 1.0, prev_sample=trajectory[:, j + 1])[1]
+            for j, t in enumerate(scheduler.timesteps)], dim=1)
+
+    before = trajectory_log_probs()
+    assert torch.allclose(before, log_prob_old, atol=1e-5)  # training recomputes exactly the sampling policy
+    loss = sum(ddpo_diffexp.clipped_policy_loss(before[:, j], log_prob_old[:, j], advantages, 1e-4, 5.0)[0] for j in range(4))
+    loss.backward()
+    with torch.no_grad():
+        for parameter in lora_parameters:
+            parameter -= 1e-2 * parameter.grad  # a small plain gradient step
+        after = trajectory_log_probs()
+    surrogate_gain = (advantages[:, None] * (after - before)).sum()
+    assert surrogate_gain > 0, surrogate_gain  # high-advantage trajectories became likelier, low ones less likely
+    assert (after - before).abs().max() > 1e-6  # and the step did change the policy
+
+
 def test_per_prompt_advantages_use_batch_stats_then_history():
     history = {}
     prompts = ["a"] * 4 + ["b"] * 4
