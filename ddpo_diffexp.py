@@ -422,7 +422,9 @@ def main(args):
     # ======================================================================================================
     # 1. Setup: processes, models, LoRA, optimiser, resume
     # ======================================================================================================
-    accelerator = Accelerator(mixed_precision=args.mixed_precision if torch.cuda.is_available() else "no")
+    # without CUDA, cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU
+    on_gpu = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision if on_gpu else "no", cpu=not on_gpu)
     check_args(args, accelerator.num_processes)
     run_name = args.run_name or f"{os.path.splitext(os.path.basename(__file__))[0]}_{args.reward}_seed{args.seed}"
     run_dir = os.path.join(args.output_dir, run_name)
