@@ -262,7 +262,9 @@ def test_two_processes_keep_identical_lora(tmp_path):
     # accelerate's --cpu launcher starts one process; --multi_gpu starts 2 (torchrun), which run on CPU via gloo
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run_script("ddpo_diffexp.py", [*MICRO_FLAGS, "--diffexp", "--epochs", "2", "--run-name", "ddp"], tmp_path, launcher=launcher)
+    flags = list(MICRO_FLAGS)
+    flags[flags.index("--samples-per-update") + 1] = "8"  # one update of 4 samples on each of the 2 processes
+    run_script("ddpo_diffexp.py", [*flags, "--diffexp", "--epochs", "2", "--run-name", "ddp"], tmp_path, launcher=launcher)
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     for m in metrics:
         rank0, rank1 = m["lora_sum_per_process"]
