@@ -1,0 +1,681 @@
+"""DDPO with CoCA step-level rewards: the final reward spread over the denoising steps (LoRA on Stable Diffusion).
+
+Papers
+  Step-level Reward for Free in RL-based T2I Diffusion Model Fine-tuning
+    (CoCA; Liao, Wei, Qu, Cheng; 2025; arXiv 2505.19196)
+  Training Diffusion Models with Reinforcement Learning (DDPO; Black et al., ICLR 2024; arXiv 2305.13301)
+  DiffExp: Efficient Exploration in Reward Fine-tuning for Text-to-Image Diffusion Models
+    (Chae, Choi, Kim, Lee; AAAI 2025; arXiv 2502.14070), optional exploration flags that compose with CoCA
+
+What it implements
+  - DDPO unchanged (the policy, the sampler, the per-prompt advantages, the clipped loss) except its credit
+    assignment: DDPO gives every step of a trajectory the same advantage A; CoCA gives step j its own r_j.
+  - The policy is one DDIM step with eta = 1:
+      x0_hat = (x_t - sqrt(1 - abar_t) eps~) / sqrt(abar_t)
+      x_{t-1} ~ N(mu, sigma_t^2 I),  mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps~
+      sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+    with classifier-free guidance inside it: eps~ = eps(x_t, t) + w (eps(x_t, t, c) - eps(x_t, t)).
+  - CoCA's contribution of each step, with the steps numbered j = 0..T-1 in sampling order (j = 0 is the
+    noisiest) and a window of w steps (T = K w):
+      c_j = cos(x0_hat_j, x_0)  for j < T, the flattened latents; c_T = cos(x_0, x_0) = 1   (deviation 1)
+      m_k = mean(c_{kw+1}, ..., c_{kw+w})       the similarity reached after the steps of window k
+      g_0 = m_0 - c_0,  g_k = m_k - m_{k-1}      the gain of window k
+      s_j = g_k / (w sum_k' g_k')  for j in window k, so that sum_j s_j = 1
+  - Reward shaping: A = per-prompt z-scored final reward, clipped to +-5; return-to-go G_j = sum_{i >= j} s_i;
+      r_j = A (alpha + (1 - alpha) G_j),  then z-scored again (deviation 4),
+    and DDPO's clipped importance-sampling loss for step j uses r_j in place of A:
+      loss = mean max(-r_j ratio, -r_j clip(ratio, 1 - eps, 1 + eps)).
+    alpha = 1 gives every step the same advantage, as DDPO; alpha = 0 (the default) is full CoCA.
+  - DiffExp exploration (off by default): Eq. 7 dynamic CFG w(t) = w_l if t > t_thres else w_h, and Eq. 8
+    random prompt weighting c[i] <- c_null + w_prompt (c[i] - c_null), during the first 3/4 of training.
+
+Deviations and assumptions
+  1. c_0 is the similarity of the first step's x0_hat (predicted from the pure noise x_T) to x_0: the estimate
+     before any action. The windows average c_1..c_T, the estimates after each action, the last one being x_0
+     itself (c_T = 1); so the gain of window k is what its w actions added, and sum_k g_k = m_{K-1} - c_0
+     telescopes. This is the indexing of the authors' released code; the summary only says "g_0 = m_0 - c_0".
+  2. Negative gains (a window whose estimates move away from x_0) are kept: those steps get negative weights
+     s_j, the weights still sum to 1, and G_j may leave [0, 1]. The summary does not say; the released code
+     keeps them too.
+  3. If sum_k g_k <= 1e-6 (a trajectory that never got closer to its own end; the normalisation would divide
+     by zero or flip signs) the weights fall back to uniform, s_j = 1 / T.
+  4. The second z-score of r_j uses one mean and std over all T x samples_per_epoch values of the epoch
+     (gathered over processes), std + 1e-6, then the loss clips r_j to +-5 as DDPO clips A. The summary does not
+     name the set; the released code uses these batch statistics in its first epochs, then a per-prompt history
+     that reads only the buffer's oldest entry (not reproduced). No state is kept, so --resume needs nothing new.
+     Centring over the whole batch can flip the sign of a small r_j (a late step of a trajectory with A > 0).
+  5. x0_hat is computed from the guided eps~ that samples the step, in fp32, by predicted_clean_latent (the same
+     formula as inside ddim_step_with_logprob, which stays a verbatim copy of DDPO's).
+  6. As in ddpo_diffexp.py: the log-probability is averaged over the latent's C*H*W elements and computed in
+     fp32; per-prompt statistics use a buffer of each prompt's last 32 rewards (batch mean / std until a prompt
+     has 16); random numbers come from generators seeded by (seed, epoch, process), so --resume reproduces an
+     uninterrupted run; evaluation samples 10 images per prompt with fixed noise, plain CFG w_h and no exploration.
+  7. DiffExp's w_l (--cfg-low) is not published: default 1.0 (no guidance), used only with --dynamic-cfg.
+  8. Only lr, clip, window and alpha take CoCA's values; the rest keeps ddpo_diffexp.py's defaults (the released
+     code samples 256 images per epoch and uses Adam beta2 0.999; pass --samples-per-epoch / --adam-betas).
+
+Commands
+  Paper setting (1 GPU; `accelerate launch --num_processes 4 ddpo_coca.py ...` for 4):
+    python ddpo_coca.py --reward aesthetic --prompts animals
+  Tiny CPU run (offline, about three minutes on 2 cores):
+    python ddpo_coca.py --tiny --reward jpeg_compressibility
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from common import (
+    PROMPT_SETS,
+    REWARD_NAMES,
+    TINY_MODEL,
+    UNSEEN_PROMPT_SET,
+    add_lora,
+    check_reward_name,
+    dynamic_cfg_scale,
+    encode_prompts,
+    guided_noise_prediction,
+    images_to_pil,
+    load_pipeline,
+    load_prompts,
+    load_reward,
+    random_word_token_mask,
+    save_lora,
+    weight_prompt_embeds,
+)
+
+
+@dataclass
+class Args:
+    # Shared arguments (the same, in the same order, in every script)
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
+    tiny: bool = False
+    """preset for CPU: tiny model and rewards, 32 px, 10 steps, small batches (explicit flags still win)"""
+    reward: str = "aesthetic"
+    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility, jpeg_incompressibility"""
+    prompts: str = "animals"
+    """training prompts: animals, animal_activities, unseen_animals, unseen_activities, or a .txt file"""
+    eval_unseen_prompts: Optional[str] = None
+    """unseen prompt set for evaluation (default: the training set's unseen twin, if it has one)"""
+    run_name: Optional[str] = None
+    """folder name under output_dir (default: <script>_<reward>_seed<seed>)"""
+    output_dir: str = "runs"
+    """where runs are written"""
+    seed: int = 0
+    """seed of every random draw"""
+    epochs: int = 200
+    """number of epochs (sample, reward, update)"""
+    num_steps: int = 50
+    """DDIM sampling steps T"""
+    eta: float = 1.0
+    """DDIM eta; the policy needs eta > 0 (sigma_t > 0) for its log-probability"""
+    cfg_high: float = 5.0
+    """classifier-free guidance scale w (w_h of Eq. 7): the only scale without dynamic CFG, and in evaluation"""
+    resolution: int = 512
+    """image height and width in pixels"""
+    samples_per_epoch: int = 64
+    """images sampled (reward queries) per epoch, over all processes"""
+    sample_batch_size: int = 8
+    """images per sampling batch, per process"""
+    train_batch_size: int = 4
+    """samples per training forward / backward, per process"""
+    samples_per_update: int = 32
+    """samples whose gradients one optimiser step accumulates, over all processes"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate"""
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW (beta1, beta2)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    lora_rank: int = 4
+    """LoRA rank on the UNet attention projections"""
+    mixed_precision: str = "fp16"
+    """frozen weights on GPU: fp16, bf16 or no (fp32); always fp32 on CPU; LoRA params are fp32"""
+    eval_every: int = 10
+    """evaluate before every eval_every-th epoch and after the last"""
+    eval_images_per_prompt: int = 10
+    """evaluation images per prompt (fixed noise)"""
+    save_every: int = 10
+    """checkpoint after every save_every-th epoch and after the last"""
+    resume: bool = False
+    """continue runs/<run_name> from its last checkpoint"""
+    # DiffExp arguments
+    diffexp: bool = False
+    """turn on both DiffExp strategies (--dynamic-cfg and --prompt-weighting)"""
+    dynamic_cfg: bool = False
+    """Eq. 7: guidance w_l while t > t_thres, then w_h"""
+    prompt_weighting: bool = False
+    """Eq. 8: weight one random word of each prompt by w ~ U(prompt_weight_range)"""
+    cfg_low: float = 1.0
+    """w_l of Eq. 7 (unpublished; 1.0 = no guidance, see deviation 1)"""
+    t_thres: int = 900
+    """t_thres of Eq. 7 on the 0..1000 timestep scale"""
+    prompt_weight_range: tuple[float, float] = (1.0, 1.2)
+    """range of the uniform prompt weight w_prompt of Eq. 8"""
+    explore_fraction: float = 0.75
+    """fraction of the epochs (the first ones) that explore"""
+    # Method-specific arguments
+    clip_range: float = 1e-4
+    """PPO clip range eps of the importance ratio"""
+    advantage_clip: float = 5.0
+    """advantages are clipped to [-advantage_clip, advantage_clip]"""
+    timestep_fraction: float = 1.0
+    """fraction of each trajectory's T steps trained (a random subset per sample)"""
+    inner_epochs: int = 1
+    """passes of updates over each epoch's samples"""
+    stat_buffer_size: int = 32
+    """per-prompt reward history for advantage normalisation"""
+    stat_min_count: int = 16
+    """below this many rewards of a prompt, normalise with the batch's mean / std"""
+    similarity_window: int = 5
+    """w: steps per window of the similarity gains g_k; must divide --num-steps"""
+    shaping_alpha: float = 0.0
+    """alpha of r_j = A (alpha + (1 - alpha) G_j): 0 = full step-level credit, 1 = DDPO's equal credit"""
+
+
+# --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
+TINY_PRESET = dict(
+    model=TINY_MODEL, tiny=True, epochs=12, num_steps=10, resolution=32, samples_per_epoch=32, sample_batch_size=16,
+    train_batch_size=16, samples_per_update=16, learning_rate=3e-3, mixed_precision="no", eval_every=4,
+    eval_images_per_prompt=2, save_every=4,
+)
+
+
+def parse_args(argv=None):
+    """Parse flags on top of the defaults, or of the tiny preset when --tiny is given."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = Args(**TINY_PRESET) if "--tiny" in argv else Args()
+    args = tyro.cli(Args, default=defaults, args=argv)
+    if args.diffexp:
+        args = replace(args, dynamic_cfg=True, prompt_weighting=True)
+    return args
+
+
+def check_args(args, num_processes):
+    """One line and exit for bad input, before any model loads."""
+    check_reward_name(args.reward)
+    load_prompts(args.prompts)
+    if args.eval_unseen_prompts is not None:
+        load_prompts(args.eval_unseen_prompts)
+    problems = []
+    if not 0 <= args.t_thres < 1000:
+        problems.append(f"--t-thres {args.t_thres} must be in [0, 1000)")
+    low, high = args.prompt_weight_range
+    if low > high:
+        problems.append(f"--prompt-weight-range {low} {high} is inverted (low > high)")
+    if not 0 <= args.explore_fraction <= 1:
+        problems.append(f"--explore-fraction {args.explore_fraction} must be in [0, 1]")
+    if args.eta <= 0:
+        problems.append("--eta must be > 0: the policy's log-probability needs sigma_t > 0")
+    if args.mixed_precision not in ("fp16", "bf16", "no"):
+        problems.append(f"--mixed-precision {args.mixed_precision} must be fp16, bf16 or no")
+    if args.resolution % 8:
+        problems.append(f"--resolution {args.resolution} must be a multiple of 8")
+    if args.samples_per_epoch % (args.sample_batch_size * num_processes):
+        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size {args.sample_batch_size} x {num_processes} processes")
+    if args.samples_per_epoch % args.samples_per_update:
+        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update {args.samples_per_update}")
+    if args.samples_per_update % (args.train_batch_size * num_processes):
+        problems.append(f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes")
+    if not 0 < args.timestep_fraction <= 1:
+        problems.append(f"--timestep-fraction {args.timestep_fraction} must be in (0, 1]")
+    if args.similarity_window >= 1 and args.num_steps % args.similarity_window:
+        problems.append(f"--num-steps {args.num_steps} is not a multiple of --similarity-window {args.similarity_window}")
+    if not 0 <= args.shaping_alpha <= 1:
+        problems.append(f"--shaping-alpha {args.shaping_alpha} must be in [0, 1]")
+    for name in ("epochs", "num_steps", "eval_every", "save_every", "eval_images_per_prompt", "inner_epochs", "lora_rank", "similarity_window"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_sample=None, generator=None):
+    """One DDIM step x_t -> x_{t-1} of the policy, and log p(x_{t-1} | x_t, c) averaged over C*H*W.
+
+    noise_pred: guided eps~ (B, C, h, w); timestep: t, an int or a (B,) tensor (0..999); latents: x_t (B, C, h, w).
+    prev_sample: a given x_{t-1} to score (training); None draws one with `generator` (sampling).
+    Returns (x_{t-1} in latents' dtype, log_prob (B,) fp32). Assumes an epsilon-predicting model and a scheduler
+    without sample clipping or thresholding (SD 1.x's DDIM config).
+    """
+    device = latents.device
+    eps, x_t = noise_pred.float(), latents.float()
+    # 1. t and the previous timestep t' = t - 1000 / T, per sample
+    timestep = torch.as_tensor(timestep, device=device).long().reshape(-1)  # (B,) or (1,)
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    # 2. abar_t and abar_t' (abar_t' = final_alpha_cumprod past the last step: abar_0 for SD 1.x)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    alpha_prod_t = alphas_cumprod[timestep].view(-1, 1, 1, 1)
+    alpha_prod_prev = torch.where(
+        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], scheduler.final_alpha_cumprod.to(device)
+    ).view(-1, 1, 1, 1)
+    # 3. predicted clean latent: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (DDIM eq. 12)
+    x0_hat = (x_t - (1 - alpha_prod_t).sqrt() * eps) / alpha_prod_t.sqrt()
+    # 4. sigma_t = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')   (DDIM eq. 16)
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std_dev = eta * variance.sqrt()
+    # 5. mean: mu = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma_t^2) eps   (DDIM eq. 12)
+    mean = alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev - std_dev**2).sqrt() * eps
+    # 6. x_{t-1} = mu + sigma_t z, rounded to the latents' dtype BEFORE scoring, so training recomputes the same value
+    if prev_sample is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
+        prev_sample = mean + std_dev * noise
+    prev_sample = prev_sample.to(latents.dtype)
+    # 7. Gaussian log-density, averaged over the C*H*W latent elements (DDPO's convention, see deviation 2)
+    log_prob = (
+        -((prev_sample.float() - mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev) - math.log(math.sqrt(2 * math.pi))
+    )
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantage_clip):
+    """DDPO-IS / PPO clipped surrogate for one timestep of a batch; returns (loss, approx_kl, clipfrac).
+
+    ratio = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c) = exp(log_prob - log_prob_old)
+    loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), A = clip(advantage, -5, 5)
+    """
+    advantages = advantages.clamp(-advantage_clip, advantage_clip)
+    ratio = torch.exp(log_prob - log_prob_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * ((log_prob - log_prob_old) ** 2).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return loss, approx_kl.detach(), clipfrac.detach()
+
+
+def per_prompt_advantages(prompts, rewards, history, buffer_size, min_count):
+    """DDPO's advantage: (r - mean_p) / (std_p + 1e-6) with each prompt's last `buffer_size` rewards.
+
+    `history` (prompt -> deque of rewards) is updated in place; until a prompt has `min_count` rewards, the
+    whole batch's mean and std stand in for its own.
+    """
+    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
+    advantages = np.empty_like(rewards)
+    for prompt in np.unique(prompts):
+        selected = prompts == prompt
+        buffer = history.setdefault(str(prompt), deque(maxlen=buffer_size))
+        buffer.extend(rewards[selected].tolist())
+        source = np.array(buffer) if len(buffer) >= min_count else rewards
+        advantages[selected] = (rewards[selected] - source.mean()) / (source.std() + 1e-6)
+    return advantages
+
+
+def step_weights_from_similarity(similarities, window):
+    """CoCA's per-step weights s_j from each trajectory's similarities c_0..c_T; (B, T + 1) -> (B, T).
+
+    m_k = mean(c_{kw+1}, ..., c_{kw+w}); g_0 = m_0 - c_0, g_k = m_k - m_{k-1}; s_j = g_k / (w sum_k g_k) for the
+    w steps j of window k, so that sum_j s_j = 1. Negative gains are kept (deviation 2); a total gain <= 1e-6
+    gives uniform weights 1 / T (deviation 3).
+    """
+    batch_size, num_steps = similarities.shape[0], similarities.shape[1] - 1
+    window_means = similarities[:, 1:].reshape(batch_size, num_steps // window, window).mean(dim=2)  # m_k, (B, K)
+    previous = torch.cat([similarities[:, :1], window_means[:, :-1]], dim=1)  # c_0, m_0, ..., m_{K-2}; (B, K)
+    gains = window_means - previous  # g_k, (B, K)
+    total_gain = gains.sum(dim=1, keepdim=True)  # sum_k g_k = m_{K-1} - c_0 (telescoping), (B, 1)
+    weights = (gains / (window * total_gain.clamp(min=1e-6))).repeat_interleave(window, dim=1)  # s_j, (B, T)
+    return torch.where(total_gain > 1e-6, weights, torch.full_like(weights, 1.0 / num_steps))
+
+
+def return_to_go(step_weights):
+    """G_j = sum_{i >= j} s_i: the share of the final reward earned by step j and the steps after it; (B, T)."""
+    return step_weights.flip(1).cumsum(1).flip(1)
+
+
+def shaped_step_advantages(advantages, step_weights, alpha, advantage_clip):
+    """CoCA's per-step advantages r_j = A (alpha + (1 - alpha) G_j), z-scored over all (sample, step) pairs.
+
+    advantages: A (N,), DDPO's per-prompt z-scored rewards, clipped here to +-advantage_clip; step_weights: s (N, T).
+    Returns (N, T). The second z-score uses one mean and std over the N x T values (deviation 4).
+    """
+    advantages = advantages.clamp(-advantage_clip, advantage_clip)
+    shaped = advantages[:, None] * (alpha + (1 - alpha) * return_to_go(step_weights))  # r_j, (N, T)
+    return (shaped - shaped.mean()) / (shaped.std(correction=0) + 1e-6)
+
+
+def exploration_settings(args, epoch):
+    """Which DiffExp strategies this epoch uses: only in the first explore_fraction of training."""
+    exploring = epoch < args.explore_fraction * args.epochs
+    return args.dynamic_cfg and exploring, args.prompt_weighting and exploring
+
+
+def epoch_seed(seed, epoch, process_index):
+    """The seed of one (epoch, process): every random draw of the run is a function of --seed (deviation 4)."""
+    return (seed * 100_003 + epoch) * 1_009 + process_index
+
+
+def predicted_clean_latent(scheduler, noise_pred, timestep, latents):
+    """DDIM's estimate of the clean latent, x0_hat = (x_t - sqrt(1 - abar_t) eps~) / sqrt(abar_t), in fp32.
+
+    The same formula as step 3 of ddim_step_with_logprob; noise_pred eps~ and latents x_t (B, C, h, w); timestep t.
+    """
+    alpha_prod_t = scheduler.alphas_cumprod.to(latents.device)[torch.as_tensor(timestep, device=latents.device).long()].reshape(-1, 1, 1, 1)
+    return (latents.float() - (1 - alpha_prod_t).sqrt() * noise_pred.float()) / alpha_prod_t.sqrt()
+
+
+def similarity_to_final_latent(predicted_clean_latents, final_latents):
+    """c_j = cos(x0_hat_j, x_0) of the flattened latents for j = 0..T-1, and c_T = cos(x_0, x_0) = 1 (deviation 1).
+
+    predicted_clean_latents (B, T, C, h, w); final_latents x_0 (B, C, h, w). Returns c (B, T + 1) in fp32.
+    """
+    final = final_latents.float().flatten(1)  # (B, C*h*w)
+    estimates = torch.cat([predicted_clean_latents.float().flatten(2), final[:, None]], dim=1)  # (B, T + 1, C*h*w)
+    return torch.nn.functional.cosine_similarity(estimates, final[:, None], dim=-1)
+
+
+@torch.no_grad()
+def sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator):
+    """Run the policy from x_T to x_0, keeping every latent and log-prob, and CoCA's similarities c_0..c_T.
+
+    prompt_embeds (B, L, D); guidance_scales (B, T), the scale that samples each step; latents x_T (B, 4, h, w).
+    Returns the trajectory (B, T + 1, 4, h, w), log_probs (B, T), similarities (B, T + 1) and the decoded images
+    (B, 3, H, W) in [0, 1].
+    """
+    scheduler = pipeline.scheduler
+    trajectory, log_probs, clean_estimates = [latents], [], []
+    for step, t in enumerate(scheduler.timesteps):
+        noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
+        clean_estimates.append(predicted_clean_latent(scheduler, noise_pred, t, latents))  # x0_hat_j from the guided eps~
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
+        trajectory.append(latents)
+        log_probs.append(log_prob)
+    similarities = similarity_to_final_latent(torch.stack(clean_estimates, dim=1), latents)  # c_0..c_T, (B, T + 1)
+    images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
+    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), similarities, images
+
+
+@torch.no_grad()
+def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape):
+    """Figures 4 / 6 protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h.
+
+    The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
+    the numbers do not depend on the number of processes. Returns (mean, std, per-job rewards, first images).
+    """
+    jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
+    batch_size = args.sample_batch_size
+    batches = [list(range(start, min(start + batch_size, len(jobs)))) for start in range(0, len(jobs), batch_size)]
+    rewards, images_kept = {}, {}
+    for batch_index in range(accelerator.process_index, len(batches), accelerator.num_processes):
+        indices = batches[batch_index]
+        batch_prompts = [jobs[i] for i in indices]
+        generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
+        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(accelerator.device, pipeline.unet.dtype)
+        prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts)
+        guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
+        _, _, _, images = sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator)
+        batch_rewards = reward_fn(images, batch_prompts).float().cpu()
+        for position, job in enumerate(indices):
+            rewards[job] = batch_rewards[position].item()
+            if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
+                images_kept[job] = images[position].cpu()
+    all_rewards, all_images = {}, {}
+    for part in gather_object([rewards]):
+        all_rewards.update(part)
+    for part in gather_object([images_kept]):
+        all_images.update(part)
+    values = np.array([all_rewards[i] for i in range(len(jobs))])
+    grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
+    return float(values.mean()), float(values.std()), grid
+
+
+def save_image_grid(path, entries, columns=8, cell=128):
+    """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it."""
+    rows = math.ceil(len(entries) / columns)
+    caption_height = 24
+    grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (prompt, reward, image) in enumerate(entries):
+        x, y = (index % columns) * cell, (index // columns) * (cell + caption_height)
+        grid.paste(images_to_pil(image[None])[0].resize((cell, cell), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + cell + 1), prompt[:22], fill="black")
+        draw.text((x + 2, y + cell + 12), f"{reward:.4g}", fill="black")
+    grid.save(path)
+
+
+def save_checkpoint(folder, unet, optimizer, state):
+    """Write the LoRA (diffusers format) and the training state, atomically: a crash leaves the last one whole."""
+    temporary = folder + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    save_lora(unet, temporary)
+    from peft.utils import get_peft_model_state_dict
+
+    torch.save(
+        dict(state, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict()),
+        os.path.join(temporary, "training_state.pt"),
+    )
+    os.replace(temporary, folder)
+
+
+def last_checkpoint(run_dir):
+    folder = os.path.join(run_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp")) if os.path.isdir(folder) else []
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def keep_lines_before(path, epoch):
+    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+def stop_on_non_finite(accelerator, what, value):
+    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
+    if not math.isfinite(value):
+        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
+        raise SystemExit(1)
+
+
+def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch):
+    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
+    unet.eval()
+    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch)
+    for name, prompts in eval_sets.items():
+        mean, std, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape)
+        line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
+        if accelerator.is_main_process:
+            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
+    if accelerator.is_main_process:
+        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+
+
+def main(args):
+    # ======================================================================================================
+    # 1. Setup: processes, models, LoRA, optimiser, resume
+    # ======================================================================================================
+    # without CUDA, cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU
+    on_gpu = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision if on_gpu else "no", cpu=not on_gpu)
+    check_args(args, accelerator.num_processes)
+    run_name = args.run_name or f"{os.path.splitext(os.path.basename(__file__))[0]}_{args.reward}_seed{args.seed}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    checkpoint = last_checkpoint(run_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+    if not args.resume and os.path.exists(run_dir):
+        raise SystemExit(f"error: {run_dir} exists; pass --resume to continue it or choose another --run-name")
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one creates it
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
+    train_prompts = load_prompts(args.prompts)
+    unseen_name = args.eval_unseen_prompts or UNSEEN_PROMPT_SET.get(args.prompts)
+    eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
+
+    pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
+    reward_fn = load_reward(args.reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
+    timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 981, 961, ..., 1 for T = 50
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
+    null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
+
+    torch.manual_seed(args.seed)
+    lora_parameters = add_lora(pipeline.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
+    start_epoch, reward_history = 0, {}
+    if checkpoint is not None:
+        from peft.utils import set_peft_model_state_dict
+
+        state = torch.load(os.path.join(checkpoint, "training_state.pt"), map_location="cpu", weights_only=False)
+        set_peft_model_state_dict(pipeline.unet, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+        reward_history = {p: deque(r, maxlen=args.stat_buffer_size) for p, r in state["reward_history"].items()}
+        if accelerator.is_main_process:
+            keep_lines_before(os.path.join(run_dir, "metrics.jsonl"), start_epoch)
+            keep_lines_before(os.path.join(run_dir, "eval.jsonl"), start_epoch)
+        accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
+    # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
+    unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
+
+    samples_per_process = args.samples_per_epoch // accelerator.num_processes
+    micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+    trained_steps = max(1, int(args.num_steps * args.timestep_fraction))  # timesteps trained per sample
+
+    for epoch in tqdm(range(start_epoch, args.epochs), desc="epochs", initial=start_epoch, total=args.epochs, disable=not accelerator.is_main_process):
+        epoch_start = time.time()
+        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # anything not drawn from `generator`
+        if epoch % args.eval_every == 0:
+            run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch)
+
+        # ==================================================================================================
+        # 2. Sample: trajectories with per-step log-probs; DiffExp exploration (Eq. 7, Eq. 8) lives here
+        # ==================================================================================================
+        use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # CPU: same draws on any device
+        # Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
+        step_scales = torch.tensor(
+            [dynamic_cfg_scale(t, args.cfg_low, args.cfg_high, args.t_thres) if use_dynamic_cfg else args.cfg_high for t in timesteps.tolist()]
+        )
+        unet.eval()
+        batches = []
+        for _ in tqdm(range(samples_per_process // args.sample_batch_size), desc="sampling", leave=False, disable=not accelerator.is_main_process):
+            prompt_indices = torch.randint(len(train_prompts), (args.sample_batch_size,), generator=generator)
+            prompts = [train_prompts[i] for i in prompt_indices]
+            prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)  # c, (B, L, D)
+            if use_prompt_weighting:  # Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
+                token_mask = random_word_token_mask(pipeline.tokenizer, prompts, generator)  # (B, L)
+                low, high = args.prompt_weight_range
+                prompt_weights = low + (high - low) * torch.rand(args.sample_batch_size, generator=generator)  # (B,)
+                prompt_embeds = weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, prompt_weights.to(accelerator.device))
+            guidance_scales = step_scales.expand(args.sample_batch_size, -1)  # (B, T)
+            latents = torch.randn((args.sample_batch_size, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
+            trajectory, log_probs, similarities, images = sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator)
+            # Store exactly what sampled each step (the weighted c and w(t)): training must recompute THAT policy.
+            batches.append(dict(prompts=prompts, prompt_embeds=prompt_embeds, guidance_scales=guidance_scales, trajectory=trajectory, log_probs=log_probs, similarities=similarities, images=images))
+        prompts = [p for batch in batches for p in batch["prompts"]]
+        samples = {key: torch.cat([batch[key] for batch in batches]) for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "similarities", "images")}
+        # samples: prompt_embeds (N, L, D), guidance_scales (N, T), trajectory (N, T+1, 4, h, w), log_probs (N, T),
+        # similarities c_0..c_T (N, T+1)
+
+        # ==================================================================================================
+        # 3. Reward: r(x_0, c) for every sample, gathered from all processes
+        # ==================================================================================================
+        rewards = torch.cat([reward_fn(samples["images"][i : i + args.sample_batch_size], prompts[i : i + args.sample_batch_size]) for i in range(0, len(prompts), args.sample_batch_size)])
+        all_rewards = accelerator.gather(rewards.float().to(accelerator.device)).cpu().numpy()  # (samples_per_epoch,)
+        all_prompts = [p for part in gather_object([prompts]) for p in part] if accelerator.num_processes > 1 else prompts
+        stop_on_non_finite(accelerator, "reward", float(all_rewards.sum()))
+
+        # ==================================================================================================
+        # 4. Advantage and loss: A per prompt, spread over the steps by CoCA (s_j, G_j, r_j); clipped_policy_loss
+        # ==================================================================================================
+        all_advantages = per_prompt_advantages(all_prompts, all_rewards, reward_history, args.stat_buffer_size, args.stat_min_count)
+        all_similarities = accelerator.gather(samples["similarities"].to(accelerator.device)).cpu()  # c_0..c_T, (samples_per_epoch, T + 1)
+        step_weights = step_weights_from_similarity(all_similarities, args.similarity_window)  # s_j, (samples_per_epoch, T)
+        all_step_advantages = shaped_step_advantages(torch.tensor(all_advantages), step_weights, args.shaping_alpha, args.advantage_clip)  # r_j
+        # every process computed the same advantages; keep this process's slice (gather order = process order)
+        advantages = all_step_advantages.float().reshape(accelerator.num_processes, -1, args.num_steps)[accelerator.process_index]  # (N, T)
+
+        # ==================================================================================================
+        # 5. Update: DDPO-IS over the sampled timesteps, one optimiser step per samples_per_update samples
+        # ==================================================================================================
+        unet.train()
+        losses, approx_kls, clipfracs, grad_norms = [], [], [], []
+        for inner_epoch in range(args.inner_epochs):
+            order = torch.randperm(samples_per_process, generator=generator)
+            # each sample visits its timesteps in its own random order; training the first trained_steps of them
+            step_orders = torch.stack([torch.randperm(args.num_steps, generator=generator) for _ in range(samples_per_process)])
+            step_orders = step_orders[:, :trained_steps]  # (N, K)
+            micro_batches = order.split(args.train_batch_size)
+            for micro_index, rows in enumerate(tqdm(micro_batches, desc="training", leave=False, disable=not accelerator.is_main_process)):
+                steps = step_orders[rows]  # (b, K)
+                x_t = samples["trajectory"][rows[:, None], steps]  # (b, K, 4, h, w)
+                x_prev = samples["trajectory"][rows[:, None], steps + 1]  # (b, K, 4, h, w)
+                log_prob_old = samples["log_probs"][rows[:, None], steps]  # (b, K)
+                step_advantages = advantages[rows[:, None], steps]  # r_j of each trained step, (b, K)
+                scales = samples["guidance_scales"][rows[:, None], steps]  # (b, K)
+                prompt_embeds = samples["prompt_embeds"][rows]  # (b, L, D)
+                step_timesteps = timesteps[steps.to(timesteps.device)]  # (b, K)
+                last_of_update = (micro_index + 1) % micro_batches_per_update == 0
+                # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
+                with nullcontext() if last_of_update else accelerator.no_sync(unet):
+                    for k in range(trained_steps):
+                        noise_pred = guided_noise_prediction(unet, x_t[:, k], step_timesteps[:, k], prompt_embeds, null_embeds, scales[:, k])
+                        _, log_prob = ddim_step_with_logprob(pipeline.scheduler, noise_pred, step_timesteps[:, k], x_t[:, k], args.eta, prev_sample=x_prev[:, k])
+                        loss, approx_kl, clipfrac = clipped_policy_loss(log_prob, log_prob_old[:, k], step_advantages[:, k].to(log_prob.device), args.clip_range, args.advantage_clip)
+                        # the step's gradient is the mean over the update's samples and trained timesteps
+                        accelerator.backward(loss / (micro_batches_per_update * trained_steps))
+                        losses.append(loss.item()), approx_kls.append(approx_kl.item()), clipfracs.append(clipfrac.item())
+                if last_of_update:
+                    grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
+                    optimizer.step()
+                    optimizer.zero_grad()
+
+        # ==================================================================================================
+        # 6. Log, evaluate, checkpoint
+        # ==================================================================================================
+        statistics = torch.tensor([np.mean(losses), np.mean(approx_kls), np.mean(clipfracs), np.mean(grad_norms)], device=accelerator.device)
+        loss_mean, approx_kl_mean, clipfrac_mean, grad_norm_mean = accelerator.gather(statistics).view(-1, 4).mean(0).tolist()
+        stop_on_non_finite(accelerator, "loss", loss_mean)
+        metrics = dict(
+            epoch=epoch, reward_queries=(epoch + 1) * args.samples_per_epoch, reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std()), loss=loss_mean, approx_kl=approx_kl_mean, clipfrac=clipfrac_mean, grad_norm=grad_norm_mean,
+            dynamic_cfg=use_dynamic_cfg, prompt_weighting=use_prompt_weighting, seconds=round(time.time() - epoch_start, 3),
+        )
+        if accelerator.num_processes > 1:  # every replica must hold the same LoRA after the all-reduced updates
+            metrics["lora_sum_per_process"] = accelerator.gather(torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]).tolist()
+        if accelerator.is_main_process:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            tqdm.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}")
+        last_epoch = epoch + 1 == args.epochs
+        if last_epoch:
+            run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch + 1)
+        if (epoch + 1) % args.save_every == 0 or last_epoch:
+            if accelerator.is_main_process:
+                history = {p: list(r) for p, r in reward_history.items()}
+                save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"), accelerator.unwrap_model(unet), optimizer, dict(epoch=epoch + 1, reward_history=history))
+            accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,220 @@
+"""ddpo_coca.py: CoCA's similarities, step weights and shaped advantages, bad input, and the script end to end."""
+
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import ddpo_coca
+import ddpo_diffexp
+from conftest import MICRO_FLAGS, ROOT, run_script
+
+# T = 4 steps in MICRO_FLAGS: two windows of 2 steps. 2 epochs, evaluated before the first and after the last
+# only (the later flag wins), to keep this file fast; DiffExp composes with CoCA and explores in epoch 0 only.
+RUN_FLAGS = [*MICRO_FLAGS, "--similarity-window", "2", "--epochs", "2", "--eval-every", "100", "--diffexp", "--explore-fraction", "0.5"]
+
+
+# ---------------------------------------------------------------------------------------------- copies
+@pytest.mark.parametrize(
+    "name",
+    ["ddim_step_with_logprob", "clipped_policy_loss", "per_prompt_advantages", "exploration_settings", "epoch_seed",
+     "save_image_grid", "save_checkpoint", "last_checkpoint", "keep_lines_before", "stop_on_non_finite", "run_evaluation",
+     "parse_args"],
+)
+def test_shared_helpers_are_verbatim_copies(name):
+    assert inspect.getsource(getattr(ddpo_coca, name)) == inspect.getsource(getattr(ddpo_diffexp, name))
+
+
+# ---------------------------------------------------------------------------------------------- similarities
+def test_predicted_clean_latent_matches_diffusers(tiny_pipeline):
+    scheduler = tiny_pipeline.scheduler
+    scheduler.set_timesteps(10)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise_pred = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    for t in (scheduler.timesteps[0], scheduler.timesteps[5], scheduler.timesteps[-1]):
+        expected = scheduler.step(noise_pred, t, latents, eta=1.0, variance_noise=torch.zeros_like(latents)).pred_original_sample
+        assert torch.allclose(ddpo_coca.predicted_clean_latent(scheduler, noise_pred, t, latents), expected, atol=1e-5)
+    # one timestep per sample gives each sample its own abar_t
+    timesteps = scheduler.timesteps[[0, -1]]
+    together = ddpo_coca.predicted_clean_latent(scheduler, noise_pred, timesteps, latents)
+    for i in range(2):
+        assert torch.allclose(together[i], ddpo_coca.predicted_clean_latent(scheduler, noise_pred[i : i + 1], timesteps[i], latents[i : i + 1])[0])
+
+
+def test_similarity_to_final_latent_by_hand():
+    final = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    other = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    other = other - (other * final).sum() / (final * final).sum() * final  # orthogonal to x_0
+    estimates = torch.stack([-final, other, 2 * final], dim=1)  # x0_hat_0..2, (1, 3, 4, 3, 3)
+    similarities = ddpo_coca.similarity_to_final_latent(estimates, final)
+    assert similarities.shape == (1, 4)
+    assert torch.allclose(similarities, torch.tensor([[-1.0, 0.0, 1.0, 1.0]]), atol=1e-5)  # c_3 = cos(x_0, x_0)
+
+
+# ---------------------------------------------------------------------------------------------- step weights
+@pytest.mark.parametrize("window", [1, 2, 5, 10])
+def test_weights_sum_to_one_and_are_non_negative_when_the_similarity_rises(window):
+    generator = torch.Generator().manual_seed(window)
+    rising = torch.sort(torch.rand(64, 11, generator=generator) * 1.5 - 0.5, dim=1).values  # c_0 <= ... <= c_10
+    weights = ddpo_coca.step_weights_from_similarity(rising, window)
+    assert weights.shape == (64, 10)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(64), atol=1e-5)
+    assert (weights >= 0).all()
+    # steps of one window share one weight
+    assert torch.equal(weights.reshape(64, 10 // window, window), weights.reshape(64, 10 // window, window)[:, :, :1].expand(-1, -1, window))
+    # any sequence, rising or not, still gives weights that sum to 1
+    anything = torch.rand(64, 11, generator=generator, dtype=torch.float64) * 2 - 1
+    assert torch.allclose(ddpo_coca.step_weights_from_similarity(anything, window).sum(dim=1), torch.ones(64, dtype=torch.float64))
+
+
+def test_weights_of_a_hand_made_similarity_sequence():
+    # T = 4, w = 2: c = (0, 0.2, 0.4, 0.5, 1). m_0 = (0.2 + 0.4) / 2 = 0.3, m_1 = (0.5 + 1) / 2 = 0.75;
+    # g_0 = m_0 - c_0 = 0.3, g_1 = m_1 - m_0 = 0.45; sum 0.75; s = g / (0.75 * 2) = 0.2 (window 0), 0.3 (window 1)
+    rising = torch.tensor([[0.0, 0.2, 0.4, 0.5, 1.0]])
+    weights = ddpo_coca.step_weights_from_similarity(rising, 2)
+    assert torch.allclose(weights, torch.tensor([[0.2, 0.2, 0.3, 0.3]]), atol=1e-6)
+    assert torch.allclose(ddpo_coca.return_to_go(weights), torch.tensor([[1.0, 0.8, 0.6, 0.3]]), atol=1e-6)
+    # T = 6, w = 2 with a dip: m = (0.6, 0.4, 0.95); g = (0.6 - 0.1, 0.4 - 0.6, 0.95 - 0.4) = (0.5, -0.2, 0.55);
+    # sum 0.85; s = g / 1.7, the negative gain kept (deviation 2)
+    dipping = torch.tensor([[0.1, 0.5, 0.7, 0.4, 0.4, 0.9, 1.0]])
+    expected = torch.tensor([[0.5, 0.5, -0.2, -0.2, 0.55, 0.55]]) / 1.7
+    assert torch.allclose(ddpo_coca.step_weights_from_similarity(dipping, 2), expected, atol=1e-6)
+    # w = 1 is the plain per-step gain: s_j = (c_{j+1} - c_j) / (c_T - c_0)
+    assert torch.allclose(ddpo_coca.step_weights_from_similarity(rising, 1), torch.tensor([[0.2, 0.2, 0.1, 0.5]]), atol=1e-6)
+
+
+def test_no_total_gain_falls_back_to_uniform_weights():
+    flat = torch.tensor([[0.5] * 5, [0.9, 0.8, 0.7, 0.6, 0.5]])  # gain 0, and a falling sequence (gain < 0)
+    weights = ddpo_coca.step_weights_from_similarity(flat, 2)
+    assert torch.isfinite(weights).all() and torch.allclose(weights, torch.full((2, 4), 0.25))
+
+
+# ---------------------------------------------------------------------------------------------- shaped advantages
+def test_alpha_one_gives_every_step_the_ddpo_advantage():
+    generator = torch.Generator().manual_seed(3)
+    weights = ddpo_coca.step_weights_from_similarity(torch.rand(6, 11, generator=generator), 5)  # any weights
+    advantages = torch.tensor([1.0, -1.0, 1.5, -1.5, 0.5, -0.5])
+    advantages = advantages / advantages.std(correction=0)  # already mean 0, std 1, as a batch of DDPO advantages
+    shaped = ddpo_coca.shaped_step_advantages(advantages.double(), weights, 1.0, 5.0)
+    assert torch.allclose(shaped, advantages.double()[:, None].expand(6, 10), atol=1e-5)
+    # any A: the same value at every step of a trajectory, the batch z-score of A
+    advantages = torch.tensor([3.0, 0.2, -1.0, 0.7, 2.0, -4.0], dtype=torch.float64)
+    shaped = ddpo_coca.shaped_step_advantages(advantages, weights, 1.0, 5.0)
+    assert torch.allclose(shaped, shaped[:, :1].expand(-1, 10))
+    assert torch.allclose(shaped[:, 0], (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-6))
+
+
+def test_alpha_zero_shapes_by_the_return_to_go():
+    weights = torch.tensor([[0.2, 0.2, 0.3, 0.3], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    advantages = torch.tensor([2.0, -2.0], dtype=torch.float64)
+    # r_j = A G_j with G = (1, 0.8, 0.6, 0.3) and (1, 0.75, 0.5, 0.25), then one z-score over the 8 values
+    shaped_by_hand = np.array([[2.0, 1.6, 1.2, 0.6], [-2.0, -1.5, -1.0, -0.5]])
+    expected = (shaped_by_hand - shaped_by_hand.mean()) / (shaped_by_hand.std() + 1e-6)
+    shaped = ddpo_coca.shaped_step_advantages(advantages, weights, 0.0, 5.0)
+    assert np.allclose(shaped.numpy(), expected, atol=1e-6)
+    assert (shaped[0].diff() < 0).all() and (shaped[1].diff() > 0).all()  # the early steps carry most of |A|
+    # alpha = 0.5 sits between: r_j = A (0.5 + 0.5 G_j)
+    half = advantages.numpy()[:, None] * (0.5 + 0.5 * np.array([[1.0, 0.8, 0.6, 0.3], [1.0, 0.75, 0.5, 0.25]]))
+    assert np.allclose(ddpo_coca.shaped_step_advantages(advantages, weights, 0.5, 5.0).numpy(), (half - half.mean()) / (half.std() + 1e-6), atol=1e-6)
+    # A is clipped to +-5 before shaping
+    clipped = ddpo_coca.shaped_step_advantages(torch.tensor([50.0, -1.0, 1.0]), torch.full((3, 4), 0.25), 0.0, 5.0)
+    assert torch.allclose(clipped, ddpo_coca.shaped_step_advantages(torch.tensor([5.0, -1.0, 1.0]), torch.full((3, 4), 0.25), 0.0, 5.0))
+
+
+def test_defaults_and_tiny_preset():
+    args = ddpo_coca.parse_args([])
+    assert (args.learning_rate, args.clip_range, args.similarity_window, args.shaping_alpha) == (1e-4, 1e-4, 5, 0.0)
+    tiny = ddpo_coca.parse_args(["--tiny"])
+    assert tiny.model == "tiny" and tiny.num_steps % tiny.similarity_window == 0
+    ddpo_coca.check_args(tiny, 1)  # no SystemExit
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-steps", "8"], "error: --num-steps 8 is not a multiple of --similarity-window 5"),
+        (["--shaping-alpha", "1.5"], "error: --shaping-alpha 1.5 must be in [0, 1]"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_model_loads(tmp_path, flags, message):
+    result = run_script("ddpo_coca.py", ["--model", "no-such/model", *flags], tmp_path, check=False)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode != 0 and lines == [message], result.stderr  # one line, no traceback
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def lora_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted 2-epoch run, CoCA with DiffExp on, shared by the end-to-end tests."""
+    output = tmp_path_factory.mktemp("runs")
+    run_script("ddpo_coca.py", [*RUN_FLAGS, "--run-name", "full"], output)
+    return output / "full"
+
+
+def test_run_writes_finite_metrics_and_checkpoints(finished_run):
+    metrics = read_jsonl(finished_run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    for m in metrics:
+        for key in ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "grad_norm"):
+            assert np.isfinite(m[key]), (key, m)
+    assert [m["dynamic_cfg"] for m in metrics] == [True, False]  # DiffExp composes with CoCA
+    evaluations = read_jsonl(finished_run / "eval.jsonl")
+    assert [e["epoch"] for e in evaluations] == [0, 2] and all(np.isfinite(e["seen_reward_mean"]) for e in evaluations)
+    assert json.load(open(finished_run / "args.json"))["similarity_window"] == 2
+    assert sorted(os.listdir(finished_run / "checkpoints")) == ["epoch_0001", "epoch_0002"]
+
+
+def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
+    from common import load_pipeline
+
+    pipeline = load_pipeline("tiny", "cpu", torch.float32)
+
+    def generate():
+        return pipeline(["snail"], num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="pt",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    before = generate()
+    pipeline.load_lora_weights(str(finished_run / "checkpoints" / "epoch_0002"))
+    assert (generate() - before).abs().max() > 1e-4
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, tmp_path):
+    flags = [*RUN_FLAGS, "--run-name", "full"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo_coca.py"), "--output-dir", str(tmp_path), *flags],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "full" / "checkpoints"
+    deadline = time.time() + 300
+    while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # as a preempted job: no clean-up
+    process.wait()
+    left = sorted(os.listdir(checkpoints))
+    assert left == ["epoch_0001"], left  # really interrupted mid-run
+    run_script("ddpo_coca.py", [*flags, "--resume"], tmp_path)
+    resumed, uninterrupted = lora_tensors(checkpoints / "epoch_0002"), lora_tensors(finished_run / "checkpoints" / "epoch_0002")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
+    resumed_metrics, full_metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(finished_run / "metrics.jsonl")
+    assert [m["epoch"] for m in resumed_metrics] == [0, 1]  # every epoch logged once
+    assert np.allclose([m["reward_mean"] for m in resumed_metrics], [m["reward_mean"] for m in full_metrics], atol=1e-6)
