@@ -1,0 +1,556 @@
+"""AlignProp with DiffExp exploration: reward backpropagation through the sampler of Stable Diffusion (LoRA).
+
+Papers
+  DiffExp: Efficient Exploration in Reward Fine-tuning for Text-to-Image Diffusion Models
+    (Chae, Choi, Kim, Lee; AAAI 2025; arXiv 2502.14070)
+  Aligning Text-to-Image Diffusion Models with Reward Backpropagation (AlignProp; Prabhudesai, Goyal, Pathak,
+    Fragkiadaki; arXiv 2310.03739)
+
+What it implements
+  - The sampler as a differentiable function of the LoRA parameters: DDIM steps (eta = 0 by default, as AlignProp)
+      x0_hat = (x_t - sqrt(1 - abar_t) eps~) / sqrt(abar_t)
+      x_{t-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps~ + sigma_t z
+      sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+  - Classifier-free guidance (Eq. 4): eps~ = eps(x_t, t) + w (eps(x_t, t, c) - eps(x_t, t)), one batched UNet call.
+  - Direct reward backpropagation for Eq. 5, max E[r(x_0, c)]: loss = -mean r(x_0, c), with x_0 the VAE decoding of
+    the sampled latent, in [0, 1]. The gradient flows from the reward model through the VAE decoder into the last K
+    denoising steps (truncated backpropagation); the UNet outputs of the earlier steps are constants (no grad).
+    Every UNet call that keeps its graph is gradient-checkpointed: memory grows with K by a few latents per
+    step, and not at all with T.
+  - Randomised truncation (--random-truncation), as AlignProp's released code: per trajectory, the first step
+    that keeps its graph is int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1] (N(42, 5^2) for T = 50, so
+    K = T - start is about 9 on average).
+  - DiffExp exploration during the first 3/4 of training, never in evaluation:
+      Eq. 7 dynamic CFG: w(t) = w_l if t > t_thres else w_h;
+      Eq. 8 random prompt weighting: c[i] <- c_null + w_prompt (c[i] - c_null), w_prompt ~ U(1, 1.2), for all
+      the tokens of one random word i.
+
+Deviations and assumptions
+  1. w_l (--cfg-low) is not published ("extremely low"). Default 1.0: the plain conditional prediction, i.e.
+     no guidance, the lowest scale that still follows the prompt on the early steps (w < 1 moves toward the
+     unconditional model). With t_thres = 900 it applies to the first 5 of 50 steps.
+  2. K (--grad-steps) defaults to 1, the memory-light setting AlignProp's README recommends; the released code's
+     default is the randomised truncation (--random-truncation). The DiffExp paper does not say which it used.
+  3. The loss is -mean reward. The released code minimises 0.01 |r - 10| for aesthetic (= -0.01 r + const while
+     r < 10) and 1 - r for HPS; with AdamW a constant factor only changes the gradient clipping threshold.
+  4. Random numbers come from generators seeded by (seed, epoch, process), so a resumed run draws exactly what
+     an uninterrupted one draws, without saving RNG states.
+  5. Evaluation (Figures 4 and 6) samples 10 images per prompt with fixed noise, plain CFG w_h, the training eta
+     (0: deterministic DDIM), and reports the mean reward against the number of training reward queries.
+  6. The randomised truncation point is drawn per trajectory; the released code draws one per sampling call, i.e.
+     per batch of 1-4 trajectories on a GPU.
+  7. Weight decay 1e-4 and gradient clipping at norm 1.0 (the AlignProp trainer's defaults): DiffExp publishes
+     neither; the released AlignProp aesthetic config used 0.1 and 5.0 (on its 0.01-scaled loss).
+
+Commands
+  Paper setting (1 GPU; `accelerate launch --num_processes 4 alignprop_diffexp.py ...` for 4):
+    python alignprop_diffexp.py --reward aesthetic --prompts animals --diffexp
+  Tiny CPU run (offline, about two minutes on 2 cores):
+    python alignprop_diffexp.py --tiny --reward aesthetic
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from common import (
+    DIFFERENTIABLE_REWARDS,
+    PROMPT_SETS,
+    REWARD_NAMES,
+    TINY_MODEL,
+    UNSEEN_PROMPT_SET,
+    add_lora,
+    check_reward_name,
+    dynamic_cfg_scale,
+    encode_prompts,
+    guided_noise_prediction,
+    images_to_pil,
+    load_pipeline,
+    load_prompts,
+    load_reward,
+    random_word_token_mask,
+    save_lora,
+    weight_prompt_embeds,
+)
+
+
+@dataclass
+class Args:
+    # Shared arguments (the same, in the same order, in every script)
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
+    tiny: bool = False
+    """preset for CPU: tiny model and rewards, 32 px, 8 steps, small batches (explicit flags still win)"""
+    reward: str = "aesthetic"
+    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility, jpeg_incompressibility"""
+    prompts: str = "animals"
+    """training prompts: animals, animal_activities, unseen_animals, unseen_activities, or a .txt file"""
+    eval_unseen_prompts: Optional[str] = None
+    """unseen prompt set for evaluation (default: the training set's unseen twin, if it has one)"""
+    run_name: Optional[str] = None
+    """folder name under output_dir (default: <script>_<reward>_seed<seed>)"""
+    output_dir: str = "runs"
+    """where runs are written"""
+    seed: int = 0
+    """seed of every random draw"""
+    epochs: int = 200
+    """number of epochs (sample, reward, update)"""
+    num_steps: int = 50
+    """DDIM sampling steps T"""
+    eta: float = 0.0
+    """DDIM eta; 0 is AlignProp's deterministic DDIM sampler (eta > 0 adds sigma_t z, z drawn from the seeded generator)"""
+    cfg_high: float = 7.5
+    """classifier-free guidance scale w (w_h of Eq. 7): the only scale without dynamic CFG, and in evaluation"""
+    resolution: int = 512
+    """image height and width in pixels"""
+    samples_per_epoch: int = 64
+    """images sampled (reward queries) per epoch, over all processes"""
+    sample_batch_size: int = 8
+    """images per evaluation sampling batch (no grad), per process"""
+    train_batch_size: int = 4
+    """samples per training forward / backward (sampled with grad), per process"""
+    samples_per_update: int = 32
+    """samples whose gradients one optimiser step accumulates, over all processes"""
+    learning_rate: float = 1e-3
+    """AdamW learning rate"""
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW (beta1, beta2)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    lora_rank: int = 4
+    """LoRA rank on the UNet attention projections"""
+    mixed_precision: str = "fp16"
+    """frozen weights on GPU: fp16, bf16 or no (fp32); always fp32 on CPU; LoRA params are fp32"""
+    eval_every: int = 10
+    """evaluate before every eval_every-th epoch and after the last"""
+    eval_images_per_prompt: int = 10
+    """evaluation images per prompt (fixed noise)"""
+    save_every: int = 10
+    """checkpoint after every save_every-th epoch and after the last"""
+    resume: bool = False
+    """continue runs/<run_name> from its last checkpoint"""
+    # DiffExp arguments
+    diffexp: bool = False
+    """turn on both DiffExp strategies (--dynamic-cfg and --prompt-weighting)"""
+    dynamic_cfg: bool = False
+    """Eq. 7: guidance w_l while t > t_thres, then w_h"""
+    prompt_weighting: bool = False
+    """Eq. 8: weight one random word of each prompt by w ~ U(prompt_weight_range)"""
+    cfg_low: float = 1.0
+    """w_l of Eq. 7 (unpublished; 1.0 = no guidance, see deviation 1)"""
+    t_thres: int = 900
+    """t_thres of Eq. 7 on the 0..1000 timestep scale"""
+    prompt_weight_range: tuple[float, float] = (1.0, 1.2)
+    """range of the uniform prompt weight w_prompt of Eq. 8"""
+    explore_fraction: float = 0.75
+    """fraction of the epochs (the first ones) that explore"""
+    # Method-specific arguments
+    grad_steps: int = 1
+    """K: the last K denoising steps keep their graph for the reward's gradient (truncated backpropagation)"""
+    random_truncation: bool = False
+    """per trajectory, K = T - int(N(0.84 T, (0.1 T)^2)) as AlignProp's released code (N(42, 5^2) of 50); replaces --grad-steps"""
+
+
+# --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
+TINY_PRESET = dict(
+    model=TINY_MODEL, tiny=True, epochs=12, num_steps=8, resolution=32, samples_per_epoch=32, sample_batch_size=16,
+    train_batch_size=16, samples_per_update=16, learning_rate=1e-2, mixed_precision="no", eval_every=4,
+    eval_images_per_prompt=2, save_every=4,
+)
+
+
+def parse_args(argv=None):
+    """Parse flags on top of the defaults, or of the tiny preset when --tiny is given."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = Args(**TINY_PRESET) if "--tiny" in argv else Args()
+    args = tyro.cli(Args, default=defaults, args=argv)
+    if args.diffexp:
+        args = replace(args, dynamic_cfg=True, prompt_weighting=True)
+    return args
+
+
+def check_args(args, num_processes):
+    """One line and exit for bad input, before any model loads."""
+    check_reward_name(args.reward)
+    if args.reward not in DIFFERENTIABLE_REWARDS:
+        raise SystemExit(f"error: reward '{args.reward}' is not differentiable; AlignProp backpropagates through the reward, choose one of {', '.join(DIFFERENTIABLE_REWARDS)}")
+    load_prompts(args.prompts)
+    if args.eval_unseen_prompts is not None:
+        load_prompts(args.eval_unseen_prompts)
+    problems = []
+    if not 0 <= args.t_thres < 1000:
+        problems.append(f"--t-thres {args.t_thres} must be in [0, 1000)")
+    low, high = args.prompt_weight_range
+    if low > high:
+        problems.append(f"--prompt-weight-range {low} {high} is inverted (low > high)")
+    if not 0 <= args.explore_fraction <= 1:
+        problems.append(f"--explore-fraction {args.explore_fraction} must be in [0, 1]")
+    if args.eta < 0:
+        problems.append(f"--eta {args.eta} must be >= 0")
+    if args.mixed_precision not in ("fp16", "bf16", "no"):
+        problems.append(f"--mixed-precision {args.mixed_precision} must be fp16, bf16 or no")
+    if args.resolution % 8:
+        problems.append(f"--resolution {args.resolution} must be a multiple of 8")
+    if args.samples_per_epoch % (args.train_batch_size * num_processes):
+        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes")
+    if args.samples_per_epoch % args.samples_per_update:
+        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update {args.samples_per_update}")
+    if args.samples_per_update % (args.train_batch_size * num_processes):
+        problems.append(f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes")
+    if args.grad_steps > args.num_steps:
+        problems.append(f"--grad-steps {args.grad_steps} must be <= --num-steps {args.num_steps}")
+    if args.random_truncation and args.num_steps < 2:
+        problems.append("--random-truncation needs --num-steps >= 2 (the truncation point is drawn in [1, T - 1])")
+    for name in ("epochs", "num_steps", "eval_every", "save_every", "eval_images_per_prompt", "sample_batch_size", "grad_steps", "lora_rank"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def ddim_step(scheduler, noise_pred, timestep, latents, eta, generator=None):
+    """One DDIM step x_t -> x_{t-1}, differentiable in noise_pred and latents (AlignProp needs no log-probability).
+
+    noise_pred: guided eps~ (B, C, h, w); timestep: t, an int or a (B,) tensor (0..999); latents: x_t (B, C, h, w).
+    eta = 0 is the deterministic DDIM sampler; eta > 0 adds sigma_t z with z drawn from `generator`.
+    Returns x_{t-1} in latents' dtype. Assumes an epsilon-predicting model and a scheduler without sample clipping
+    or thresholding (SD 1.x's DDIM config).
+    """
+    device = latents.device
+    eps, x_t = noise_pred.float(), latents.float()
+    # 1. t and the previous timestep t' = t - 1000 / T, per sample
+    timestep = torch.as_tensor(timestep, device=device).long().reshape(-1)  # (B,) or (1,)
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    # 2. abar_t and abar_t' (abar_t' = final_alpha_cumprod past the last step: abar_0 for SD 1.x)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    alpha_prod_t = alphas_cumprod[timestep].view(-1, 1, 1, 1)
+    alpha_prod_prev = torch.where(
+        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], scheduler.final_alpha_cumprod.to(device)
+    ).view(-1, 1, 1, 1)
+    # 3. predicted clean latent: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (DDIM eq. 12)
+    x0_hat = (x_t - (1 - alpha_prod_t).sqrt() * eps) / alpha_prod_t.sqrt()
+    # 4. sigma_t = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')   (DDIM eq. 16)
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std_dev = eta * variance.sqrt()
+    # 5. mean: mu = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma_t^2) eps   (DDIM eq. 12)
+    mean = alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev - std_dev**2).sqrt() * eps
+    # 6. x_{t-1} = mu + sigma_t z; z is a constant for the gradient (the reparameterised sample)
+    if eta == 0:
+        return mean.to(latents.dtype)
+    noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
+    return (mean + std_dev * noise).to(latents.dtype)
+
+
+def truncation_starts(args, batch_size, generator):
+    """Per trajectory, the first denoising step (0-based) whose UNet output keeps its graph; (B,) long.
+
+    Fixed: T - K, so the last K steps of every trajectory carry the gradient. Randomised (AlignProp's released
+    code, N(42, 5^2) for T = 50, scaled here to T): start = int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1].
+    """
+    if not args.random_truncation:
+        return torch.full((batch_size,), args.num_steps - args.grad_steps, dtype=torch.long)
+    starts = []
+    for _ in range(batch_size):
+        start = -1
+        while not 1 <= start <= args.num_steps - 1:  # int() truncates toward 0, as in the released code
+            start = int(0.84 * args.num_steps + 0.1 * args.num_steps * torch.randn(1, generator=generator).item())
+        starts.append(start)
+    return torch.tensor(starts, dtype=torch.long)
+
+
+def exploration_settings(args, epoch):
+    """Which DiffExp strategies this epoch uses: only in the first explore_fraction of training."""
+    exploring = epoch < args.explore_fraction * args.epochs
+    return args.dynamic_cfg and exploring, args.prompt_weighting and exploring
+
+
+def epoch_seed(seed, epoch, process_index):
+    """The seed of one (epoch, process): every random draw of the run is a function of --seed (deviation 4)."""
+    return (seed * 100_003 + epoch) * 1_009 + process_index
+
+
+def sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, grad_starts=None):
+    """Run the sampler from x_T to x_0 and decode; the reward's gradient can flow back into the last steps.
+
+    prompt_embeds (B, L, D); guidance_scales (B, T), the scale of each step; latents x_T (B, 4, h, w);
+    grad_starts (B,): for each trajectory the first step whose UNet output keeps its graph (None: no step, as in
+    evaluation). Returns the decoded images (B, 3, H, W) in [0, 1], differentiable if any step kept its graph.
+    """
+    scheduler = pipeline.scheduler
+    for step, t in enumerate(scheduler.timesteps):
+        keeps_graph = None if grad_starts is None else (grad_starts <= step).to(latents.device)  # (B,) bool
+        if keeps_graph is None or not keeps_graph.any():  # a step before every trajectory's truncation point
+            with torch.no_grad():
+                noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
+        else:
+            # gradient checkpointing: only the inputs are stored; the UNet's activations are recomputed in backward
+            noise_pred = torch.utils.checkpoint.checkpoint(
+                guided_noise_prediction, unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step], use_reentrant=False
+            )
+            # a trajectory whose truncation point is later uses this step's eps~ as a constant
+            noise_pred = torch.where(keeps_graph.view(-1, 1, 1, 1), noise_pred, noise_pred.detach())
+        latents = ddim_step(scheduler, noise_pred, t, latents, eta, generator)
+    images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample  # with grad: r -> x_0 -> z_0
+    return (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
+
+
+@torch.no_grad()
+def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape):
+    """Figures 4 / 6 protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h.
+
+    The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
+    the numbers do not depend on the number of processes. Returns (mean, std, per-job rewards, first images).
+    """
+    jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
+    batch_size = args.sample_batch_size
+    batches = [list(range(start, min(start + batch_size, len(jobs)))) for start in range(0, len(jobs), batch_size)]
+    rewards, images_kept = {}, {}
+    for batch_index in range(accelerator.process_index, len(batches), accelerator.num_processes):
+        indices = batches[batch_index]
+        batch_prompts = [jobs[i] for i in indices]
+        generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
+        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(accelerator.device, pipeline.unet.dtype)
+        prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts)
+        guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
+        images = sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator)
+        batch_rewards = reward_fn(images, batch_prompts).float().cpu()
+        for position, job in enumerate(indices):
+            rewards[job] = batch_rewards[position].item()
+            if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
+                images_kept[job] = images[position].cpu()
+    all_rewards, all_images = {}, {}
+    for part in gather_object([rewards]):
+        all_rewards.update(part)
+    for part in gather_object([images_kept]):
+        all_images.update(part)
+    values = np.array([all_rewards[i] for i in range(len(jobs))])
+    grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
+    return float(values.mean()), float(values.std()), grid
+
+
+def save_image_grid(path, entries, columns=8, cell=128):
+    """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it."""
+    rows = math.ceil(len(entries) / columns)
+    caption_height = 24
+    grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (prompt, reward, image) in enumerate(entries):
+        x, y = (index % columns) * cell, (index // columns) * (cell + caption_height)
+        grid.paste(images_to_pil(image[None])[0].resize((cell, cell), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + cell + 1), prompt[:22], fill="black")
+        draw.text((x + 2, y + cell + 12), f"{reward:.4g}", fill="black")
+    grid.save(path)
+
+
+def save_checkpoint(folder, unet, optimizer, state):
+    """Write the LoRA (diffusers format) and the training state, atomically: a crash leaves the last one whole."""
+    temporary = folder + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    save_lora(unet, temporary)
+    from peft.utils import get_peft_model_state_dict
+
+    torch.save(
+        dict(state, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict()),
+        os.path.join(temporary, "training_state.pt"),
+    )
+    os.replace(temporary, folder)
+
+
+def last_checkpoint(run_dir):
+    folder = os.path.join(run_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp")) if os.path.isdir(folder) else []
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def keep_lines_before(path, epoch):
+    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+def stop_on_non_finite(accelerator, what, value):
+    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
+    if not math.isfinite(value):
+        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
+        raise SystemExit(1)
+
+
+def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch):
+    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
+    unet.eval()
+    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch)
+    for name, prompts in eval_sets.items():
+        mean, std, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape)
+        line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
+        if accelerator.is_main_process:
+            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
+    if accelerator.is_main_process:
+        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+
+
+def main(args):
+    # ======================================================================================================
+    # 1. Setup: processes, models, LoRA, optimiser, resume
+    # ======================================================================================================
+    # without CUDA, cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU
+    on_gpu = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision if on_gpu else "no", cpu=not on_gpu)
+    check_args(args, accelerator.num_processes)
+    run_name = args.run_name or f"{os.path.splitext(os.path.basename(__file__))[0]}_{args.reward}_seed{args.seed}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    checkpoint = last_checkpoint(run_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+    if not args.resume and os.path.exists(run_dir):
+        raise SystemExit(f"error: {run_dir} exists; pass --resume to continue it or choose another --run-name")
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one creates it
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
+    train_prompts = load_prompts(args.prompts)
+    unseen_name = args.eval_unseen_prompts or UNSEEN_PROMPT_SET.get(args.prompts)
+    eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
+
+    pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
+    reward_fn = load_reward(args.reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
+    timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 981, 961, ..., 1 for T = 50
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
+    null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
+
+    torch.manual_seed(args.seed)
+    lora_parameters = add_lora(pipeline.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
+    start_epoch = 0
+    if checkpoint is not None:
+        from peft.utils import set_peft_model_state_dict
+
+        state = torch.load(os.path.join(checkpoint, "training_state.pt"), map_location="cpu", weights_only=False)
+        set_peft_model_state_dict(pipeline.unet, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+        if accelerator.is_main_process:
+            keep_lines_before(os.path.join(run_dir, "metrics.jsonl"), start_epoch)
+            keep_lines_before(os.path.join(run_dir, "eval.jsonl"), start_epoch)
+        accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
+    # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
+    unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
+
+    samples_per_process = args.samples_per_epoch // accelerator.num_processes
+    micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+
+    for epoch in tqdm(range(start_epoch, args.epochs), desc="epochs", initial=start_epoch, total=args.epochs, disable=not accelerator.is_main_process):
+        epoch_start = time.time()
+        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # anything not drawn from `generator`
+        if epoch % args.eval_every == 0:
+            run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch)
+
+        # ==================================================================================================
+        # 2. Sample: trajectories with their graph through the last K steps; DiffExp exploration (Eq. 7, Eq. 8) lives here
+        # ==================================================================================================
+        use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # CPU: same draws on any device
+        # Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
+        step_scales = torch.tensor(
+            [dynamic_cfg_scale(t, args.cfg_low, args.cfg_high, args.t_thres) if use_dynamic_cfg else args.cfg_high for t in timesteps.tolist()]
+        )
+        unet.train()
+        rewards, losses, grad_steps, grad_norms = [], [], [], []
+        # sampling is training: each batch's graph is used by its backward before the next batch is sampled
+        for micro_index in tqdm(range(samples_per_process // args.train_batch_size), desc="sampling with grad", leave=False, disable=not accelerator.is_main_process):
+            prompt_indices = torch.randint(len(train_prompts), (args.train_batch_size,), generator=generator)
+            prompts = [train_prompts[i] for i in prompt_indices]
+            prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)  # c, (B, L, D)
+            if use_prompt_weighting:  # Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
+                token_mask = random_word_token_mask(pipeline.tokenizer, prompts, generator)  # (B, L)
+                low, high = args.prompt_weight_range
+                prompt_weights = low + (high - low) * torch.rand(args.train_batch_size, generator=generator)  # (B,)
+                prompt_embeds = weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, prompt_weights.to(accelerator.device))
+            guidance_scales = step_scales.expand(args.train_batch_size, -1)  # (B, T)
+            latents = torch.randn((args.train_batch_size, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
+            grad_starts = truncation_starts(args, args.train_batch_size, generator)  # (B,): steps grad_start..T-1 keep their graph
+            grad_steps.extend((args.num_steps - grad_starts).tolist())  # K of each trajectory
+            last_of_update = (micro_index + 1) % micro_batches_per_update == 0
+            # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
+            with nullcontext() if last_of_update else accelerator.no_sync(unet):
+                images = sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator, grad_starts)
+
+                # ==========================================================================================
+                # 3. Reward: r(x_0, c) of the decoded images, differentiable (no uint8 round trip, no no_grad)
+                # ==========================================================================================
+                batch_rewards = reward_fn(images, prompts)  # (B,)
+
+                # ==========================================================================================
+                # 4. Advantage and loss: no advantage, the reward's own gradient is the signal; loss = -mean r (Eq. 5)
+                # ==========================================================================================
+                loss = -batch_rewards.mean()
+
+                # ==========================================================================================
+                # 5. Update: backprop r -> VAE decoder -> last K steps; one optimiser step per samples_per_update samples
+                # ==========================================================================================
+                # the step's gradient is the mean over the update's samples: -(1 / N) sum_i d r(x_0^i, c^i) / d theta
+                accelerator.backward(loss / micro_batches_per_update)
+            rewards.append(batch_rewards.detach()), losses.append(loss.item())
+            if last_of_update:
+                grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
+                optimizer.step()
+                optimizer.zero_grad()
+        all_rewards = accelerator.gather(torch.cat(rewards).float().to(accelerator.device)).cpu().numpy()  # (samples_per_epoch,)
+        stop_on_non_finite(accelerator, "reward", float(all_rewards.sum()))  # after the updates, but before any checkpoint
+
+        # ==================================================================================================
+        # 6. Log, evaluate, checkpoint
+        # ==================================================================================================
+        statistics = torch.tensor([np.mean(losses), np.mean(grad_steps), np.mean(grad_norms)], device=accelerator.device)
+        loss_mean, grad_steps_mean, grad_norm_mean = accelerator.gather(statistics).view(-1, 3).mean(0).tolist()
+        stop_on_non_finite(accelerator, "loss", loss_mean)
+        metrics = dict(
+            epoch=epoch, reward_queries=(epoch + 1) * args.samples_per_epoch, reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std()), loss=loss_mean, grad_steps=grad_steps_mean, grad_norm=grad_norm_mean,
+            dynamic_cfg=use_dynamic_cfg, prompt_weighting=use_prompt_weighting, seconds=round(time.time() - epoch_start, 3),
+        )
+        if accelerator.num_processes > 1:  # every replica must hold the same LoRA after the all-reduced updates
+            metrics["lora_sum_per_process"] = accelerator.gather(torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]).tolist()
+        if accelerator.is_main_process:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            tqdm.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, loss {loss_mean:.3g}, K {grad_steps_mean:.3g}, grad norm {grad_norm_mean:.3g}")
+        last_epoch = epoch + 1 == args.epochs
+        if last_epoch:
+            run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch + 1)
+        if (epoch + 1) % args.save_every == 0 or last_epoch:
+            if accelerator.is_main_process:
+                save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"), accelerator.unwrap_model(unet), optimizer, dict(epoch=epoch + 1))
+            accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
