@@ -1,0 +1,724 @@
+"""B2-DiffuRL: backward progressive training and branch-based sampling for policy-gradient fine-tuning of SD (LoRA).
+
+Papers
+  Towards Better Alignment: Training Diffusion Models with Reinforcement Learning Against Sparse Rewards
+    (B2-DiffuRL; Hu, Zhang, Chen, Kuang, Li, Gao, Xiao, Wang, Zhu; CVPR 2025; arXiv 2503.11240)
+  Training Diffusion Models with Reinforcement Learning (DDPO; Black et al., ICLR 2024; arXiv 2305.13301)
+
+What it implements
+  - The denoising process as an MDP whose policy is one DDIM step with eta = 1 (B2-DiffuRL Eq. 1):
+      x0_hat = (x_t - sqrt(1 - abar_t) eps~) / sqrt(abar_t)
+      x_{t-1} ~ N(mu, sigma_t^2 I),  mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps~
+      sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+    with classifier-free guidance inside the policy: eps~ = eps(x_t, t) + w (eps(x_t, t, c) - eps(x_t, t)).
+  - Training in stages. Backward progressive training (BPT, Eq. 4): stage s trains only the last tau_s
+    denoising steps (the "training interval"), tau_s = split_step(s) growing from 14 of T = 20 steps to all T
+    by the last stage.
+  - Branch-based sampling (Eq. 5-6): each trajectory runs from x_T to the start of the interval x_tau once,
+    is copied there into N = 5 branches that share that prefix exactly, and each branch finishes with its own
+    eta = 1 noise. In each branch group, the best branch is kept if its normalised reward z >= 0.5 (G+) and
+    the worst if z < -0.5 (G-): 0, 1 or 2 trajectories per group.
+  - The gradient of Eq. 4 / Eq. 6 over the interval's steps of the kept trajectories, each weighted by its
+    own z, in DDPO's clipped importance-sampling form: loss = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)),
+    A = clip(z, -5, 5), eps = 0.1.
+  - Ablations (Figure 6): --no-bpt, --no-branch; both together give DDPO (see "Ablation flags" below).
+  - Diversity (the paper's second claim): evaluation logs, next to the reward, the mean pairwise distance
+    1 - cos(e_i, e_j) between the CLIP image embeddings of the images generated for the same prompt.
+
+Deviations and assumptions (facts the paper leaves to its appendix are taken from the authors' released code)
+  1. The schedule: tau_s = first + floor(s * K / S) for S stages and the K = T - first + 1 interval lengths
+     first..T, first = round(0.7 T) (--first-interval-fraction). For T = 20, S = 100 this is the released
+     code's 14 + floor(s * 7 / 100). When S < K (short runs), the lengths are spread evenly instead,
+     first + floor(s * (K - 1) / (S - 1)), so that the last stage always trains all T steps.
+  2. Normalisation (Appendix D.1, released code): z = (r - mean_p) / (std_p + 1e-8) with the mean and the
+     unbiased std of the prompt's rewards of this stage and of the last 8 stages; a prompt with one reward
+     in all of them gets z = 0.
+  3. Eq. 5 splits a group by the sign of z; the released code (and this script) keeps the best branch only if
+     z >= 0.5 and the worst only if z < -0.5 (--positive-threshold 0 --negative-threshold 0 is the paper's
+     text, up to z = 0 exactly). Every kept trajectory gets its own advantage z (the released code's loss),
+     not a pairwise loss; the gradient of an update is the mean over its kept trajectories and interval steps.
+  4. The number of kept trajectories varies by stage and by process. Every process pads its kept rows, up to
+     the largest count, with unkept rows whose advantage is 0 (zero loss, zero gradient), so that all
+     processes run the same backward passes (DDP); the last update of an inner epoch may be smaller.
+  5. The log-probability is the Gaussian log-density averaged over the latent's C*H*W elements (as DDPO's
+     code), computed in fp32. Random numbers come from generators seeded by (seed, stage, process), so a
+     resumed run draws exactly what an uninterrupted one draws.
+  6. Diversity: the paper reports the Inception Score; we log the mean over prompts of the mean pairwise
+     cosine distance 1 - cos between CLIP ViT-L/14 image embeddings (a tiny random CLIP on --tiny) of the
+     eval_images_per_prompt images of each prompt (null if fewer than 2 images per prompt).
+  7. Prompt lists: the paper's lists are in its Appendix H, not available; prompts/ holds our own lists for
+     templates 2 and 3, written from Section 4.1's description, and a held-out test list for each.
+  8. reward_queries counts every image, branches included (1280 per stage: 32 batches of 8 prefixes x 5).
+
+Ablation flags
+  --no-bpt     every stage trains all T steps; branching stays at the first interval's start (step T - tau_0).
+  --no-branch  every sample runs from its own noise (no shared prefix) and there is no selection: every sample
+               is trained with its own z on the interval's steps ("BPT only" of Figure 6).
+  both         every sample, all T steps, its own z: DDPO (with this script's normalisation and hyper-parameters).
+
+Commands
+  Paper setting (SD 1.4, T = 20, CLIPScore), template 1 (1 GPU; `accelerate launch --num_processes 4 ...` for 4):
+    python b2_diffurl.py --prompts animal_activities
+  Templates 2 and 3 (the held-out *_test.txt next to a *_train.txt is the default unseen set):
+    python b2_diffurl.py --prompts prompts/color_fruit_train.txt
+    python b2_diffurl.py --prompts prompts/spatial_train.txt
+  Tiny CPU run (offline, a few minutes on 2 cores):
+    python b2_diffurl.py --tiny --reward jpeg_compressibility
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from common import (
+    PROMPT_SETS,
+    REWARD_NAMES,
+    TINY_CLIP_VISION,
+    TINY_MODEL,
+    UNSEEN_PROMPT_SET,
+    add_lora,
+    check_reward_name,
+    clip_preprocess,
+    encode_prompts,
+    guided_noise_prediction,
+    images_to_pil,
+    load_pipeline,
+    load_prompts,
+    load_reward,
+    save_lora,
+)
+
+SCRIPT_FOLDER = os.path.dirname(os.path.abspath(__file__))
+DIVERSITY_CLIP = "openai/clip-vit-large-patch14"  # image embeddings for the diversity metric (deviation 6)
+
+
+@dataclass
+class Args:
+    # Shared arguments (the same, in the same order, in every script)
+    model: str = "CompVis/stable-diffusion-v1-4"
+    """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
+    tiny: bool = False
+    """preset for CPU: tiny model and rewards, 32 px, 8 steps, small batches, template 2's prompts (explicit flags still win)"""
+    reward: str = "clipscore"
+    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility, jpeg_incompressibility"""
+    prompts: str = "animal_activities"
+    """training prompts: animals, animal_activities, unseen_animals, unseen_activities, or a .txt file (from the cwd or this folder)"""
+    eval_unseen_prompts: Optional[str] = None
+    """unseen prompt set for evaluation (default: the training set's unseen twin, if it has one; X_test.txt for X_train.txt)"""
+    run_name: Optional[str] = None
+    """folder name under output_dir (default: <script>_<reward>_seed<seed>)"""
+    output_dir: str = "runs"
+    """where runs are written"""
+    seed: int = 0
+    """seed of every random draw"""
+    epochs: int = 100
+    """number of epochs, the paper's stages (sample, reward, select, update); BPT's interval grows over them"""
+    num_steps: int = 20
+    """DDIM sampling steps T"""
+    eta: float = 1.0
+    """DDIM eta; the policy needs eta > 0 (sigma_t > 0) for its log-probability"""
+    cfg_high: float = 5.0
+    """classifier-free guidance scale w (w_h of Eq. 7): the only scale without dynamic CFG, and in evaluation"""
+    resolution: int = 512
+    """image height and width in pixels"""
+    samples_per_epoch: int = 1280
+    """images sampled (reward queries) per epoch, over all processes; every branch counts"""
+    sample_batch_size: int = 10
+    """images per sampling batch, per process (whole branch groups: a multiple of num_branches)"""
+    train_batch_size: int = 2
+    """samples per training forward / backward, per process"""
+    samples_per_update: int = 128
+    """samples whose gradients one optimiser step accumulates, over all processes (kept samples and padding)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate"""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    lora_rank: int = 4
+    """LoRA rank on the UNet attention projections"""
+    mixed_precision: str = "fp16"
+    """frozen weights on GPU: fp16, bf16 or no (fp32); always fp32 on CPU; LoRA params are fp32"""
+    eval_every: int = 10
+    """evaluate before every eval_every-th epoch and after the last"""
+    eval_images_per_prompt: int = 10
+    """evaluation images per prompt (fixed noise)"""
+    save_every: int = 10
+    """checkpoint after every save_every-th epoch and after the last"""
+    resume: bool = False
+    """continue runs/<run_name> from its last checkpoint"""
+    # Method-specific arguments
+    num_branches: int = 5
+    """N of Eq. 5: branches per shared prefix, each finishing with its own noise"""
+    first_interval_fraction: float = 0.7
+    """BPT: the first stage trains the last round(fraction x T) steps (14 of 20 in the paper's code)"""
+    no_bpt: bool = False
+    """ablation: train all T steps at every stage (branching stays at the first interval's start)"""
+    no_branch: bool = False
+    """ablation: independent samples and no selection: every sample is trained with its own normalised reward"""
+    history_stages: int = 8
+    """rewards of this stage and of the last history_stages stages give each prompt's mean / std"""
+    positive_threshold: float = 0.5
+    """keep a branch group's best sample if its normalised reward z >= this (G+ of Eq. 5)"""
+    negative_threshold: float = -0.5
+    """keep a branch group's worst sample if its normalised reward z < this (G- of Eq. 5)"""
+    clip_range: float = 0.1
+    """PPO clip range eps of the importance ratio"""
+    advantage_clip: float = 5.0
+    """advantages are clipped to [-advantage_clip, advantage_clip]"""
+    inner_epochs: int = 2
+    """passes of updates over each epoch's kept samples"""
+
+
+# --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
+TINY_PRESET = dict(
+    model=TINY_MODEL, tiny=True, epochs=6, num_steps=8, resolution=32, samples_per_epoch=32, sample_batch_size=16,
+    train_batch_size=8, samples_per_update=8, learning_rate=3e-3, mixed_precision="no", eval_every=3,
+    eval_images_per_prompt=2, save_every=3, num_branches=4, prompts="prompts/color_fruit_train.txt",  # 55 eval prompts, not 270
+)
+
+
+def resolve_prompt_file(name):
+    """A .txt prompt file given relative to this script's folder works from any cwd; anything else is unchanged."""
+    if name is not None and name.endswith(".txt") and not os.path.exists(name):
+        beside_script = os.path.join(SCRIPT_FOLDER, name)
+        if os.path.exists(beside_script):
+            return beside_script
+    return name
+
+
+def unseen_twin(prompts):
+    """The unseen set a training set is evaluated against: a named set's twin, or X_test.txt beside X_train.txt."""
+    if prompts.endswith("_train.txt") and os.path.isfile(prompts[: -len("_train.txt")] + "_test.txt"):
+        return prompts[: -len("_train.txt")] + "_test.txt"
+    return UNSEEN_PROMPT_SET.get(prompts)
+
+
+def parse_args(argv=None):
+    """Parse flags on top of the defaults, or of the tiny preset when --tiny is given."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = Args(**TINY_PRESET) if "--tiny" in argv else Args()
+    args = tyro.cli(Args, default=defaults, args=argv)
+    args.prompts, args.eval_unseen_prompts = resolve_prompt_file(args.prompts), resolve_prompt_file(args.eval_unseen_prompts)
+    return args
+
+
+def check_args(args, num_processes):
+    """One line and exit for bad input, before any model loads."""
+    check_reward_name(args.reward)
+    load_prompts(args.prompts)
+    if args.eval_unseen_prompts is not None:
+        load_prompts(args.eval_unseen_prompts)
+    problems = []
+    if not 0 < args.first_interval_fraction <= 1:
+        problems.append(f"--first-interval-fraction {args.first_interval_fraction} must be in (0, 1]")
+    if args.negative_threshold > args.positive_threshold:
+        problems.append(f"--negative-threshold {args.negative_threshold} must not exceed --positive-threshold {args.positive_threshold}")
+    if not args.no_branch and args.num_branches < 2:
+        problems.append(f"--num-branches {args.num_branches} must be >= 2 to compare branches (or pass --no-branch)")
+    elif not args.no_branch and args.sample_batch_size % args.num_branches:
+        problems.append(f"--sample-batch-size {args.sample_batch_size} is not a multiple of --num-branches {args.num_branches}")
+    if args.history_stages < 0:
+        problems.append(f"--history-stages {args.history_stages} must be >= 0")
+    if args.eta <= 0:
+        problems.append("--eta must be > 0: the policy's log-probability needs sigma_t > 0")
+    if args.mixed_precision not in ("fp16", "bf16", "no"):
+        problems.append(f"--mixed-precision {args.mixed_precision} must be fp16, bf16 or no")
+    if args.resolution % 8:
+        problems.append(f"--resolution {args.resolution} must be a multiple of 8")
+    if args.samples_per_epoch % (args.sample_batch_size * num_processes):
+        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size {args.sample_batch_size} x {num_processes} processes")
+    if args.samples_per_update % (args.train_batch_size * num_processes):
+        problems.append(f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes")
+    for name in ("epochs", "num_steps", "eval_every", "save_every", "eval_images_per_prompt", "inner_epochs", "lora_rank", "num_branches"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_sample=None, generator=None):
+    """One DDIM step x_t -> x_{t-1} of the policy, and log p(x_{t-1} | x_t, c) averaged over C*H*W.
+
+    noise_pred: guided eps~ (B, C, h, w); timestep: t, an int or a (B,) tensor (0..999); latents: x_t (B, C, h, w).
+    prev_sample: a given x_{t-1} to score (training); None draws one with `generator` (sampling).
+    Returns (x_{t-1} in latents' dtype, log_prob (B,) fp32). Assumes an epsilon-predicting model and a scheduler
+    without sample clipping or thresholding (SD 1.x's DDIM config).
+    """
+    device = latents.device
+    eps, x_t = noise_pred.float(), latents.float()
+    # 1. t and the previous timestep t' = t - 1000 / T, per sample
+    timestep = torch.as_tensor(timestep, device=device).long().reshape(-1)  # (B,) or (1,)
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    # 2. abar_t and abar_t' (abar_t' = final_alpha_cumprod past the last step: abar_0 for SD 1.x)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    alpha_prod_t = alphas_cumprod[timestep].view(-1, 1, 1, 1)
+    alpha_prod_prev = torch.where(
+        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], scheduler.final_alpha_cumprod.to(device)
+    ).view(-1, 1, 1, 1)
+    # 3. predicted clean latent: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (DDIM eq. 12)
+    x0_hat = (x_t - (1 - alpha_prod_t).sqrt() * eps) / alpha_prod_t.sqrt()
+    # 4. sigma_t = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')   (DDIM eq. 16)
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std_dev = eta * variance.sqrt()
+    # 5. mean: mu = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma_t^2) eps   (DDIM eq. 12)
+    mean = alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev - std_dev**2).sqrt() * eps
+    # 6. x_{t-1} = mu + sigma_t z, rounded to the latents' dtype BEFORE scoring, so training recomputes the same value
+    if prev_sample is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
+        prev_sample = mean + std_dev * noise
+    prev_sample = prev_sample.to(latents.dtype)
+    # 7. Gaussian log-density, averaged over the C*H*W latent elements (DDPO's convention, see deviation 2)
+    log_prob = (
+        -((prev_sample.float() - mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev) - math.log(math.sqrt(2 * math.pi))
+    )
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantage_clip):
+    """DDPO-IS / PPO clipped surrogate for one timestep of a batch; returns (loss, approx_kl, clipfrac).
+
+    ratio = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c) = exp(log_prob - log_prob_old)
+    loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), A = clip(advantage, -5, 5)
+    """
+    advantages = advantages.clamp(-advantage_clip, advantage_clip)
+    ratio = torch.exp(log_prob - log_prob_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * ((log_prob - log_prob_old) ** 2).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return loss, approx_kl.detach(), clipfrac.detach()
+
+
+def first_interval_steps(num_steps, fraction):
+    """tau_0, the number of last steps the first stage trains: round(fraction T), at least 1 (14 for T = 20)."""
+    return min(num_steps, max(1, round(fraction * num_steps)))
+
+
+def split_step(stage, num_stages, num_steps, first_interval):
+    """Eq. 4's tau at `stage`: the number of last denoising steps trained (BPT), first_interval .. T.
+
+    The released code (T = 20, 100 stages, first 14): 14 + floor(stage * 7 / 100), each of the K = 7 lengths
+    14..20 for an equal block of stages. With fewer stages than lengths, the lengths are spread evenly; either
+    way the last stage trains all T steps (deviation 1).
+    """
+    lengths = num_steps - first_interval + 1  # K: the interval lengths first_interval, ..., T
+    if num_stages >= lengths:
+        return first_interval + stage * lengths // num_stages
+    if num_stages == 1:
+        return num_steps
+    return first_interval + stage * (lengths - 1) // (num_stages - 1)
+
+
+def per_prompt_z_scores(prompts, rewards, history, history_stages):
+    """Normalised rewards z = (r - mean_p) / (std_p + 1e-8) over the prompt's rewards of this and recent stages.
+
+    `history` is a list of the past stages' {prompt: [rewards]}, oldest first, updated in place: mean_p and the
+    unbiased std_p pool this stage's rewards of prompt p with those of the last `history_stages` stages; then
+    this stage is appended and older ones dropped (deviation 2).
+    """
+    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
+    this_stage = {str(prompt): rewards[prompts == prompt].tolist() for prompt in np.unique(prompts)}
+    z_scores = np.empty_like(rewards)
+    for prompt, values in this_stage.items():
+        pooled = np.array([r for stage in history for r in stage.get(prompt, [])] + values)
+        std = pooled.std(ddof=1) if len(pooled) > 1 else 0.0
+        z_scores[prompts == prompt] = (rewards[prompts == prompt] - pooled.mean()) / (std + 1e-8)
+    history.append(this_stage)
+    del history[: max(len(history) - history_stages, 0)]
+    return z_scores
+
+
+def select_branches(z_scores, num_branches, positive_threshold, negative_threshold):
+    """Eq. 5: the indices of the kept samples; rows g N .. g N + N - 1 of z_scores (G N,) are branch group g.
+
+    In each group, the best branch is kept if its z >= positive_threshold (it is in G+) and the worst if its
+    z < negative_threshold (G-): 0, 1 or 2 samples, which Eq. 6 contrasts.
+    """
+    kept = []
+    for group, scores in enumerate(np.asarray(z_scores).reshape(-1, num_branches)):
+        best, worst = int(scores.argmax()), int(scores.argmin())
+        if scores[best] >= positive_threshold:
+            kept.append(group * num_branches + best)
+        if scores[worst] < negative_threshold:
+            kept.append(group * num_branches + worst)
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def kept_rows_in_update(kept_per_process, update_index, micro_batches_per_update, micro_batches, batch_size):
+    """Kept (not padding) rows of one update over all processes; each process's kept rows come before its padding."""
+    first = update_index * micro_batches_per_update * batch_size
+    last = min((update_index + 1) * micro_batches_per_update, micro_batches) * batch_size
+    return sum(min(max(count - first, 0), last - first) for count in kept_per_process)
+
+
+def epoch_seed(seed, epoch, process_index):
+    """The seed of one (epoch, process): every random draw of the run is a function of --seed (deviation 4)."""
+    return (seed * 100_003 + epoch) * 1_009 + process_index
+
+
+@torch.no_grad()
+def sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, branch_step=0, num_branches=1):
+    """Run the policy from x_T to x_0, keeping every latent and log-prob; branch-based sampling (Eq. 5-6).
+
+    prompt_embeds (G, L, D); guidance_scales (G, T), the scale that samples each step; latents x_T (G, 4, h, w).
+    The G trajectories run alone for the first `branch_step` steps (the prefix x_T .. x_tau); there each is
+    copied into num_branches branches, rows g N .. g N + N - 1, that share the prefix exactly and finish with
+    their own noise. num_branches = 1 is plain DDPO sampling.
+    Returns the trajectory (G N, T + 1, 4, h, w), log_probs (G N, T) and the decoded images (G N, 3, H, W) in [0, 1].
+    """
+    scheduler = pipeline.scheduler
+    trajectory, log_probs = [latents], []
+    for step, t in enumerate(scheduler.timesteps):
+        if step == branch_step:  # copy every prefix (latents, log-probs, conditioning) into its N branches
+            latents, prompt_embeds, guidance_scales = (x.repeat_interleave(num_branches, dim=0) for x in (latents, prompt_embeds, guidance_scales))
+            trajectory = [x.repeat_interleave(num_branches, dim=0) for x in trajectory]
+            log_probs = [x.repeat_interleave(num_branches, dim=0) for x in log_probs]
+        noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
+        trajectory.append(latents)
+        log_probs.append(log_prob)
+    images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
+    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), images
+
+
+def load_diversity_model(args, device, dtype):
+    """CLIP ViT-L/14 image tower with projection (a tiny random one on --tiny) for the diversity metric."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if args.tiny:
+        with torch.random.fork_rng(devices=[]):  # the same random weights every run
+            torch.manual_seed(3)
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=32))
+    else:
+        try:
+            model = CLIPVisionModelWithProjection.from_pretrained(DIVERSITY_CLIP)
+        except Exception as exception:
+            message = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
+            raise SystemExit(f"error: cannot load {DIVERSITY_CLIP} ({message}). Check the network, or use --tiny to run offline.")
+    model.requires_grad_(False)
+    return model.eval().to(device, dtype)
+
+
+def mean_pairwise_distance(embeddings):
+    """Diversity of one prompt's M >= 2 images: mean over the pairs i < j of 1 - cos(e_i, e_j); embeddings (M, D)."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    first, second = torch.triu_indices(len(unit), len(unit), offset=1)
+    return float((1 - (unit[first] * unit[second]).sum(-1)).mean())
+
+
+@torch.no_grad()
+def evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape):
+    """Evaluation protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h, no branching.
+
+    The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
+    the numbers do not depend on the number of processes. Returns (mean, std, diversity, first images), where
+    diversity is the mean over prompts of mean_pairwise_distance of the prompt's CLIP image embeddings.
+    """
+    jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
+    batch_size = args.sample_batch_size
+    batches = [list(range(start, min(start + batch_size, len(jobs)))) for start in range(0, len(jobs), batch_size)]
+    rewards, embeddings, images_kept = {}, {}, {}
+    for batch_index in range(accelerator.process_index, len(batches), accelerator.num_processes):
+        indices = batches[batch_index]
+        batch_prompts = [jobs[i] for i in indices]
+        generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
+        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(accelerator.device, pipeline.unet.dtype)
+        prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts)
+        guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
+        _, _, images = sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator)
+        batch_rewards = reward_fn(images, batch_prompts).float().cpu()
+        batch_embeddings = diversity_model(pixel_values=clip_preprocess(images).to(diversity_model.dtype)).image_embeds.float().cpu()  # (B, D)
+        for position, job in enumerate(indices):
+            rewards[job], embeddings[job] = batch_rewards[position].item(), batch_embeddings[position]
+            if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
+                images_kept[job] = images[position].cpu()
+    all_rewards, all_embeddings, all_images = {}, {}, {}
+    for part in gather_object([rewards]):
+        all_rewards.update(part)
+    for part in gather_object([embeddings]):
+        all_embeddings.update(part)
+    for part in gather_object([images_kept]):
+        all_images.update(part)
+    values = np.array([all_rewards[i] for i in range(len(jobs))])
+    per_prompt = torch.stack([all_embeddings[i] for i in range(len(jobs))]).view(len(prompts), args.eval_images_per_prompt, -1)
+    diversity = float(np.mean([mean_pairwise_distance(e) for e in per_prompt])) if args.eval_images_per_prompt > 1 else None
+    grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
+    return float(values.mean()), float(values.std()), diversity, grid
+
+
+def save_image_grid(path, entries, columns=8, cell=128):
+    """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it."""
+    rows = math.ceil(len(entries) / columns)
+    caption_height = 24
+    grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (prompt, reward, image) in enumerate(entries):
+        x, y = (index % columns) * cell, (index // columns) * (cell + caption_height)
+        grid.paste(images_to_pil(image[None])[0].resize((cell, cell), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + cell + 1), prompt[:22], fill="black")
+        draw.text((x + 2, y + cell + 12), f"{reward:.4g}", fill="black")
+    grid.save(path)
+
+
+def save_checkpoint(folder, unet, optimizer, state):
+    """Write the LoRA (diffusers format) and the training state, atomically: a crash leaves the last one whole."""
+    temporary = folder + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    save_lora(unet, temporary)
+    from peft.utils import get_peft_model_state_dict
+
+    torch.save(
+        dict(state, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict()),
+        os.path.join(temporary, "training_state.pt"),
+    )
+    os.replace(temporary, folder)
+
+
+def last_checkpoint(run_dir):
+    folder = os.path.join(run_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp")) if os.path.isdir(folder) else []
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def keep_lines_before(path, epoch):
+    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+def stop_on_non_finite(accelerator, what, value):
+    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
+    if not math.isfinite(value):
+        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
+        raise SystemExit(1)
+
+
+def run_evaluation(args, accelerator, pipeline, unet, reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch):
+    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
+    unet.eval()
+    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch)
+    for name, prompts in eval_sets.items():
+        mean, std, diversity, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape)
+        line[f"{name}_reward_mean"], line[f"{name}_reward_std"], line[f"{name}_diversity"] = mean, std, diversity
+        if accelerator.is_main_process:
+            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
+    if accelerator.is_main_process:
+        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+
+
+def main(args):
+    # ======================================================================================================
+    # 1. Setup: processes, models, LoRA, optimiser, resume
+    # ======================================================================================================
+    # without CUDA, cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU
+    on_gpu = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision if on_gpu else "no", cpu=not on_gpu)
+    check_args(args, accelerator.num_processes)
+    run_name = args.run_name or f"{os.path.splitext(os.path.basename(__file__))[0]}_{args.reward}_seed{args.seed}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    checkpoint = last_checkpoint(run_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+    if not args.resume and os.path.exists(run_dir):
+        raise SystemExit(f"error: {run_dir} exists; pass --resume to continue it or choose another --run-name")
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one creates it
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
+    train_prompts = load_prompts(args.prompts)
+    unseen_name = args.eval_unseen_prompts or unseen_twin(args.prompts)
+    eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
+
+    pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
+    reward_fn = load_reward(args.reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    diversity_model = load_diversity_model(args, accelerator.device, weight_dtype)
+    pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
+    timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 951, 901, ..., 1 for T = 20
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
+    null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
+
+    torch.manual_seed(args.seed)
+    lora_parameters = add_lora(pipeline.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
+    start_epoch, reward_history = 0, []
+    if checkpoint is not None:
+        from peft.utils import set_peft_model_state_dict
+
+        state = torch.load(os.path.join(checkpoint, "training_state.pt"), map_location="cpu", weights_only=False)
+        set_peft_model_state_dict(pipeline.unet, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+        reward_history = state["reward_history"]
+        if accelerator.is_main_process:
+            keep_lines_before(os.path.join(run_dir, "metrics.jsonl"), start_epoch)
+            keep_lines_before(os.path.join(run_dir, "eval.jsonl"), start_epoch)
+        accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
+    # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
+    unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
+
+    samples_per_process = args.samples_per_epoch // accelerator.num_processes
+    micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+    first_interval = first_interval_steps(args.num_steps, args.first_interval_fraction)  # tau_0, 14 for T = 20
+    branches = 1 if args.no_branch else args.num_branches  # copies of each prefix; 1 = independent samples
+
+    for epoch in tqdm(range(start_epoch, args.epochs), desc="epochs", initial=start_epoch, total=args.epochs, disable=not accelerator.is_main_process):
+        epoch_start = time.time()
+        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # anything not drawn from `generator`
+        if epoch % args.eval_every == 0:
+            run_evaluation(args, accelerator, pipeline, unet, reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch)
+
+        # ==================================================================================================
+        # 2. Sample: branch-based sampling (Eq. 5-6) at the start of this stage's BPT interval (Eq. 4)
+        # ==================================================================================================
+        # Eq. 4: this stage trains the last tau steps, step indices T - tau .. T - 1 (all T with --no-bpt)
+        trained_steps = args.num_steps if args.no_bpt else split_step(epoch, args.epochs, args.num_steps, first_interval)
+        first_trained_step = args.num_steps - trained_steps
+        # branches split at x_tau, the interval's start (with --no-bpt: the first stage's interval start)
+        branch_step = args.num_steps - first_interval if args.no_bpt else first_trained_step
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # CPU: same draws on any device
+        unet.eval()
+        batches = []
+        for _ in tqdm(range(samples_per_process // args.sample_batch_size), desc="sampling", leave=False, disable=not accelerator.is_main_process):
+            prefixes = args.sample_batch_size // branches  # G trajectories from their own noise, N branches each
+            prompt_indices = torch.randint(len(train_prompts), (prefixes,), generator=generator)
+            prefix_prompts = [train_prompts[i] for i in prompt_indices]
+            prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prefix_prompts)  # c, (G, L, D)
+            guidance_scales = torch.full((prefixes, args.num_steps), args.cfg_high)  # (G, T)
+            latents = torch.randn((prefixes, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
+            trajectory, log_probs, images = sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator, branch_step, branches)
+            # rows g N .. g N + N - 1 are the branches of prefix g: repeat its prompt and conditioning N times
+            prompts = [prompt for prompt in prefix_prompts for _ in range(branches)]
+            prompt_embeds, guidance_scales = prompt_embeds.repeat_interleave(branches, dim=0), guidance_scales.repeat_interleave(branches, dim=0)
+            batches.append(dict(prompts=prompts, prompt_embeds=prompt_embeds, guidance_scales=guidance_scales, trajectory=trajectory, log_probs=log_probs, images=images))
+        prompts = [p for batch in batches for p in batch["prompts"]]
+        samples = {key: torch.cat([batch[key] for batch in batches]) for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "images")}
+        # samples: prompt_embeds (S, L, D), guidance_scales (S, T), trajectory (S, T+1, 4, h, w), log_probs (S, T); S = G N
+
+        # ==================================================================================================
+        # 3. Reward: r(x_0, c) for every sample, gathered from all processes
+        # ==================================================================================================
+        rewards = torch.cat([reward_fn(samples["images"][i : i + args.sample_batch_size], prompts[i : i + args.sample_batch_size]) for i in range(0, len(prompts), args.sample_batch_size)])
+        all_rewards = accelerator.gather(rewards.float().to(accelerator.device)).cpu().numpy()  # (samples_per_epoch,)
+        all_prompts = [p for part in gather_object([prompts]) for p in part] if accelerator.num_processes > 1 else prompts
+        stop_on_non_finite(accelerator, "reward", float(all_rewards.sum()))
+
+        # ==================================================================================================
+        # 4. Advantage and loss: per-prompt z-scores, selection of each branch group's best / worst (Eq. 5)
+        # ==================================================================================================
+        all_z_scores = per_prompt_z_scores(all_prompts, all_rewards, reward_history, args.history_stages)
+        if args.no_branch:  # no groups to compare: every sample is trained with its own z
+            all_kept = torch.arange(args.samples_per_epoch)
+        else:  # groups never straddle processes (a sampling batch holds whole groups), so global rows work
+            all_kept = select_branches(all_z_scores, args.num_branches, args.positive_threshold, args.negative_threshold)
+        # every process computed the same selection; gather order = process order, samples_per_process rows each
+        kept_per_process = [int(((all_kept >= p * samples_per_process) & (all_kept < (p + 1) * samples_per_process)).sum()) for p in range(accelerator.num_processes)]
+        offset = accelerator.process_index * samples_per_process
+        kept = all_kept[(all_kept >= offset) & (all_kept < offset + samples_per_process)] - offset  # this process's rows
+        advantages = torch.tensor(all_z_scores, dtype=torch.float32).reshape(accelerator.num_processes, -1)[accelerator.process_index]
+
+        # ==================================================================================================
+        # 5. Update: DDPO-IS on the kept samples over the interval's steps only (Eq. 4, Eq. 6)
+        # ==================================================================================================
+        unet.train()
+        losses, approx_kls, clipfracs, visited_steps = [], [], [], set()
+        micro_batches = math.ceil(max(kept_per_process) / args.train_batch_size)  # the same on every process
+        for inner_epoch in range(args.inner_epochs):
+            # this process's kept rows in random order, then padding rows (row 0, advantage 0: no gradient) so that
+            # every process runs micro_batches backward passes (deviation 4)
+            order = kept[torch.randperm(len(kept), generator=generator)]
+            order = torch.cat([order, torch.zeros(micro_batches * args.train_batch_size - len(order), dtype=torch.long)])
+            is_kept = (torch.arange(len(order)) < len(kept)).float()  # (R,)
+            # each sample visits the interval's steps T - tau .. T - 1 in its own random order
+            step_orders = first_trained_step + torch.stack([torch.randperm(trained_steps, generator=generator) for _ in range(len(order))])  # (R, tau)
+            for micro_index in tqdm(range(micro_batches), desc="training", leave=False, disable=not accelerator.is_main_process):
+                slots = slice(micro_index * args.train_batch_size, (micro_index + 1) * args.train_batch_size)
+                rows = order[slots]  # (b,)
+                steps = step_orders[slots]  # (b, tau)
+                x_t = samples["trajectory"][rows[:, None], steps]  # (b, tau, 4, h, w)
+                x_prev = samples["trajectory"][rows[:, None], steps + 1]  # (b, tau, 4, h, w)
+                log_prob_old = samples["log_probs"][rows[:, None], steps]  # (b, tau)
+                scales = samples["guidance_scales"][rows[:, None], steps]  # (b, tau)
+                prompt_embeds = samples["prompt_embeds"][rows]  # (b, L, D)
+                step_timesteps = timesteps[steps.to(timesteps.device)]  # (b, tau)
+                row_advantages = (advantages[rows] * is_kept[slots]).to(accelerator.device)  # A = z; 0 for padding
+                visited_steps.update(steps.flatten().tolist())
+                last_of_update = (micro_index + 1) % micro_batches_per_update == 0 or micro_index + 1 == micro_batches
+                # the update's gradient is the mean over its kept rows (all processes) and their interval steps;
+                # DDP averages over processes, hence the factor num_processes
+                update_rows = kept_rows_in_update(kept_per_process, micro_index // micro_batches_per_update, micro_batches_per_update, micro_batches, args.train_batch_size)
+                scale = args.train_batch_size * accelerator.num_processes / (update_rows * trained_steps)
+                # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
+                with nullcontext() if last_of_update else accelerator.no_sync(unet):
+                    for k in range(trained_steps):
+                        noise_pred = guided_noise_prediction(unet, x_t[:, k], step_timesteps[:, k], prompt_embeds, null_embeds, scales[:, k])
+                        _, log_prob = ddim_step_with_logprob(pipeline.scheduler, noise_pred, step_timesteps[:, k], x_t[:, k], args.eta, prev_sample=x_prev[:, k])
+                        loss, approx_kl, clipfrac = clipped_policy_loss(log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip)
+                        accelerator.backward(loss * scale)
+                        losses.append(loss.item()), approx_kls.append(approx_kl.item()), clipfracs.append(clipfrac.item())
+                if last_of_update:
+                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+        if not losses:  # nothing kept on any process this stage: no update
+            losses, approx_kls, clipfracs = [0.0], [0.0], [0.0]
+
+        # ==================================================================================================
+        # 6. Log, evaluate, checkpoint
+        # ==================================================================================================
+        statistics = accelerator.gather(torch.tensor([np.mean(losses), np.mean(approx_kls), np.mean(clipfracs)], device=accelerator.device)).view(-1, 3).mean(0)
+        loss_mean, approx_kl_mean, clipfrac_mean = statistics.tolist()
+        stop_on_non_finite(accelerator, "loss", loss_mean)
+        metrics = dict(
+            epoch=epoch, reward_queries=(epoch + 1) * args.samples_per_epoch, reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std()), loss=loss_mean, approx_kl=approx_kl_mean, clipfrac=clipfrac_mean,
+            interval_steps=trained_steps, branch_step=branch_step if branches > 1 else None, kept_samples=len(all_kept),
+            trained_step_indices=sorted(visited_steps), seconds=round(time.time() - epoch_start, 3),
+        )
+        if accelerator.num_processes > 1:  # every replica must hold the same LoRA after the all-reduced updates
+            metrics["lora_sum_per_process"] = accelerator.gather(torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]).tolist()
+        if accelerator.is_main_process:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            tqdm.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, interval {trained_steps}, kept {len(all_kept)}, loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}")
+        last_epoch = epoch + 1 == args.epochs
+        if last_epoch:
+            run_evaluation(args, accelerator, pipeline, unet, reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch + 1)
+        if (epoch + 1) % args.save_every == 0 or last_epoch:
+            if accelerator.is_main_process:
+                save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"), accelerator.unwrap_model(unet), optimizer, dict(epoch=epoch + 1, reward_history=reward_history))
+            accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
