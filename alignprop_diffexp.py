@@ -70,8 +70,6 @@ from tqdm.auto import tqdm
 
 from common import (
     DIFFERENTIABLE_REWARDS,
-    PROMPT_SETS,
-    REWARD_NAMES,
     TINY_MODEL,
     UNSEEN_PROMPT_SET,
     add_lora,

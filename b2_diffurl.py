@@ -86,8 +86,6 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common import (
-    PROMPT_SETS,
-    REWARD_NAMES,
     TINY_CLIP_VISION,
     TINY_MODEL,
     UNSEEN_PROMPT_SET,

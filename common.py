@@ -17,7 +17,6 @@ import json
 import os
 import tempfile
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image

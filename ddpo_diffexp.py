@@ -58,8 +58,6 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common import (
-    PROMPT_SETS,
-    REWARD_NAMES,
     TINY_MODEL,
     UNSEEN_PROMPT_SET,
     add_lora,

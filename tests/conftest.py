@@ -1,5 +1,6 @@
 """Shared test fixtures: the project root on sys.path, a tiny pipeline, and a runner for the scripts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -37,3 +38,15 @@ def run_script(script, flags, tmp_path, launcher=(), check=True, timeout=600):
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def lora_tensors(folder):
+    """The LoRA tensors of a checkpoint folder, as saved for `load_lora_weights`."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))

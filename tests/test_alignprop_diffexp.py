@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 import alignprop_diffexp as alignprop
 import ddpo_diffexp
 from common import add_lora, encode_prompts, guided_noise_prediction, load_pipeline, load_reward
-from conftest import MICRO_FLAGS, ROOT, run_script
+from conftest import MICRO_FLAGS, ROOT, lora_tensors, read_jsonl, run_script
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -252,17 +252,6 @@ def test_bad_input_stops_the_script_before_any_model_loads(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def lora_tensors(folder):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
-
-
 # tiny aesthetic reward, K = 1; DiffExp explores in the first half of the 3 epochs: epochs 0 and 1 (< 1.5), not 2
 FLAGS = [*MICRO_FLAGS, "--diffexp", "--explore-fraction", "0.5", "--epochs", "3", "--run-name", "full"]
 

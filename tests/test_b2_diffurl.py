@@ -14,7 +14,7 @@ import torch
 
 import b2_diffurl
 import ddpo_diffexp
-from conftest import MICRO_FLAGS, ROOT, run_script
+from conftest import MICRO_FLAGS, ROOT, lora_tensors, read_jsonl, run_script
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -200,17 +200,6 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def lora_tensors(folder):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
-
-
 def run_flags(prompt_file, *extra, **values):
     """MICRO_FLAGS with 2 prompts, one sampling batch of 2 groups x 4 branches, 2 eval images per prompt (for the
     diversity), evaluation first and last only, no unseen set: the fewest UNet calls (CPU time is the test's cost)."""

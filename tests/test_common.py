@@ -4,10 +4,8 @@ import io
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import common
 from conftest import SHARED_ASSETS

@@ -14,7 +14,7 @@ import torch
 
 import ddpo_coca
 import ddpo_diffexp
-from conftest import MICRO_FLAGS, ROOT, run_script
+from conftest import MICRO_FLAGS, ROOT, lora_tensors, read_jsonl, run_script
 
 # T = 4 steps in MICRO_FLAGS: two windows of 2 steps. 2 epochs, evaluated before the first and after the last
 # only (the later flag wins), to keep this file fast; DiffExp composes with CoCA and explores in epoch 0 only.
@@ -151,17 +151,6 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, flags, message):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def lora_tensors(folder):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One uninterrupted 2-epoch run, CoCA with DiffExp on, shared by the end-to-end tests."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ddpo_diffexp
-from conftest import MICRO_FLAGS, ROOT, run_script
+from conftest import MICRO_FLAGS, ROOT, lora_tensors, read_jsonl, run_script
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -174,17 +174,6 @@ def test_unknown_flag_is_rejected(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def lora_tensors(folder):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
-
-
 # 3 epochs with DiffExp exploring in the first half: epochs 0 and 1 (< 1.5) explore, epoch 2 does not
 FULL_RUN_FLAGS = [*MICRO_FLAGS, "--diffexp", "--explore-fraction", "0.5", "--epochs", "3", "--run-name", "full"]
 
