@@ -260,3 +260,21 @@ def test_two_processes_keep_identical_lora(tmp_path):
         assert rank0 == rank1, m  # bit-identical replicas after the all-reduced updates
     assert metrics[0]["lora_sum_per_process"] != metrics[1]["lora_sum_per_process"]  # and they did train
     assert metrics[-1]["reward_queries"] == 16  # 8 samples per epoch over 2 processes, not per process
+
+
+def test_tiny_preset_raises_the_reward(tmp_path):
+    """8 seeded epochs of the --tiny preset raise the (tiny, random-head) aesthetic reward at fixed evaluation noise.
+
+    Measured before writing this test: +0.24 (seed 1, this command) and +0.27 (seed 2) of the images' reward spread
+    after 8 epochs, +0.29 for seed 0 on the 45 animal prompts; the assertion asks for +0.1. JPEG compressibility does not move measurably within such a budget on the tiny model.
+    """
+    flags = ["--tiny", "--reward", "aesthetic", "--epochs", "8", "--eval-every", "8", "--save-every", "8",
+             "--eval-images-per-prompt", "4", "--prompts", "unseen_animals", "--eval-unseen-prompts", "unseen_animals",
+             "--seed", "1", "--run-name", "rise"]
+    run_script("ddpo_diffexp.py", flags, tmp_path)
+    first, last = read_jsonl(tmp_path / "rise" / "eval.jsonl")
+    assert (first["epoch"], last["epoch"]) == (0, 8)
+    gain = last["seen_reward_mean"] - first["seen_reward_mean"]
+    # a paired comparison (the same evaluation noise before and after), so sampling noise does not mask the gain; the
+    # training batches' mean reward is too noisy at 32 samples an epoch to show it
+    assert gain > 0.1 * first["seen_reward_std"], (gain, first, last)
