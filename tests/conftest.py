@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -50,3 +52,20 @@ def lora_tensors(folder):
     from safetensors.torch import load_file
 
     return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+
+
+def kill_after_first_checkpoint(script, flags, tmp_path, run_name="full"):
+    """Start a run and SIGKILL it as soon as its first checkpoint exists, as a preempted job (no clean-up).
+
+    Returns the names of the checkpoints it left.
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *flags],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / run_name / "checkpoints"
+    deadline = time.time() + 300
+    while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return sorted(os.listdir(checkpoints))

@@ -4,10 +4,7 @@ import inspect
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +15,7 @@ import torch.utils.checkpoint
 import alignprop_diffexp as alignprop
 import ddpo_diffexp
 from common import add_lora, encode_prompts, guided_noise_prediction, load_pipeline, load_reward
-from conftest import MICRO_FLAGS, ROOT, lora_tensors, read_jsonl, run_script
+from conftest import MICRO_FLAGS, kill_after_first_checkpoint, lora_tensors, read_jsonl, run_script
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -307,16 +304,8 @@ def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "alignprop_diffexp.py"), "--output-dir", str(tmp_path), *FLAGS],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    left = kill_after_first_checkpoint("alignprop_diffexp.py", FLAGS, tmp_path)
     checkpoints = tmp_path / "full" / "checkpoints"
-    deadline = time.time() + 300
-    while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)  # as a preempted job: no clean-up
-    process.wait()
-    left = sorted(os.listdir(checkpoints))
     assert "epoch_0003" not in left and "epoch_0001" in left, left  # really interrupted mid-run
     run_script("alignprop_diffexp.py", [*FLAGS, "--resume"], tmp_path)
     resumed, uninterrupted = lora_tensors(checkpoints / "epoch_0003"), lora_tensors(finished_run / "checkpoints" / "epoch_0003")

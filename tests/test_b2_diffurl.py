@@ -3,10 +3,6 @@
 import inspect
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +10,7 @@ import torch
 
 import b2_diffurl
 import ddpo_diffexp
-from conftest import MICRO_FLAGS, ROOT, lora_tensors, read_jsonl, run_script
+from conftest import MICRO_FLAGS, ROOT, kill_after_first_checkpoint, lora_tensors, read_jsonl, run_script
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -267,16 +263,8 @@ def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run, t
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, prompt_file, tmp_path):
     flags = [*run_flags(prompt_file), "--epochs", "2", "--run-name", "full"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "b2_diffurl.py"), "--output-dir", str(tmp_path), *flags],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    left = kill_after_first_checkpoint("b2_diffurl.py", flags, tmp_path)
     checkpoints = tmp_path / "full" / "checkpoints"
-    deadline = time.time() + 300
-    while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)  # as a preempted job: no clean-up
-    process.wait()
-    left = sorted(os.listdir(checkpoints))
     assert "epoch_0002" not in left and "epoch_0001" in left, left  # really interrupted mid-run
     run_script("b2_diffurl.py", [*flags, "--resume"], tmp_path)
     resumed, uninterrupted = lora_tensors(checkpoints / "epoch_0002"), lora_tensors(finished_run / "checkpoints" / "epoch_0002")

@@ -3,10 +3,6 @@
 import inspect
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +10,7 @@ import torch
 
 import ddpo_coca
 import ddpo_diffexp
-from conftest import MICRO_FLAGS, ROOT, lora_tensors, read_jsonl, run_script
+from conftest import MICRO_FLAGS, kill_after_first_checkpoint, lora_tensors, read_jsonl, run_script
 
 # T = 4 steps in MICRO_FLAGS: two windows of 2 steps. 2 epochs, evaluated before the first and after the last
 # only (the later flag wins), to keep this file fast; DiffExp composes with CoCA and explores in epoch 0 only.
@@ -188,16 +184,8 @@ def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, tmp_path):
     flags = [*RUN_FLAGS, "--run-name", "full"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo_coca.py"), "--output-dir", str(tmp_path), *flags],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    left = kill_after_first_checkpoint("ddpo_coca.py", flags, tmp_path)
     checkpoints = tmp_path / "full" / "checkpoints"
-    deadline = time.time() + 300
-    while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)  # as a preempted job: no clean-up
-    process.wait()
-    left = sorted(os.listdir(checkpoints))
     assert left == ["epoch_0001"], left  # really interrupted mid-run
     run_script("ddpo_coca.py", [*flags, "--resume"], tmp_path)
     resumed, uninterrupted = lora_tensors(checkpoints / "epoch_0002"), lora_tensors(finished_run / "checkpoints" / "epoch_0002")
