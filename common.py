@@ -198,6 +198,12 @@ def _load_tiny_pipeline():
     return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
 
 
+def _hub_error(what, exception):
+    """One error line for anything that could not be loaded from the hub or a folder (no traceback)."""
+    message = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
+    return SystemExit(f"error: cannot load {what} ({message}). Check the id or folder and the network, or use --tiny to run offline.")
+
+
 def load_pipeline(model, device, dtype):
     """A StableDiffusionPipeline with a DDIMScheduler, frozen, on `device` in `dtype`.
 
@@ -213,11 +219,7 @@ def load_pipeline(model, device, dtype):
                 model, dtype=dtype, safety_checker=None, requires_safety_checker=False
             )
         except Exception as exception:  # OSError for a missing repo or no network, ValueError for bad folders
-            first_line = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
-            raise SystemExit(
-                f"error: cannot load the model '{model}' ({first_line}). Check the id or folder and the network, "
-                "or run offline on the tiny model with --tiny."
-            )
+            raise _hub_error(f"the model '{model}'", exception)
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.to(device)  # the tiny model is built in fp32 and cast below; the hub model loaded in `dtype`
     if model == TINY_MODEL and dtype != torch.float32:
@@ -414,11 +416,6 @@ def _tiny_clip_model():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         return CLIPModel(CLIPConfig(text_config=text_config, vision_config=TINY_CLIP_VISION, projection_dim=32)), tokenizer
-
-
-def _hub_error(what, exception):
-    message = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
-    return SystemExit(f"error: cannot load {what} ({message}). Check the network, or use --tiny to run offline.")
 
 
 def load_reward(name, device, dtype, tiny=False, aesthetic_head_path=None):
