@@ -70,10 +70,12 @@ from tqdm.auto import tqdm
 
 from common import (
     DIFFERENTIABLE_REWARDS,
+    SHAPES_MODEL,
     TINY_MODEL,
     UNSEEN_PROMPT_SET,
     add_lora,
     check_reward_name,
+    check_reward_prompts,
     dynamic_cfg_scale,
     encode_prompts,
     guided_noise_prediction,
@@ -94,10 +96,14 @@ class Args:
     """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
     tiny: bool = False
     """preset for CPU: tiny model and rewards, 32 px, 8 steps, small batches (explicit flags still win)"""
+    shapes: bool = False
+    """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
     reward: str = "aesthetic"
-    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility, jpeg_incompressibility"""
+    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
+    eval_reward: Optional[str] = None
+    """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"
-    """training prompts: animals, animal_activities, unseen_animals, unseen_activities, or a .txt file"""
+    """training prompts: animals, animal_activities, unseen_animals, unseen_activities, shapes, unseen_shapes, or a .txt file"""
     eval_unseen_prompts: Optional[str] = None
     """unseen prompt set for evaluation (default: the training set's unseen twin, if it has one)"""
     run_name: Optional[str] = None
@@ -172,12 +178,20 @@ TINY_PRESET = dict(
     train_batch_size=16, samples_per_update=16, learning_rate=1e-2, mixed_precision="no", eval_every=4,
     eval_images_per_prompt=2, save_every=4,
 )
+# --shapes: the shapes world (python shapes_world.py trains it; its weights are committed in world/).
+SHAPES_PRESET = dict(
+    model=SHAPES_MODEL, shapes=True, reward="shapes_learned", eval_reward="shapes", prompts="shapes", epochs=40,
+    num_steps=10, resolution=32, samples_per_epoch=64, sample_batch_size=32, train_batch_size=32, samples_per_update=32,
+    learning_rate=1e-3, mixed_precision="no", eval_every=5, eval_images_per_prompt=4, save_every=10,
+)
 
 
 def parse_args(argv=None):
-    """Parse flags on top of the defaults, or of the tiny preset when --tiny is given."""
+    """Parse flags on top of the defaults, or of a preset (--tiny or --shapes) when one is given."""
     argv = sys.argv[1:] if argv is None else argv
-    defaults = Args(**TINY_PRESET) if "--tiny" in argv else Args()
+    if "--tiny" in argv and "--shapes" in argv:
+        raise SystemExit("error: --tiny and --shapes are two presets; give one")
+    defaults = Args(**TINY_PRESET) if "--tiny" in argv else Args(**SHAPES_PRESET) if "--shapes" in argv else Args()
     args = tyro.cli(Args, default=defaults, args=argv)
     if args.diffexp:
         args = replace(args, dynamic_cfg=True, prompt_weighting=True)
@@ -186,12 +200,11 @@ def parse_args(argv=None):
 
 def check_args(args, num_processes):
     """One line and exit for bad input, before any model loads."""
-    check_reward_name(args.reward)
+    for reward in (args.reward, args.eval_reward or args.reward):
+        check_reward_name(reward)
+        check_reward_prompts(reward, load_prompts(args.prompts) + (load_prompts(args.eval_unseen_prompts) if args.eval_unseen_prompts else []))
     if args.reward not in DIFFERENTIABLE_REWARDS:
         raise SystemExit(f"error: reward '{args.reward}' is not differentiable; AlignProp backpropagates through the reward, choose one of {', '.join(DIFFERENTIABLE_REWARDS)}")
-    load_prompts(args.prompts)
-    if args.eval_unseen_prompts is not None:
-        load_prompts(args.eval_unseen_prompts)
     problems = []
     if not 0 <= args.t_thres < 1000:
         problems.append(f"--t-thres {args.t_thres} must be in [0, 1000)")
@@ -397,7 +410,7 @@ def stop_on_non_finite(accelerator, what, value):
 def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch):
     """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
     unet.eval()
-    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch)
+    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
     for name, prompts in eval_sets.items():
         mean, std, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape)
         line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
@@ -437,6 +450,8 @@ def main(args):
 
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
     reward_fn = load_reward(args.reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    eval_reward = args.eval_reward or args.reward
+    eval_reward_fn = reward_fn if eval_reward == args.reward else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
     timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 981, 961, ..., 1 for T = 50
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -468,7 +483,7 @@ def main(args):
         epoch_start = time.time()
         torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # anything not drawn from `generator`
         if epoch % args.eval_every == 0:
-            run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch)
+            run_evaluation(args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch)
 
         # ==================================================================================================
         # 2. Sample: trajectories with their graph through the last K steps; DiffExp exploration (Eq. 7, Eq. 8) lives here
@@ -542,7 +557,7 @@ def main(args):
             tqdm.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, loss {loss_mean:.3g}, K {grad_steps_mean:.3g}, grad norm {grad_norm_mean:.3g}")
         last_epoch = epoch + 1 == args.epochs
         if last_epoch:
-            run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch + 1)
+            run_evaluation(args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch + 1)
         if (epoch + 1) % args.save_every == 0 or last_epoch:
             if accelerator.is_main_process:
                 save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"), accelerator.unwrap_model(unet), optimizer, dict(epoch=epoch + 1))

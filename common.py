@@ -2,8 +2,8 @@
 
 1. model loading: `load_pipeline` (Stable Diffusion from the hub, or an offline tiny SD-architecture model),
    LoRA on the UNet's attention projections and its diffusers-format save;
-2. reward wrappers: `load_reward` (aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_*), with
-   differentiable tensor preprocessing for the CLIP-based ones;
+2. reward wrappers: `load_reward` (aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_*, and the shapes
+   world's exact and learned rewards), with differentiable tensor preprocessing for the CLIP-based ones;
 3. classifier-free guidance and prompt weighting: `encode_prompts`, `guided_noise_prediction` (Eq. 4),
    `dynamic_cfg_scale` (DiffExp Eq. 7), `random_word_token_mask` and `weight_prompt_embeds` (DiffExp Eq. 8);
 4. prompt sets: `load_prompts`.
@@ -41,6 +41,8 @@ SD15_SCHEDULER_CONFIG = dict(
 )
 
 TINY_MODEL = "tiny"
+# The shapes world's text-to-image model (shapes_world.py), an ordinary save_pretrained folder in the repository.
+SHAPES_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world", "sd-shapes")
 
 
 def _bytes_to_unicode():
@@ -56,24 +58,42 @@ def _bytes_to_unicode():
     return [chr(c) for c in code_points]
 
 
-def build_tiny_tokenizer():
-    """A real CLIPTokenizer over a character-level vocabulary whose vocab.json / merges.txt we write ourselves.
+def build_tiny_tokenizer(words=(), model_max_length=77):
+    """A real CLIPTokenizer over a small vocabulary whose vocab.json / merges.txt we write ourselves.
 
     Vocabulary: the 256 byte symbols, the same with the end-of-word marker "</w>", then BOS and EOS (514
-    tokens). No merges, so every word is split into its characters: "dog" -> "d", "o", "g</w>". That keeps
-    the real tokenizer's behaviour (lower-casing, punctuation split, BOS/EOS, padding with EOS to 77) and makes
+    tokens), then one token per word of `words` with the BPE merges that build it ("r e", "re d</w>"). With no
+    words (the tiny model) every word is split into its characters: "dog" -> "d", "o", "g</w>", which keeps the
+    real tokenizer's behaviour (lower-casing, punctuation split, BOS/EOS, padding with EOS to 77) and makes
     multi-token words the normal case, which is what Eq. 8's word masking must handle.
     """
     from transformers import CLIPTokenizer
 
     symbols = _bytes_to_unicode()
     vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    merges = []
+    for word in words:
+        # BPE applies the lowest-ranked merge present, so first apply the merges of the earlier words (as the
+        # tokenizer would), then add merges that join what is left, left to right: "g re e n</w>" -> "green</w>"
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for merge in merges:
+            first, second = merge.split()
+            index = 0
+            while index < len(pieces) - 1:
+                if pieces[index] == first and pieces[index + 1] == second:
+                    pieces[index : index + 2] = [first + second]
+                index += 1
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in vocab:
+                vocab.append(pieces[0])
     with tempfile.TemporaryDirectory() as folder:
         with open(os.path.join(folder, "vocab.json"), "w") as f:
             json.dump({token: index for index, token in enumerate(vocab)}, f)
         with open(os.path.join(folder, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+            f.write("#version: 0.2\n" + "".join(merge + "\n" for merge in dict.fromkeys(merges)))
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
 TINY_PRETRAIN_STEPS = 150  # about 30 s on 2 CPU cores, once: the result is cached (see `_tiny_pipeline_folder`)
@@ -271,8 +291,11 @@ REWARD_NAMES = (
     "hpsv2",
     "jpeg_compressibility",
     "jpeg_incompressibility",
+    "shapes",
+    "shapes_learned",
 )
-DIFFERENTIABLE_REWARDS = ("aesthetic", "pickscore", "clipscore")
+DIFFERENTIABLE_REWARDS = ("aesthetic", "pickscore", "clipscore", "shapes_learned")
+SHAPES_REWARDS = ("shapes", "shapes_learned")  # the shapes world's rewards (shapes_world.py): captions from its grammar
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -286,6 +309,16 @@ LAION_CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor 
 def check_reward_name(name):
     if name not in REWARD_NAMES:
         raise SystemExit(f"error: unknown reward '{name}'; choose one of {', '.join(REWARD_NAMES)}")
+
+
+def check_reward_prompts(name, prompts):
+    """The shapes rewards score captions of the shapes world's grammar only: one error line for any other prompt."""
+    if name in SHAPES_REWARDS:
+        from shapes_world import parse_caption
+
+        outside = [prompt for prompt in prompts if parse_caption(prompt) is None]
+        if outside:
+            raise SystemExit(f"error: the {name} reward needs captions of the shapes grammar (e.g. --prompts shapes); '{outside[0]}' is not one")
 
 
 def clip_preprocess(images, size=224):
@@ -425,7 +458,21 @@ def load_reward(name, device, dtype, tiny=False, aesthetic_head_path=None):
     LAION MLP from a local file instead of the hub (`trl-lib/ddpo-aesthetic-predictor`).
     """
     check_reward_name(name)
-    if name.startswith("jpeg_"):
+    if name == "shapes":
+        from shapes_world import ExactShapesReward
+
+        reward = ExactShapesReward()
+    elif name == "shapes_learned":
+        from safetensors.torch import load_file
+
+        from shapes_world import DEFAULT_WORLD, LEARNED_REWARD_FILE, LearnedShapesReward
+
+        path = os.path.join(DEFAULT_WORLD, LEARNED_REWARD_FILE)
+        if not os.path.exists(path):
+            raise SystemExit(f"error: learned shapes reward '{path}' not found; train it with: python shapes_world.py --stages reward")
+        reward = LearnedShapesReward()
+        reward.load_state_dict(load_file(path))
+    elif name.startswith("jpeg_"):
         reward = JpegReward(sign=-1.0 if name == "jpeg_compressibility" else 1.0)
     elif name == "aesthetic":
         with torch.random.fork_rng(devices=[]):  # deterministic random head for the tiny reward
@@ -591,12 +638,20 @@ PROMPT_SETS = {
 UNSEEN_PROMPT_SET = {"animals": "unseen_animals", "animal_activities": "unseen_activities"}
 
 
+PROMPT_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+# The shapes world's (shapes_world.py) named sets: rare colour-shape pairs, counts and relations; kept in files.
+PROMPT_SET_FILES = {"shapes": "shapes_train.txt", "unseen_shapes": "shapes_unseen.txt"}
+UNSEEN_PROMPT_SET["shapes"] = "unseen_shapes"
+
+
 def load_prompts(name_or_path):
     """A named prompt set (`PROMPT_SETS`) or a .txt file with one prompt a line (blank lines ignored)."""
     if name_or_path in PROMPT_SETS:
         return list(PROMPT_SETS[name_or_path])
-    if not name_or_path.endswith(".txt"):
-        raise SystemExit(f"error: unknown prompt set '{name_or_path}'; choose one of {', '.join(PROMPT_SETS)} or give a .txt file")
+    if name_or_path in PROMPT_SET_FILES:
+        name_or_path = os.path.join(PROMPT_FOLDER, PROMPT_SET_FILES[name_or_path])
+    elif not name_or_path.endswith(".txt"):
+        raise SystemExit(f"error: unknown prompt set '{name_or_path}'; choose one of {', '.join([*PROMPT_SETS, *PROMPT_SET_FILES])} or give a .txt file")
     if not os.path.isfile(name_or_path):
         raise SystemExit(f"error: prompt file '{name_or_path}' not found")
     with open(name_or_path) as f:
