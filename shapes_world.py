@@ -45,7 +45,6 @@ Commands
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 
@@ -515,7 +514,7 @@ def train_learned_reward(model, generated_images, generated_captions, args, gene
 
 def main(args):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from common import SD15_SCHEDULER_CONFIG
 

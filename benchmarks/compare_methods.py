@@ -14,10 +14,11 @@ reward on fixed noise, seen and unseen prompts) it writes
 Diversity: mean pairwise RMS pixel distance between the 8 images (8 noises) of each unseen prompt from the
 final LoRA, averaged over prompts; lower means the method collapsed onto fewer layouts.
 
-Command (the README's table and plot; about 1.5 hours on 2 CPU cores):
+Commands (the README's tables and plots; the second reuses the first's seed-0 runs):
+    python benchmarks/compare_methods.py --methods ddpo ddpo_diffexp --seeds 0 1 --reward-queries 960 --evaluations 3 --output-dir benchmarks/results/diffexp
+    python benchmarks/compare_methods.py --seeds 0 --reward-queries 960 --evaluations 3 --output-dir benchmarks/results/methods
+All six methods over three seeds (about 1.5 hours on 2 CPU cores):
     python benchmarks/compare_methods.py
-A quick check (a few minutes):
-    python benchmarks/compare_methods.py --methods ddpo ddpo_diffexp --seeds 0 --reward-queries 640
 """
 
 import csv
@@ -61,7 +62,9 @@ class Args:
     target: float = 0.0
     """exact reward to reach for the queries-to-target column (0: halfway from the pretrained model to the best final mean)"""
     output_dir: str = "benchmarks/results"
-    """where runs and results go"""
+    """where results.csv, summary.csv and curves.png go"""
+    runs_dir: str = "benchmarks/results/runs"
+    """where the runs go; a finished run (same method, seed and budget) is reused, so benchmarks can share runs"""
     rerun: bool = False
     """run again even if a run's eval.jsonl is complete"""
 
@@ -69,7 +72,7 @@ class Args:
 def run_method(args, method, seed, epochs, eval_every):
     """One training run through the script's command line; returns the lines of its eval.jsonl."""
     script, extra = METHODS[method]
-    run_dir = os.path.join(args.output_dir, "runs", f"{method}_seed{seed}")
+    run_dir = os.path.join(args.runs_dir, f"{method}_seed{seed}")
     eval_path = os.path.join(run_dir, "eval.jsonl")
     if not args.rerun and os.path.exists(eval_path):
         lines = [json.loads(line) for line in open(eval_path)]
@@ -79,7 +82,7 @@ def run_method(args, method, seed, epochs, eval_every):
     command = [
         sys.executable, os.path.join(ROOT, script), "--shapes", *extra, "--seed", str(seed), "--epochs", str(epochs),
         "--samples-per-epoch", str(args.samples_per_epoch), "--eval-every", str(eval_every), "--save-every", str(epochs),
-        "--output-dir", os.path.join(args.output_dir, "runs"), "--run-name", f"{method}_seed{seed}",
+        "--output-dir", args.runs_dir, "--run-name", f"{method}_seed{seed}",
     ]
     start = time.time()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -171,7 +174,7 @@ def main(args):
         finals_seen = [lines[-1]["seen_reward_mean"] for lines in curves[method]]
         finals_unseen = [lines[-1]["unseen_reward_mean"] for lines in curves[method]]
         reached = [queries_to_reach(lines, target) for lines in curves[method]]
-        diversities = [diversity(method, seed, os.path.join(args.output_dir, "runs"), unseen_prompts) for seed in args.seeds]
+        diversities = [diversity(method, seed, args.runs_dir, unseen_prompts) for seed in args.seeds]
         rows.append(dict(
             method=method, seen_start=np.mean([lines[0]["seen_reward_mean"] for lines in curves[method]]),
             seen_final=np.mean(finals_seen), seen_final_std=np.std(finals_seen), unseen_final=np.mean(finals_unseen),

@@ -150,7 +150,8 @@ def test_gradient_reaches_the_image_through_differentiable_rewards(name):
     reward = common.load_reward(name, "cpu", torch.float32, tiny=True)
     assert reward.differentiable
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-    scores = reward(images, ["a dog", "a cat riding a bike"])
+    prompts = ["a red circle", "a blue square above a green triangle"] if name in common.SHAPES_REWARDS else ["a dog", "a cat riding a bike"]
+    scores = reward(images, prompts)
     assert scores.shape == (2,) and scores.dtype == torch.float32
     scores.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()

@@ -2,7 +2,6 @@
 and DDPO raising the exact reward on it."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 import common
 import shapes_world
-from conftest import ROOT, read_jsonl, run_script
+from conftest import read_jsonl, run_script
 from shapes_world import caption_attributes, detect_objects, exact_scores, render_batch, sample_captions
 
 
@@ -120,7 +119,7 @@ def test_learned_reward_tracks_the_exact_reward_and_is_differentiable():
 # ---------------------------------------------------------------------------------------------- learning
 def test_ddpo_raises_the_exact_reward_on_the_shapes_world(tmp_path):
     """A short, seeded version of the README's quick start: the exact reward on the training prompts rises."""
-    flags = ["--shapes", "--seed", "0", "--epochs", "8", "--eval-every", "8", "--save-every", "8", "--eval-images-per-prompt", "2",
+    flags = ["--shapes", "--seed", "0", "--epochs", "8", "--eval-every", "8", "--save-every", "8",
              "--eval-unseen-prompts", "unseen_shapes", "--run-name", "shapes"]
     run_script("ddpo_diffexp.py", flags, tmp_path)
     before, after = read_jsonl(tmp_path / "shapes" / "eval.jsonl")
