@@ -345,8 +345,8 @@ def bench_b2_against_ddpo(model, opts):
 
 
 def bench_model(model, opts):
-    label = "tiny" if model == "tiny" else os.path.relpath(model, ROOT) if os.path.abspath(model).startswith(ROOT) else model
-    print(f"\n== {label}", flush=True)
+    label = "tiny" if model == "tiny" else os.path.basename(os.path.normpath(model))
+    print(f"\n== {label} ({model})", flush=True)
     pipeline, resolution = load(model)
     result = dict(model=label, resolution=resolution)
     result["sampling"] = bench_sampling(pipeline, resolution, opts)
@@ -461,7 +461,7 @@ def readme_section(results, opts, command, seconds):
             f"  - no slower than diffusers' pipeline: {target(s['ours_vs_pipeline'] <= 1.0)} ({s['ours_vs_pipeline']:.3f}).",
             f"  - DDPO training step within 15% of its floor: {target(d['ours_vs_floor'] <= 1.15)} ({d['ours_vs_floor']:.3f}).",
             f"  - AlignProp memory flat in T: {target(flat <= 0.02)} (largest change from T = {opts.memory_steps[0]}: {100 * flat:.1f}%); it grows by "
-            f"{per_k / 2**20:.2f} MB per step of K with checkpointing, {per_k_unchecked / 2**20:.2f} MB without.",
+            f"{per_k / 2**10:.0f} KB per step of K with checkpointing, {per_k_unchecked / 2**20:.2f} MB without.",
         ]
     lines += ["", WHY, "", "### Network calls per epoch at the paper settings", "",
               "Counted from the code (`benchmarks/call_counts.py`, formulas checked against counted runs of every script's `main()` in",
