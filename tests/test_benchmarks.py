@@ -79,3 +79,15 @@ def test_tensor_memory_meter_counts_live_storages_once():
     with TensorMemory() as meter:
         (x.exp() * 2).sum().backward()  # backward ops are seen as well (the grad of x stays alive)
     assert meter.current == x.grad.untyped_storage().nbytes()
+
+
+def test_readme_section_is_replaced_between_its_markers_only(tmp_path):
+    from iteration_cost import END, START, write_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\ntext\n")
+    write_readme(f"{START}\nfirst\n{END}", readme)
+    assert readme.read_text() == f"# Title\n\ntext\n\n{START}\nfirst\n{END}\n"
+    readme.write_text(readme.read_text() + "\n## Later section\n")
+    write_readme(f"{START}\nsecond\n{END}", readme)
+    assert readme.read_text() == f"# Title\n\ntext\n\n{START}\nsecond\n{END}\n\n## Later section\n"
