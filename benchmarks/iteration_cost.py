@@ -530,10 +530,13 @@ def main():
     models = ["tiny", WORLD_MODEL] + opts.model
     results = []
     for model in models:
-        if model != "tiny" and not os.path.isdir(model):
-            print(f"\nnote: skipping {model}: no such folder", flush=True)
+        if model != "tiny" and not os.path.isfile(os.path.join(model, "model_index.json")):
+            print(f"\nnote: skipping {model}: no pipeline folder there (no model_index.json)", flush=True)
             continue
-        results.append(bench_model(model, opts))
+        try:
+            results.append(bench_model(model, opts))
+        except SystemExit as error:  # common.load_pipeline's one-line error for a folder it cannot load
+            print(f"\nnote: skipping {model}: {error}", flush=True)
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(results, f, indent=1)
