@@ -478,6 +478,10 @@ def readme_section(results, opts, command, seconds):
 
 WHY = """Why:
 
+- **Noise.** The machine was shared with training jobs (load 2-3 on its 2 cores). Two runs of the same command
+  ten minutes apart differed by up to 7% in a ratio (toy world model, ours / all network calls: 1.014, then 1.088;
+  its DDPO step / floor: 1.032, then 0.998): read a ratio within about 5% of 1 as a tie, and the memory table
+  (exact, not timed) as the firm result.
 - **The sampling target cannot be met against the bare-UNet floor at small T, and needs no fix in the scripts.** A
   profile of `sample_trajectories` (cProfile, tiny model, batch 16, T = 8) puts 95% of the time in the UNet calls
   and the rest in the VAE decode; `ddim_step_with_logprob` costs about 0.2 ms a step (0.1% of a UNet call), the
@@ -485,6 +489,11 @@ WHY = """Why:
   text encoder plus Eq. 8's word masking cost about 1% of a batch. The VAE decode is a fixed cost per batch
   (between a quarter and a half of a UNet call on these two models), which diffusers' pipeline pays as well, plus
   a second text-encoder call per batch for the empty negative prompt that our scripts encode once per run.
+- **Against diffusers' pipeline** the two are a tie within the noise (a few %, either way from run to run): the
+  same UNet calls and VAE decode; the pipeline encodes the empty negative prompt again every batch, ours encodes it
+  once per run but computes the policy's log-probability (about 0.2 ms a step) and, with DiffExp on, Eq. 8's word
+  mask, which tokenises every word of every prompt again: 4.3 ms per batch of 16, 0.7% of a batch of the toy world
+  model. Caching the per-word token counts in `common.random_word_token_mask` would make it 0.3 ms (same masks).
 - **DDPO training** is at its floor: the DDIM log-probability, the clipped loss and their backward add about 2% (the
   floor with our loss attached measured 1.020 of the bare floor, batch 4, T = 4, 15 interleaved rounds); the
   three `.item()` per step cost nothing measurable on CPU. The rest of the ratio above is the machine's noise.
