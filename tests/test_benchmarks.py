@@ -1,0 +1,93 @@
+"""benchmarks/: the per-epoch call-count formulas match what each script's main() really runs, and the memory
+meter of the AlignProp benchmark sees what it should."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import call_counts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def counted_runs():
+    """Every micro case of call_counts.MICRO_CASES run once, in one subprocess (the scripts' main() set global
+    state such as the torch seed, so they stay out of the test process); about 30 s on 2 busy cores."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "call_counts.py"), "--micro-check"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    lines = [json.loads(line[len("COUNTS "):]) for line in result.stdout.splitlines() if line.startswith("COUNTS ")]
+    return {line["case"]: line for line in lines}
+
+
+@pytest.mark.parametrize("case", list(call_counts.MICRO_CASES))
+def test_counted_calls_match_the_formulas(counted_runs, case):
+    run = counted_runs[case]
+    for phase in ("train", "eval"):
+        measured, predicted = run["measured"][phase], run["predicted"][phase]
+        for key in call_counts.KEYS:
+            assert measured.get(key, 0) == predicted.get(key, 0), f"{case} {phase} {key}: counted {measured.get(key, 0)}, formula {predicted.get(key, 0)}"
+    assert run["measured"]["train"]["unet_backward"] > 0  # the runs did train
+
+
+def test_paper_table_has_every_script_and_sane_numbers():
+    rows = call_counts.paper_table()
+    scripts = {row[0] for row in rows}
+    assert scripts == {"`ddpo_diffexp.py`", "`ddpo_coca.py`", "`alignprop_diffexp.py`", "`b2_diffurl.py`"}
+    ddpo = rows[0][2]  # ddpo_diffexp at its defaults: 64 samples, T = 50, batches 8 / 4
+    assert ddpo["unet_calls"] == 8 * 50 + 16 * 50 and ddpo["unet_backward"] == 16 * 50 and ddpo["sample_evals"] == 64 * 50 * 2
+    table = call_counts.format_table(rows)
+    assert table.count("\n") == len(rows) + 1
+
+
+def test_random_truncation_start_distribution():
+    probabilities = call_counts.truncation_start_distribution(50)
+    assert probabilities[0] == 0 and abs(sum(probabilities) - 1) < 1e-12
+    mean_k = sum(p * (50 - j) for j, p in enumerate(probabilities))
+    assert 8.5 < mean_k < 9.5  # int(N(42, 5^2)) kept in [1, 49]: K = 50 - start is about 9 (README)
+    import alignprop_diffexp
+
+    args = alignprop_diffexp.parse_args(["--num-steps", "50", "--random-truncation"])
+    starts = alignprop_diffexp.truncation_starts(args, 20_000, torch.Generator().manual_seed(0)).double()
+    assert (50 - starts).mean().item() == pytest.approx(mean_k, abs=0.1)  # the script's own draws
+    batch_minima = starts.view(-1, 4).min(dim=1).values
+    assert batch_minima.mean().item() == pytest.approx(call_counts.expected_min_start(50, 4), abs=0.15)
+    assert call_counts.expected_min_start(50, 1) == pytest.approx(50 - mean_k)
+    assert call_counts.expected_min_start(50, 4) < call_counts.expected_min_start(50, 1)  # a batch pays for its largest K
+
+
+def test_tensor_memory_meter_counts_live_storages_once():
+    from iteration_cost import TensorMemory
+
+    with TensorMemory() as meter:
+        a = torch.zeros(1000)  # 4000 bytes
+        view = a[10:]  # same storage: not counted again
+        b = a + 1  # 4000 more
+        del b
+        c = torch.zeros(500)  # 2000, after b was freed
+    assert meter.peak == 8000 and meter.current == 6000
+    del a, view, c
+    x = torch.randn(4, 4, requires_grad=True)
+    with TensorMemory() as meter:
+        (x.exp() * 2).sum().backward()  # backward ops are seen as well (the grad of x stays alive)
+    assert meter.current == x.grad.untyped_storage().nbytes()
+
+
+def test_readme_section_is_replaced_between_its_markers_only(tmp_path):
+    from iteration_cost import END, START, write_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\ntext\n")
+    write_readme(f"{START}\nfirst\n{END}", readme)
+    assert readme.read_text() == f"# Title\n\ntext\n\n{START}\nfirst\n{END}\n"
+    readme.write_text(readme.read_text() + "\n## Later section\n")
+    write_readme(f"{START}\nsecond\n{END}", readme)
+    assert readme.read_text() == f"# Title\n\ntext\n\n{START}\nsecond\n{END}\n\n## Later section\n"
