@@ -562,7 +562,7 @@ def guided_noise_prediction(unet, latents, timestep, prompt_embeds, null_embeds,
         torch.cat([latents, latents]), torch.cat([timestep, timestep]), encoder_hidden_states=torch.cat([null_embeds, prompt_embeds])
     ).sample
     noise_uncond, noise_cond = noise_pred.chunk(2)  # (B, 4, h, w) each
-    guidance_scales = guidance_scales.to(noise_cond.dtype).view(batch_size, 1, 1, 1)
+    guidance_scales = guidance_scales.to(noise_cond.device, noise_cond.dtype).view(batch_size, 1, 1, 1)  # built on the CPU
     return noise_uncond + guidance_scales * (noise_cond - noise_uncond)
 
 
