@@ -413,10 +413,10 @@ def sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_sca
 
 
 def load_diversity_model(args, device, dtype):
-    """CLIP ViT-L/14 image tower with projection (a tiny random one on --tiny) for the diversity metric."""
+    """CLIP ViT-L/14 image tower with projection for the diversity metric; offline (--tiny, --shapes) a tiny random one."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    if args.tiny:
+    if args.tiny or args.shapes:
         with torch.random.fork_rng(devices=[]):  # the same random weights every run
             torch.manual_seed(3)
             model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=32))

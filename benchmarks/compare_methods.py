@@ -95,8 +95,12 @@ def run_method(args, method, seed, epochs, eval_every):
 @torch.no_grad()
 def diversity(method, seed, runs_dir, prompts, images_per_prompt=8):
     """Mean pairwise RMS pixel distance among one prompt's images (8 fixed noises), averaged over prompts."""
+    from diffusers.utils import logging as diffusers_logging
+
     from common import SHAPES_MODEL, load_pipeline
 
+    diffusers_logging.set_verbosity_error()  # no loading bars, no "no LoRA keys for the text encoder" notice
+    diffusers_logging.disable_progress_bar()
     pipeline = load_pipeline(SHAPES_MODEL, "cpu", torch.float32)
     checkpoints = os.path.join(runs_dir, f"{method}_seed{seed}", "checkpoints")
     pipeline.load_lora_weights(os.path.join(checkpoints, sorted(os.listdir(checkpoints))[-1]))
@@ -138,7 +142,7 @@ def plot(path, curves, methods):
         axis.set_title(f"{split} prompts")
         axis.set_xlabel("reward queries")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("exact shapes reward (mean over seeds; band: min-max)")
+    axes[0].set_ylabel("exact reward (mean; band: min-max over seeds)")
     axes[1].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -188,7 +192,7 @@ def main(args):
         writer.writerows(rows)
     plot(os.path.join(args.output_dir, "curves.png"), curves, args.methods)
 
-    print(f"\n{len(args.seeds)} seeds, {args.reward_queries} reward queries per run, target exact reward {target:.3f}\n")
+    print(f"\nseeds {' '.join(map(str, args.seeds))}, {args.reward_queries} reward queries per run, target exact reward {target:.3f}\n")
     print("| method | seen: start -> final | unseen: final | queries to target (runs that reached it) | diversity |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:

@@ -26,7 +26,6 @@ other jobs on it) cancels. Memory: `TensorMemory` below (CPU torch keeps no allo
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import os

@@ -148,3 +148,12 @@ def test_bad_shapes_flags_are_one_error_line(tmp_path, flags, message):
     result = run_script("ddpo_diffexp.py", flags, tmp_path, check=False)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
+
+
+def test_b2_diffurl_runs_on_the_shapes_world_offline(tmp_path):
+    """--shapes needs nothing from the hub, including B2-DiffuRL's diversity model."""
+    flags = ["--shapes", "--epochs", "1", "--samples-per-epoch", "8", "--sample-batch-size", "8", "--train-batch-size", "4",
+             "--samples-per-update", "4", "--num-steps", "4", "--eval-images-per-prompt", "2", "--run-name", "b2"]
+    run_script("b2_diffurl.py", flags, tmp_path)
+    lines = read_jsonl(tmp_path / "b2" / "eval.jsonl")
+    assert [line["eval_reward"] for line in lines] == ["shapes", "shapes"] and all("seen_diversity" in line for line in lines)
