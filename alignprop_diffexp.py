@@ -47,6 +47,8 @@ Commands
     python alignprop_diffexp.py --reward aesthetic --prompts animals --diffexp
   Tiny CPU run (offline, about two minutes on 2 cores):
     python alignprop_diffexp.py --tiny --reward aesthetic
+  Shapes world (offline; optimises the learned reward, evaluates with the exact one):
+    python alignprop_diffexp.py --shapes
 """
 
 import json
@@ -180,7 +182,7 @@ TINY_PRESET = dict(
 )
 # --shapes: the shapes world (python shapes_world.py trains it; its weights are committed in world/).
 SHAPES_PRESET = dict(
-    model=SHAPES_MODEL, shapes=True, reward="shapes_learned", eval_reward="shapes", prompts="shapes", epochs=40,
+    model=SHAPES_MODEL, shapes=True, reward="shapes_learned", eval_reward="shapes", prompts="shapes", epochs=25,
     num_steps=10, resolution=32, samples_per_epoch=64, sample_batch_size=32, train_batch_size=32, samples_per_update=32,
     learning_rate=1e-3, mixed_precision="no", eval_every=5, eval_images_per_prompt=4, save_every=10,
 )

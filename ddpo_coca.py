@@ -59,6 +59,8 @@ Commands
     python ddpo_coca.py --reward aesthetic --prompts animals
   Tiny CPU run (offline, about three minutes on 2 cores):
     python ddpo_coca.py --tiny --reward jpeg_compressibility
+  Shapes world (offline; the exact reward on the rare prompts):
+    python ddpo_coca.py --shapes
 """
 
 import json
@@ -203,7 +205,7 @@ TINY_PRESET = dict(
 )
 # --shapes: the shapes world (python shapes_world.py trains it; its weights are committed in world/).
 SHAPES_PRESET = dict(
-    model=SHAPES_MODEL, shapes=True, reward="shapes", prompts="shapes", epochs=40, num_steps=10, resolution=32,
+    model=SHAPES_MODEL, shapes=True, reward="shapes", prompts="shapes", epochs=25, num_steps=10, resolution=32,
     samples_per_epoch=64, sample_batch_size=32, train_batch_size=16, samples_per_update=16, learning_rate=1e-2,
     clip_range=1e-3, mixed_precision="no", eval_every=5, eval_images_per_prompt=4, save_every=10,
 )
