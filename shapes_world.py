@@ -531,7 +531,7 @@ def main(args):
     generator = np.random.default_rng(args.seed)
     tokenizer, vae, unet, text_encoder = build_models(args.seed)
     # every stage starts from the same random state whether or not the earlier stages ran in this process, so that
-    # `--stages vae` then `--stages unet reward` (how the committed weights were made) equals one full run
+    # `--stages vae` then `--stages unet reward` equals one full run
     initial_torch_state = torch.get_rng_state()
     scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     log(f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
@@ -558,15 +558,14 @@ def main(args):
                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipeline.save_pretrained(model_folder, safe_serialization=True)
         log(f"pipeline saved to {model_folder}")
-    pipeline = StableDiffusionPipeline.from_pretrained(model_folder, safety_checker=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-
     # 3. The learned reward, on rendered images and on the pipeline's own samples
-    generator = np.random.default_rng(args.seed)
-    generated_captions = sample_captions(1024, generator)
-    generated_images = generate(pipeline, generated_captions, args.seed)
-    log(f"pretrained model: exact reward {exact_scores(generated_images, generated_captions).mean():.3f} on its own caption distribution")
     if "reward" in args.stages:
+        pipeline = StableDiffusionPipeline.from_pretrained(model_folder, safety_checker=None, requires_safety_checker=False)
+        pipeline.set_progress_bar_config(disable=True)
+        generator = np.random.default_rng(args.seed)
+        generated_captions = sample_captions(1024, generator)
+        generated_images = generate(pipeline, generated_captions, args.seed)
+        log(f"pretrained model: exact reward {exact_scores(generated_images, generated_captions).mean():.3f} on its own caption distribution")
         reward_model = LearnedShapesReward()
         train_learned_reward(reward_model, generated_images, generated_captions, args, generator, log)
         save_file(reward_model.state_dict(), os.path.join(args.output_dir, LEARNED_REWARD_FILE))
