@@ -236,9 +236,12 @@ def parse_args(argv=None):
 
 def check_args(args, num_processes):
     """One line and exit for bad input, before any model loads."""
-    for reward in (args.reward, args.eval_reward or args.reward):
+    rewards = (args.reward, args.eval_reward or args.reward)
+    for reward in rewards:
         check_reward_name(reward)
-        check_reward_prompts(reward, load_prompts(args.prompts) + (load_prompts(args.eval_unseen_prompts) if args.eval_unseen_prompts else []))
+    prompts = load_prompts(args.prompts) + (load_prompts(args.eval_unseen_prompts) if args.eval_unseen_prompts else [])
+    for reward in rewards:
+        check_reward_prompts(reward, prompts)
     problems = []
     if not 0 < args.first_interval_fraction <= 1:
         problems.append(f"--first-interval-fraction {args.first_interval_fraction} must be in (0, 1]")

@@ -635,13 +635,12 @@ PROMPT_SETS = {
     "unseen_activities": [f"{_article(a)} {a} {activity}" for a in ANIMALS for activity in UNSEEN_ACTIVITIES],
 }
 # The unseen set each named training set is evaluated against (Figure 6 of DiffExp).
-UNSEEN_PROMPT_SET = {"animals": "unseen_animals", "animal_activities": "unseen_activities"}
+UNSEEN_PROMPT_SET = {"animals": "unseen_animals", "animal_activities": "unseen_activities", "shapes": "unseen_shapes"}
 
 
 PROMPT_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 # The shapes world's (shapes_world.py) named sets: rare colour-shape pairs, counts and relations; kept in files.
 PROMPT_SET_FILES = {"shapes": "shapes_train.txt", "unseen_shapes": "shapes_unseen.txt"}
-UNSEEN_PROMPT_SET["shapes"] = "unseen_shapes"
 
 
 def load_prompts(name_or_path):

@@ -225,9 +225,12 @@ def parse_args(argv=None):
 
 def check_args(args, num_processes):
     """One line and exit for bad input, before any model loads."""
-    for reward in (args.reward, args.eval_reward or args.reward):
+    rewards = (args.reward, args.eval_reward or args.reward)
+    for reward in rewards:
         check_reward_name(reward)
-        check_reward_prompts(reward, load_prompts(args.prompts) + (load_prompts(args.eval_unseen_prompts) if args.eval_unseen_prompts else []))
+    prompts = load_prompts(args.prompts) + (load_prompts(args.eval_unseen_prompts) if args.eval_unseen_prompts else [])
+    for reward in rewards:
+        check_reward_prompts(reward, prompts)
     problems = []
     if not 0 <= args.t_thres < 1000:
         problems.append(f"--t-thres {args.t_thres} must be in [0, 1000)")

@@ -124,6 +124,14 @@ def parse_caption(caption):
     return objects, relation
 
 
+def parse_caption_or_raise(caption):
+    """parse_caption for the rewards: a caption outside the grammar is a ValueError (the scripts check it earlier)."""
+    parsed = parse_caption(caption)
+    if parsed is None:
+        raise ValueError(f"caption not in the shapes grammar: {caption!r}")
+    return parsed
+
+
 def sample_captions(count, generator):
     """`count` captions from the pretraining distribution (numpy Generator): long-tailed colour-shape pairs."""
     pairs = [pair for tier in PAIR_TIERS.values() for pair in tier]
@@ -274,10 +282,7 @@ def caption_attributes(caption, objects):
     are exactly <count> of them. With a relation: the first colour's centre is above / below / left / right of
     the second's by more than 2 px. Always: no shape of a colour the caption does not name.
     """
-    parsed = parse_caption(caption)
-    if parsed is None:
-        raise ValueError(f"caption not in the shapes grammar: {caption!r}")
-    caption_objects, relation = parsed
+    caption_objects, relation = parse_caption_or_raise(caption)
     attributes = {}
     centres = []
     for colour, shape, count in caption_objects:
@@ -317,10 +322,7 @@ def caption_features(captions):
     """(B, 24) float: one-hot colour and shape of each phrase, "two" flags, one-hot relation (zeros if absent)."""
     features = torch.zeros(len(captions), CAPTION_FEATURES)
     for row, caption in enumerate(captions):
-        parsed = parse_caption(caption)
-        if parsed is None:
-            raise ValueError(f"caption not in the shapes grammar: {caption!r}")
-        objects, relation = parsed
+        objects, relation = parse_caption_or_raise(caption)
         for slot, (colour, shape, count) in enumerate(objects):
             offset = slot * (len(COLOURS) + len(SHAPES))
             features[row, offset + COLOUR_NAMES.index(colour)] = 1
