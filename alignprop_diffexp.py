@@ -176,15 +176,40 @@ class Args:
 
 # --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
 TINY_PRESET = dict(
-    model=TINY_MODEL, tiny=True, epochs=12, num_steps=8, resolution=32, samples_per_epoch=32, sample_batch_size=16,
-    train_batch_size=16, samples_per_update=16, learning_rate=1e-2, mixed_precision="no", eval_every=4,
-    eval_images_per_prompt=2, save_every=4,
+    model=TINY_MODEL,
+    tiny=True,
+    epochs=12,
+    num_steps=8,
+    resolution=32,
+    samples_per_epoch=32,
+    sample_batch_size=16,
+    train_batch_size=16,
+    samples_per_update=16,
+    learning_rate=1e-2,
+    mixed_precision="no",
+    eval_every=4,
+    eval_images_per_prompt=2,
+    save_every=4,
 )
 # --shapes: the shapes world (python shapes_world.py trains it; its weights are committed in world/).
 SHAPES_PRESET = dict(
-    model=SHAPES_MODEL, shapes=True, reward="shapes_learned", eval_reward="shapes", prompts="shapes", epochs=25,
-    num_steps=10, resolution=32, samples_per_epoch=64, sample_batch_size=32, train_batch_size=32, samples_per_update=32,
-    learning_rate=1e-3, mixed_precision="no", eval_every=5, eval_images_per_prompt=4, save_every=10,
+    model=SHAPES_MODEL,
+    shapes=True,
+    reward="shapes_learned",
+    eval_reward="shapes",
+    prompts="shapes",
+    epochs=25,
+    num_steps=10,
+    resolution=32,
+    samples_per_epoch=64,
+    sample_batch_size=32,
+    train_batch_size=32,
+    samples_per_update=32,
+    learning_rate=1e-3,
+    mixed_precision="no",
+    eval_every=5,
+    eval_images_per_prompt=4,
+    save_every=10,
 )
 
 
@@ -209,7 +234,9 @@ def check_args(args, num_processes):
     for reward in rewards:
         check_reward_prompts(reward, prompts)
     if args.reward not in DIFFERENTIABLE_REWARDS:
-        raise SystemExit(f"error: reward '{args.reward}' is not differentiable; AlignProp backpropagates through the reward, choose one of {', '.join(DIFFERENTIABLE_REWARDS)}")
+        raise SystemExit(
+            f"error: reward '{args.reward}' is not differentiable; AlignProp backpropagates through the reward, choose one of {', '.join(DIFFERENTIABLE_REWARDS)}"
+        )
     problems = []
     if not 0 <= args.t_thres < 1000:
         problems.append(f"--t-thres {args.t_thres} must be in [0, 1000)")
@@ -225,16 +252,31 @@ def check_args(args, num_processes):
     if args.resolution % 8:
         problems.append(f"--resolution {args.resolution} must be a multiple of 8")
     if args.samples_per_epoch % (args.train_batch_size * num_processes):
-        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes")
+        problems.append(
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes"
+        )
     if args.samples_per_epoch % args.samples_per_update:
-        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update {args.samples_per_update}")
+        problems.append(
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update {args.samples_per_update}"
+        )
     if args.samples_per_update % (args.train_batch_size * num_processes):
-        problems.append(f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes")
+        problems.append(
+            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes"
+        )
     if args.grad_steps > args.num_steps:
         problems.append(f"--grad-steps {args.grad_steps} must be <= --num-steps {args.num_steps}")
     if args.random_truncation and args.num_steps < 2:
         problems.append("--random-truncation needs --num-steps >= 2 (the truncation point is drawn in [1, T - 1])")
-    for name in ("epochs", "num_steps", "eval_every", "save_every", "eval_images_per_prompt", "sample_batch_size", "grad_steps", "lora_rank"):
+    for name in (
+        "epochs",
+        "num_steps",
+        "eval_every",
+        "save_every",
+        "eval_images_per_prompt",
+        "sample_batch_size",
+        "grad_steps",
+        "lora_rank",
+    ):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if problems:
@@ -302,7 +344,9 @@ def epoch_seed(seed, epoch, process_index):
     return (seed * 100_003 + epoch) * 1_009 + process_index
 
 
-def sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, grad_starts=None):
+def sample_images(
+    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, grad_starts=None
+):
     """Run the sampler from x_T to x_0 and decode; the reward's gradient can flow back into the last steps.
 
     prompt_embeds (B, L, D); guidance_scales (B, T), the scale of each step; latents x_T (B, 4, h, w);
@@ -314,11 +358,20 @@ def sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, l
         keeps_graph = None if grad_starts is None else (grad_starts <= step).to(latents.device)  # (B,) bool
         if keeps_graph is None or not keeps_graph.any():  # a step before every trajectory's truncation point
             with torch.no_grad():
-                noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
+                noise_pred = guided_noise_prediction(
+                    unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step]
+                )
         else:
             # gradient checkpointing: only the inputs are stored; the UNet's activations are recomputed in backward
             noise_pred = torch.utils.checkpoint.checkpoint(
-                guided_noise_prediction, unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step], use_reentrant=False
+                guided_noise_prediction,
+                unet,
+                latents,
+                t,
+                prompt_embeds,
+                null_embeds,
+                guidance_scales[:, step],
+                use_reentrant=False,
             )
             # a trajectory whose truncation point is later uses this step's eps~ as a constant
             noise_pred = torch.where(keeps_graph.view(-1, 1, 1, 1), noise_pred, noise_pred.detach())
@@ -342,10 +395,14 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
         indices = batches[batch_index]
         batch_prompts = [jobs[i] for i in indices]
         generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
-        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(accelerator.device, pipeline.unet.dtype)
+        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
+            accelerator.device, pipeline.unet.dtype
+        )
         prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts)
         guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
-        images = sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator)
+        images = sample_images(
+            pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
+        )
         batch_rewards = reward_fn(images, batch_prompts).float().cpu()
         for position, job in enumerate(indices):
             rewards[job] = batch_rewards[position].item()
@@ -392,7 +449,11 @@ def save_checkpoint(folder, unet, optimizer, state):
 
 def last_checkpoint(run_dir):
     folder = os.path.join(run_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp")) if os.path.isdir(folder) else []
+    names = (
+        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
+        if os.path.isdir(folder)
+        else []
+    )
     return os.path.join(folder, names[-1]) if names else None
 
 
@@ -456,7 +517,11 @@ def main(args):
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
     reward_fn = load_reward(args.reward, accelerator.device, weight_dtype, tiny=args.tiny)
     eval_reward = args.eval_reward or args.reward
-    eval_reward_fn = reward_fn if eval_reward == args.reward else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    eval_reward_fn = (
+        reward_fn
+        if eval_reward == args.reward
+        else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    )
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
     timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 981, 961, ..., 1 for T = 50
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -465,7 +530,9 @@ def main(args):
 
     torch.manual_seed(args.seed)
     lora_parameters = add_lora(pipeline.unet, args.lora_rank)
-    optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
+    )
     start_epoch = 0
     if checkpoint is not None:
         from peft.utils import set_peft_model_state_dict
@@ -484,25 +551,45 @@ def main(args):
     samples_per_process = args.samples_per_epoch // accelerator.num_processes
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
 
-    for epoch in tqdm(range(start_epoch, args.epochs), desc="epochs", initial=start_epoch, total=args.epochs, disable=not accelerator.is_main_process):
+    for epoch in tqdm(
+        range(start_epoch, args.epochs),
+        desc="epochs",
+        initial=start_epoch,
+        total=args.epochs,
+        disable=not accelerator.is_main_process,
+    ):
         epoch_start = time.time()
-        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # anything not drawn from `generator`
+        torch.manual_seed(
+            epoch_seed(args.seed, epoch, accelerator.process_index)
+        )  # anything not drawn from `generator`
         if epoch % args.eval_every == 0:
-            run_evaluation(args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch)
+            run_evaluation(
+                args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch
+            )
 
         # ==================================================================================================
         # 2. Sample: trajectories with their graph through the last K steps; DiffExp exploration (Eq. 7, Eq. 8) lives here
         # ==================================================================================================
         use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
-        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # CPU: same draws on any device
+        generator = torch.Generator().manual_seed(
+            epoch_seed(args.seed, epoch, accelerator.process_index)
+        )  # CPU: same draws on any device
         # Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
         step_scales = torch.tensor(
-            [dynamic_cfg_scale(t, args.cfg_low, args.cfg_high, args.t_thres) if use_dynamic_cfg else args.cfg_high for t in timesteps.tolist()]
+            [
+                dynamic_cfg_scale(t, args.cfg_low, args.cfg_high, args.t_thres) if use_dynamic_cfg else args.cfg_high
+                for t in timesteps.tolist()
+            ]
         )
         unet.train()
         rewards, losses, grad_steps, grad_norms = [], [], [], []
         # sampling is training: each batch's graph is used by its backward before the next batch is sampled
-        for micro_index in tqdm(range(samples_per_process // args.train_batch_size), desc="sampling with grad", leave=False, disable=not accelerator.is_main_process):
+        for micro_index in tqdm(
+            range(samples_per_process // args.train_batch_size),
+            desc="sampling with grad",
+            leave=False,
+            disable=not accelerator.is_main_process,
+        ):
             prompt_indices = torch.randint(len(train_prompts), (args.train_batch_size,), generator=generator)
             prompts = [train_prompts[i] for i in prompt_indices]
             prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)  # c, (B, L, D)
@@ -510,15 +597,31 @@ def main(args):
                 token_mask = random_word_token_mask(pipeline.tokenizer, prompts, generator)  # (B, L)
                 low, high = args.prompt_weight_range
                 prompt_weights = low + (high - low) * torch.rand(args.train_batch_size, generator=generator)  # (B,)
-                prompt_embeds = weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, prompt_weights.to(accelerator.device))
+                prompt_embeds = weight_prompt_embeds(
+                    prompt_embeds, null_embeds, token_mask, prompt_weights.to(accelerator.device)
+                )
             guidance_scales = step_scales.expand(args.train_batch_size, -1)  # (B, T)
-            latents = torch.randn((args.train_batch_size, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
-            grad_starts = truncation_starts(args, args.train_batch_size, generator)  # (B,): steps grad_start..T-1 keep their graph
+            latents = torch.randn((args.train_batch_size, *latent_shape), generator=generator).to(
+                accelerator.device, weight_dtype
+            )
+            grad_starts = truncation_starts(
+                args, args.train_batch_size, generator
+            )  # (B,): steps grad_start..T-1 keep their graph
             grad_steps.extend((args.num_steps - grad_starts).tolist())  # K of each trajectory
             last_of_update = (micro_index + 1) % micro_batches_per_update == 0
             # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
             with nullcontext() if last_of_update else accelerator.no_sync(unet):
-                images = sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator, grad_starts)
+                images = sample_images(
+                    pipeline,
+                    unet,
+                    prompt_embeds,
+                    null_embeds,
+                    guidance_scales,
+                    latents,
+                    args.eta,
+                    generator,
+                    grad_starts,
+                )
 
                 # ==========================================================================================
                 # 3. Reward: r(x_0, c) of the decoded images, differentiable (no uint8 round trip, no no_grad)
@@ -540,32 +643,65 @@ def main(args):
                 grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
                 optimizer.step()
                 optimizer.zero_grad()
-        all_rewards = accelerator.gather(torch.cat(rewards).float().to(accelerator.device)).cpu().numpy()  # (samples_per_epoch,)
-        stop_on_non_finite(accelerator, "reward", float(all_rewards.sum()))  # after the updates, but before any checkpoint
+        all_rewards = (
+            accelerator.gather(torch.cat(rewards).float().to(accelerator.device)).cpu().numpy()
+        )  # (samples_per_epoch,)
+        stop_on_non_finite(
+            accelerator, "reward", float(all_rewards.sum())
+        )  # after the updates, but before any checkpoint
 
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint
         # ==================================================================================================
-        statistics = torch.tensor([np.mean(losses), np.mean(grad_steps), np.mean(grad_norms)], device=accelerator.device)
+        statistics = torch.tensor(
+            [np.mean(losses), np.mean(grad_steps), np.mean(grad_norms)], device=accelerator.device
+        )
         loss_mean, grad_steps_mean, grad_norm_mean = accelerator.gather(statistics).view(-1, 3).mean(0).tolist()
         stop_on_non_finite(accelerator, "loss", loss_mean)
         metrics = dict(
-            epoch=epoch, reward_queries=(epoch + 1) * args.samples_per_epoch, reward_mean=float(all_rewards.mean()),
-            reward_std=float(all_rewards.std()), loss=loss_mean, grad_steps=grad_steps_mean, grad_norm=grad_norm_mean,
-            dynamic_cfg=use_dynamic_cfg, prompt_weighting=use_prompt_weighting, seconds=round(time.time() - epoch_start, 3),
+            epoch=epoch,
+            reward_queries=(epoch + 1) * args.samples_per_epoch,
+            reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std()),
+            loss=loss_mean,
+            grad_steps=grad_steps_mean,
+            grad_norm=grad_norm_mean,
+            dynamic_cfg=use_dynamic_cfg,
+            prompt_weighting=use_prompt_weighting,
+            seconds=round(time.time() - epoch_start, 3),
         )
         if accelerator.num_processes > 1:  # every replica must hold the same LoRA after the all-reduced updates
-            metrics["lora_sum_per_process"] = accelerator.gather(torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]).tolist()
+            metrics["lora_sum_per_process"] = accelerator.gather(
+                torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]
+            ).tolist()
         if accelerator.is_main_process:
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            tqdm.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, loss {loss_mean:.3g}, K {grad_steps_mean:.3g}, grad norm {grad_norm_mean:.3g}")
+            tqdm.write(
+                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, loss {loss_mean:.3g}, K {grad_steps_mean:.3g}, grad norm {grad_norm_mean:.3g}"
+            )
         last_epoch = epoch + 1 == args.epochs
         if last_epoch:
-            run_evaluation(args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch + 1)
+            run_evaluation(
+                args,
+                accelerator,
+                pipeline,
+                unet,
+                eval_reward_fn,
+                eval_sets,
+                null_embeds,
+                latent_shape,
+                run_dir,
+                epoch + 1,
+            )
         if (epoch + 1) % args.save_every == 0 or last_epoch:
             if accelerator.is_main_process:
-                save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"), accelerator.unwrap_model(unet), optimizer, dict(epoch=epoch + 1))
+                save_checkpoint(
+                    os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"),
+                    accelerator.unwrap_model(unet),
+                    optimizer,
+                    dict(epoch=epoch + 1),
+                )
             accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -195,15 +195,42 @@ class Args:
 
 # --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
 TINY_PRESET = dict(
-    model=TINY_MODEL, tiny=True, epochs=6, num_steps=8, resolution=32, samples_per_epoch=32, sample_batch_size=16,
-    train_batch_size=8, samples_per_update=8, learning_rate=3e-3, mixed_precision="no", eval_every=3,
-    eval_images_per_prompt=2, save_every=3, num_branches=4, prompts="prompts/color_fruit_train.txt",  # 55 eval prompts, not 270
+    model=TINY_MODEL,
+    tiny=True,
+    epochs=6,
+    num_steps=8,
+    resolution=32,
+    samples_per_epoch=32,
+    sample_batch_size=16,
+    train_batch_size=8,
+    samples_per_update=8,
+    learning_rate=3e-3,
+    mixed_precision="no",
+    eval_every=3,
+    eval_images_per_prompt=2,
+    save_every=3,
+    num_branches=4,
+    prompts="prompts/color_fruit_train.txt",  # 55 eval prompts, not 270
 )
 # --shapes: the shapes world (python shapes_world.py trains it; its weights are committed in world/).
 SHAPES_PRESET = dict(
-    model=SHAPES_MODEL, shapes=True, reward="shapes", prompts="shapes", epochs=25, num_steps=10, resolution=32,
-    samples_per_epoch=64, sample_batch_size=32, train_batch_size=16, samples_per_update=16, learning_rate=1e-2,
-    mixed_precision="no", eval_every=5, eval_images_per_prompt=4, save_every=10, num_branches=4,
+    model=SHAPES_MODEL,
+    shapes=True,
+    reward="shapes",
+    prompts="shapes",
+    epochs=25,
+    num_steps=10,
+    resolution=32,
+    samples_per_epoch=64,
+    sample_batch_size=32,
+    train_batch_size=16,
+    samples_per_update=16,
+    learning_rate=1e-2,
+    mixed_precision="no",
+    eval_every=5,
+    eval_images_per_prompt=4,
+    save_every=10,
+    num_branches=4,
 )
 
 
@@ -230,7 +257,10 @@ def parse_args(argv=None):
         raise SystemExit("error: --tiny and --shapes are two presets; give one")
     defaults = Args(**TINY_PRESET) if "--tiny" in argv else Args(**SHAPES_PRESET) if "--shapes" in argv else Args()
     args = tyro.cli(Args, default=defaults, args=argv)
-    args.prompts, args.eval_unseen_prompts = resolve_prompt_file(args.prompts), resolve_prompt_file(args.eval_unseen_prompts)
+    args.prompts, args.eval_unseen_prompts = (
+        resolve_prompt_file(args.prompts),
+        resolve_prompt_file(args.eval_unseen_prompts),
+    )
     return args
 
 
@@ -246,11 +276,15 @@ def check_args(args, num_processes):
     if not 0 < args.first_interval_fraction <= 1:
         problems.append(f"--first-interval-fraction {args.first_interval_fraction} must be in (0, 1]")
     if args.negative_threshold > args.positive_threshold:
-        problems.append(f"--negative-threshold {args.negative_threshold} must not exceed --positive-threshold {args.positive_threshold}")
+        problems.append(
+            f"--negative-threshold {args.negative_threshold} must not exceed --positive-threshold {args.positive_threshold}"
+        )
     if not args.no_branch and args.num_branches < 2:
         problems.append(f"--num-branches {args.num_branches} must be >= 2 to compare branches (or pass --no-branch)")
     elif not args.no_branch and args.sample_batch_size % args.num_branches:
-        problems.append(f"--sample-batch-size {args.sample_batch_size} is not a multiple of --num-branches {args.num_branches}")
+        problems.append(
+            f"--sample-batch-size {args.sample_batch_size} is not a multiple of --num-branches {args.num_branches}"
+        )
     if args.history_stages < 0:
         problems.append(f"--history-stages {args.history_stages} must be >= 0")
     if args.eta <= 0:
@@ -260,10 +294,23 @@ def check_args(args, num_processes):
     if args.resolution % 8:
         problems.append(f"--resolution {args.resolution} must be a multiple of 8")
     if args.samples_per_epoch % (args.sample_batch_size * num_processes):
-        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size {args.sample_batch_size} x {num_processes} processes")
+        problems.append(
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size {args.sample_batch_size} x {num_processes} processes"
+        )
     if args.samples_per_update % (args.train_batch_size * num_processes):
-        problems.append(f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes")
-    for name in ("epochs", "num_steps", "eval_every", "save_every", "eval_images_per_prompt", "inner_epochs", "lora_rank", "num_branches"):
+        problems.append(
+            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes"
+        )
+    for name in (
+        "epochs",
+        "num_steps",
+        "eval_every",
+        "save_every",
+        "eval_images_per_prompt",
+        "inner_epochs",
+        "lora_rank",
+        "num_branches",
+    ):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if problems:
@@ -392,7 +439,9 @@ def epoch_seed(seed, epoch, process_index):
 
 
 @torch.no_grad()
-def sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, branch_step=0, num_branches=1):
+def sample_trajectories(
+    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, branch_step=0, num_branches=1
+):
     """Run the policy from x_T to x_0, keeping every latent and log-prob; branch-based sampling (Eq. 5-6).
 
     prompt_embeds (G, L, D); guidance_scales (G, T), the scale that samples each step; latents x_T (G, 4, h, w).
@@ -405,7 +454,9 @@ def sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_sca
     trajectory, log_probs = [latents], []
     for step, t in enumerate(scheduler.timesteps):
         if step == branch_step:  # copy every prefix (latents, log-probs, conditioning) into its N branches
-            latents, prompt_embeds, guidance_scales = (x.repeat_interleave(num_branches, dim=0) for x in (latents, prompt_embeds, guidance_scales))
+            latents, prompt_embeds, guidance_scales = (
+                x.repeat_interleave(num_branches, dim=0) for x in (latents, prompt_embeds, guidance_scales)
+            )
             trajectory = [x.repeat_interleave(num_branches, dim=0) for x in trajectory]
             log_probs = [x.repeat_interleave(num_branches, dim=0) for x in log_probs]
         noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
@@ -430,7 +481,9 @@ def load_diversity_model(args, device, dtype):
             model = CLIPVisionModelWithProjection.from_pretrained(DIVERSITY_CLIP)
         except Exception as exception:
             message = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
-            raise SystemExit(f"error: cannot load {DIVERSITY_CLIP} ({message}). Check the network, or use --tiny to run offline.")
+            raise SystemExit(
+                f"error: cannot load {DIVERSITY_CLIP} ({message}). Check the network, or use --tiny to run offline."
+            )
     model.requires_grad_(False)
     return model.eval().to(device, dtype)
 
@@ -458,12 +511,18 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prom
         indices = batches[batch_index]
         batch_prompts = [jobs[i] for i in indices]
         generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
-        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(accelerator.device, pipeline.unet.dtype)
+        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
+            accelerator.device, pipeline.unet.dtype
+        )
         prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts)
         guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
-        _, _, images = sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator)
+        _, _, images = sample_trajectories(
+            pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
+        )
         batch_rewards = reward_fn(images, batch_prompts).float().cpu()
-        batch_embeddings = diversity_model(pixel_values=clip_preprocess(images).to(diversity_model.dtype)).image_embeds.float().cpu()  # (B, D)
+        batch_embeddings = (
+            diversity_model(pixel_values=clip_preprocess(images).to(diversity_model.dtype)).image_embeds.float().cpu()
+        )  # (B, D)
         for position, job in enumerate(indices):
             rewards[job], embeddings[job] = batch_rewards[position].item(), batch_embeddings[position]
             if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
@@ -476,8 +535,12 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prom
     for part in gather_object([images_kept]):
         all_images.update(part)
     values = np.array([all_rewards[i] for i in range(len(jobs))])
-    per_prompt = torch.stack([all_embeddings[i] for i in range(len(jobs))]).view(len(prompts), args.eval_images_per_prompt, -1)
-    diversity = float(np.mean([mean_pairwise_distance(e) for e in per_prompt])) if args.eval_images_per_prompt > 1 else None
+    per_prompt = torch.stack([all_embeddings[i] for i in range(len(jobs))]).view(
+        len(prompts), args.eval_images_per_prompt, -1
+    )
+    diversity = (
+        float(np.mean([mean_pairwise_distance(e) for e in per_prompt])) if args.eval_images_per_prompt > 1 else None
+    )
     grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
     return float(values.mean()), float(values.std()), diversity, grid
 
@@ -513,7 +576,11 @@ def save_checkpoint(folder, unet, optimizer, state):
 
 def last_checkpoint(run_dir):
     folder = os.path.join(run_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp")) if os.path.isdir(folder) else []
+    names = (
+        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
+        if os.path.isdir(folder)
+        else []
+    )
     return os.path.join(folder, names[-1]) if names else None
 
 
@@ -533,12 +600,16 @@ def stop_on_non_finite(accelerator, what, value):
         raise SystemExit(1)
 
 
-def run_evaluation(args, accelerator, pipeline, unet, reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch):
+def run_evaluation(
+    args, accelerator, pipeline, unet, reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch
+):
     """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
     unet.eval()
     line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
     for name, prompts in eval_sets.items():
-        mean, std, diversity, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape)
+        mean, std, diversity, grid = evaluate(
+            args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape
+        )
         line[f"{name}_reward_mean"], line[f"{name}_reward_std"], line[f"{name}_diversity"] = mean, std, diversity
         if accelerator.is_main_process:
             save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
@@ -577,7 +648,11 @@ def main(args):
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
     reward_fn = load_reward(args.reward, accelerator.device, weight_dtype, tiny=args.tiny)
     eval_reward = args.eval_reward or args.reward
-    eval_reward_fn = reward_fn if eval_reward == args.reward else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    eval_reward_fn = (
+        reward_fn
+        if eval_reward == args.reward
+        else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    )
     diversity_model = load_diversity_model(args, accelerator.device, weight_dtype)
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
     timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 951, 901, ..., 1 for T = 20
@@ -587,7 +662,9 @@ def main(args):
 
     torch.manual_seed(args.seed)
     lora_parameters = add_lora(pipeline.unet, args.lora_rank)
-    optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
+    )
     start_epoch, reward_history = 0, []
     if checkpoint is not None:
         from peft.utils import set_peft_model_state_dict
@@ -609,45 +686,107 @@ def main(args):
     first_interval = first_interval_steps(args.num_steps, args.first_interval_fraction)  # tau_0, 14 for T = 20
     branches = 1 if args.no_branch else args.num_branches  # copies of each prefix; 1 = independent samples
 
-    for epoch in tqdm(range(start_epoch, args.epochs), desc="epochs", initial=start_epoch, total=args.epochs, disable=not accelerator.is_main_process):
+    for epoch in tqdm(
+        range(start_epoch, args.epochs),
+        desc="epochs",
+        initial=start_epoch,
+        total=args.epochs,
+        disable=not accelerator.is_main_process,
+    ):
         epoch_start = time.time()
-        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # anything not drawn from `generator`
+        torch.manual_seed(
+            epoch_seed(args.seed, epoch, accelerator.process_index)
+        )  # anything not drawn from `generator`
         if epoch % args.eval_every == 0:
-            run_evaluation(args, accelerator, pipeline, unet, eval_reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch)
+            run_evaluation(
+                args,
+                accelerator,
+                pipeline,
+                unet,
+                eval_reward_fn,
+                diversity_model,
+                eval_sets,
+                null_embeds,
+                latent_shape,
+                run_dir,
+                epoch,
+            )
 
         # ==================================================================================================
         # 2. Sample: branch-based sampling (Eq. 5-6) at the start of this stage's BPT interval (Eq. 4)
         # ==================================================================================================
         # Eq. 4: this stage trains the last tau steps, step indices T - tau .. T - 1 (all T with --no-bpt)
-        trained_steps = args.num_steps if args.no_bpt else split_step(epoch, args.epochs, args.num_steps, first_interval)
+        trained_steps = (
+            args.num_steps if args.no_bpt else split_step(epoch, args.epochs, args.num_steps, first_interval)
+        )
         first_trained_step = args.num_steps - trained_steps
         # branches split at x_tau, the interval's start (with --no-bpt: the first stage's interval start)
         branch_step = args.num_steps - first_interval if args.no_bpt else first_trained_step
-        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # CPU: same draws on any device
+        generator = torch.Generator().manual_seed(
+            epoch_seed(args.seed, epoch, accelerator.process_index)
+        )  # CPU: same draws on any device
         unet.eval()
         batches = []
-        for _ in tqdm(range(samples_per_process // args.sample_batch_size), desc="sampling", leave=False, disable=not accelerator.is_main_process):
+        for _ in tqdm(
+            range(samples_per_process // args.sample_batch_size),
+            desc="sampling",
+            leave=False,
+            disable=not accelerator.is_main_process,
+        ):
             prefixes = args.sample_batch_size // branches  # G trajectories from their own noise, N branches each
             prompt_indices = torch.randint(len(train_prompts), (prefixes,), generator=generator)
             prefix_prompts = [train_prompts[i] for i in prompt_indices]
             prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prefix_prompts)  # c, (G, L, D)
             guidance_scales = torch.full((prefixes, args.num_steps), args.cfg_high)  # (G, T)
             latents = torch.randn((prefixes, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
-            trajectory, log_probs, images = sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator, branch_step, branches)
+            trajectory, log_probs, images = sample_trajectories(
+                pipeline,
+                unet,
+                prompt_embeds,
+                null_embeds,
+                guidance_scales,
+                latents,
+                args.eta,
+                generator,
+                branch_step,
+                branches,
+            )
             # rows g N .. g N + N - 1 are the branches of prefix g: repeat its prompt and conditioning N times
             prompts = [prompt for prompt in prefix_prompts for _ in range(branches)]
-            prompt_embeds, guidance_scales = prompt_embeds.repeat_interleave(branches, dim=0), guidance_scales.repeat_interleave(branches, dim=0)
-            batches.append(dict(prompts=prompts, prompt_embeds=prompt_embeds, guidance_scales=guidance_scales, trajectory=trajectory, log_probs=log_probs, images=images))
+            prompt_embeds, guidance_scales = (
+                prompt_embeds.repeat_interleave(branches, dim=0),
+                guidance_scales.repeat_interleave(branches, dim=0),
+            )
+            batches.append(
+                dict(
+                    prompts=prompts,
+                    prompt_embeds=prompt_embeds,
+                    guidance_scales=guidance_scales,
+                    trajectory=trajectory,
+                    log_probs=log_probs,
+                    images=images,
+                )
+            )
         prompts = [p for batch in batches for p in batch["prompts"]]
-        samples = {key: torch.cat([batch[key] for batch in batches]) for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "images")}
+        samples = {
+            key: torch.cat([batch[key] for batch in batches])
+            for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "images")
+        }
         # samples: prompt_embeds (S, L, D), guidance_scales (S, T), trajectory (S, T+1, 4, h, w), log_probs (S, T); S = G N
 
         # ==================================================================================================
         # 3. Reward: r(x_0, c) for every sample, gathered from all processes
         # ==================================================================================================
-        rewards = torch.cat([reward_fn(samples["images"][i : i + args.sample_batch_size], prompts[i : i + args.sample_batch_size]) for i in range(0, len(prompts), args.sample_batch_size)])
+        rewards = torch.cat(
+            [
+                reward_fn(samples["images"][i : i + args.sample_batch_size], prompts[i : i + args.sample_batch_size])
+                for i in range(0, len(prompts), args.sample_batch_size)
+            ]
+        )
         all_rewards = accelerator.gather(rewards.float().to(accelerator.device)).cpu().numpy()  # (samples_per_epoch,)
-        all_prompts = [p for part in gather_object([prompts]) for p in part] if accelerator.num_processes > 1 else prompts
+        all_prompts = (
+            [p for part in gather_object([prompts]) for p in part] if accelerator.num_processes > 1 else prompts
+        )
         stop_on_non_finite(accelerator, "reward", float(all_rewards.sum()))
 
         # ==================================================================================================
@@ -657,12 +796,21 @@ def main(args):
         if args.no_branch:  # no groups to compare: every sample is trained with its own z
             all_kept = torch.arange(args.samples_per_epoch)
         else:  # groups never straddle processes (a sampling batch holds whole groups), so global rows work
-            all_kept = select_branches(all_z_scores, args.num_branches, args.positive_threshold, args.negative_threshold)
+            all_kept = select_branches(
+                all_z_scores, args.num_branches, args.positive_threshold, args.negative_threshold
+            )
         # every process computed the same selection; gather order = process order, samples_per_process rows each
-        kept_per_process = [int(((all_kept >= p * samples_per_process) & (all_kept < (p + 1) * samples_per_process)).sum()) for p in range(accelerator.num_processes)]
+        kept_per_process = [
+            int(((all_kept >= p * samples_per_process) & (all_kept < (p + 1) * samples_per_process)).sum())
+            for p in range(accelerator.num_processes)
+        ]
         offset = accelerator.process_index * samples_per_process
-        kept = all_kept[(all_kept >= offset) & (all_kept < offset + samples_per_process)] - offset  # this process's rows
-        advantages = torch.tensor(all_z_scores, dtype=torch.float32).reshape(accelerator.num_processes, -1)[accelerator.process_index]
+        kept = (
+            all_kept[(all_kept >= offset) & (all_kept < offset + samples_per_process)] - offset
+        )  # this process's rows
+        advantages = torch.tensor(all_z_scores, dtype=torch.float32).reshape(accelerator.num_processes, -1)[
+            accelerator.process_index
+        ]
 
         # ==================================================================================================
         # 5. Update: DDPO-IS on the kept samples over the interval's steps only (Eq. 4, Eq. 6)
@@ -674,11 +822,17 @@ def main(args):
             # this process's kept rows in random order, then padding rows (row 0, advantage 0: no gradient) so that
             # every process runs micro_batches backward passes (deviation 4)
             order = kept[torch.randperm(len(kept), generator=generator)]
-            order = torch.cat([order, torch.zeros(micro_batches * args.train_batch_size - len(order), dtype=torch.long)])
+            order = torch.cat(
+                [order, torch.zeros(micro_batches * args.train_batch_size - len(order), dtype=torch.long)]
+            )
             is_kept = (torch.arange(len(order)) < len(kept)).float()  # (R,)
             # each sample visits the interval's steps T - tau .. T - 1 in its own random order
-            step_orders = first_trained_step + torch.stack([torch.randperm(trained_steps, generator=generator) for _ in range(len(order))])  # (R, tau)
-            for micro_index in tqdm(range(micro_batches), desc="training", leave=False, disable=not accelerator.is_main_process):
+            step_orders = first_trained_step + torch.stack(
+                [torch.randperm(trained_steps, generator=generator) for _ in range(len(order))]
+            )  # (R, tau)
+            for micro_index in tqdm(
+                range(micro_batches), desc="training", leave=False, disable=not accelerator.is_main_process
+            ):
                 slots = slice(micro_index * args.train_batch_size, (micro_index + 1) * args.train_batch_size)
                 rows = order[slots]  # (b,)
                 steps = step_orders[slots]  # (b, tau)
@@ -693,16 +847,37 @@ def main(args):
                 last_of_update = (micro_index + 1) % micro_batches_per_update == 0 or micro_index + 1 == micro_batches
                 # the update's gradient is the mean over its kept rows (all processes) and their interval steps;
                 # DDP averages over processes, hence the factor num_processes
-                update_rows = kept_rows_in_update(kept_per_process, micro_index // micro_batches_per_update, micro_batches_per_update, micro_batches, args.train_batch_size)
+                update_rows = kept_rows_in_update(
+                    kept_per_process,
+                    micro_index // micro_batches_per_update,
+                    micro_batches_per_update,
+                    micro_batches,
+                    args.train_batch_size,
+                )
                 scale = args.train_batch_size * accelerator.num_processes / (update_rows * trained_steps)
                 # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
                 with nullcontext() if last_of_update else accelerator.no_sync(unet):
                     for k in range(trained_steps):
-                        noise_pred = guided_noise_prediction(unet, x_t[:, k], step_timesteps[:, k], prompt_embeds, null_embeds, scales[:, k])
-                        _, log_prob = ddim_step_with_logprob(pipeline.scheduler, noise_pred, step_timesteps[:, k], x_t[:, k], args.eta, prev_sample=x_prev[:, k])
-                        loss, approx_kl, clipfrac = clipped_policy_loss(log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip)
+                        noise_pred = guided_noise_prediction(
+                            unet, x_t[:, k], step_timesteps[:, k], prompt_embeds, null_embeds, scales[:, k]
+                        )
+                        _, log_prob = ddim_step_with_logprob(
+                            pipeline.scheduler,
+                            noise_pred,
+                            step_timesteps[:, k],
+                            x_t[:, k],
+                            args.eta,
+                            prev_sample=x_prev[:, k],
+                        )
+                        loss, approx_kl, clipfrac = clipped_policy_loss(
+                            log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip
+                        )
                         accelerator.backward(loss * scale)
-                        losses.append(loss.item()), approx_kls.append(approx_kl.item()), clipfracs.append(clipfrac.item())
+                        (
+                            losses.append(loss.item()),
+                            approx_kls.append(approx_kl.item()),
+                            clipfracs.append(clipfrac.item()),
+                        )
                 if last_of_update:
                     accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
                     optimizer.step()
@@ -713,27 +888,62 @@ def main(args):
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint
         # ==================================================================================================
-        statistics = accelerator.gather(torch.tensor([np.mean(losses), np.mean(approx_kls), np.mean(clipfracs)], device=accelerator.device)).view(-1, 3).mean(0)
+        statistics = (
+            accelerator.gather(
+                torch.tensor([np.mean(losses), np.mean(approx_kls), np.mean(clipfracs)], device=accelerator.device)
+            )
+            .view(-1, 3)
+            .mean(0)
+        )
         loss_mean, approx_kl_mean, clipfrac_mean = statistics.tolist()
         stop_on_non_finite(accelerator, "loss", loss_mean)
         metrics = dict(
-            epoch=epoch, reward_queries=(epoch + 1) * args.samples_per_epoch, reward_mean=float(all_rewards.mean()),
-            reward_std=float(all_rewards.std()), loss=loss_mean, approx_kl=approx_kl_mean, clipfrac=clipfrac_mean,
-            interval_steps=trained_steps, branch_step=branch_step if branches > 1 else None, kept_samples=len(all_kept),
-            trained_step_indices=sorted(visited_steps), seconds=round(time.time() - epoch_start, 3),
+            epoch=epoch,
+            reward_queries=(epoch + 1) * args.samples_per_epoch,
+            reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std()),
+            loss=loss_mean,
+            approx_kl=approx_kl_mean,
+            clipfrac=clipfrac_mean,
+            interval_steps=trained_steps,
+            branch_step=branch_step if branches > 1 else None,
+            kept_samples=len(all_kept),
+            trained_step_indices=sorted(visited_steps),
+            seconds=round(time.time() - epoch_start, 3),
         )
         if accelerator.num_processes > 1:  # every replica must hold the same LoRA after the all-reduced updates
-            metrics["lora_sum_per_process"] = accelerator.gather(torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]).tolist()
+            metrics["lora_sum_per_process"] = accelerator.gather(
+                torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]
+            ).tolist()
         if accelerator.is_main_process:
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            tqdm.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, interval {trained_steps}, kept {len(all_kept)}, loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}")
+            tqdm.write(
+                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, interval {trained_steps}, kept {len(all_kept)}, loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}"
+            )
         last_epoch = epoch + 1 == args.epochs
         if last_epoch:
-            run_evaluation(args, accelerator, pipeline, unet, eval_reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch + 1)
+            run_evaluation(
+                args,
+                accelerator,
+                pipeline,
+                unet,
+                eval_reward_fn,
+                diversity_model,
+                eval_sets,
+                null_embeds,
+                latent_shape,
+                run_dir,
+                epoch + 1,
+            )
         if (epoch + 1) % args.save_every == 0 or last_epoch:
             if accelerator.is_main_process:
-                save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"), accelerator.unwrap_model(unet), optimizer, dict(epoch=epoch + 1, reward_history=reward_history))
+                save_checkpoint(
+                    os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"),
+                    accelerator.unwrap_model(unet),
+                    optimizer,
+                    dict(epoch=epoch + 1, reward_history=reward_history),
+                )
             accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -47,7 +47,9 @@ SHAPES_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world",
 
 def _bytes_to_unicode():
     """GPT-2 / CLIP byte-level BPE alphabet: 256 printable characters standing for the 256 byte values."""
-    byte_values = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    byte_values = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     code_points = byte_values[:]
     extra = 0
     for byte in range(256):
@@ -221,7 +223,9 @@ def _load_tiny_pipeline():
 def _hub_error(what, exception):
     """One error line for anything that could not be loaded from the hub or a folder (no traceback)."""
     message = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
-    return SystemExit(f"error: cannot load {what} ({message}). Check the id or folder and the network, or use --tiny to run offline.")
+    return SystemExit(
+        f"error: cannot load {what} ({message}). Check the id or folder and the network, or use --tiny to run offline."
+    )
 
 
 def load_pipeline(model, device, dtype):
@@ -262,7 +266,9 @@ def add_lora(unet, rank):
     """
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    )
     lora_parameters = [p for p in unet.parameters() if p.requires_grad]
     for parameter in lora_parameters:
         parameter.data = parameter.data.float()
@@ -318,7 +324,9 @@ def check_reward_prompts(name, prompts):
 
         outside = [prompt for prompt in prompts if parse_caption(prompt) is None]
         if outside:
-            raise SystemExit(f"error: the {name} reward needs captions of the shapes grammar (e.g. --prompts shapes); '{outside[0]}' is not one")
+            raise SystemExit(
+                f"error: the {name} reward needs captions of the shapes grammar (e.g. --prompts shapes); '{outside[0]}' is not one"
+            )
 
 
 def clip_preprocess(images, size=224):
@@ -375,7 +383,9 @@ class AestheticReward(torch.nn.Module):
         self.vision_model, self.head = vision_model, head  # CLIPVisionModelWithProjection, AestheticMLP
 
     def forward(self, images, prompts):
-        embeddings = self.vision_model(pixel_values=clip_preprocess(images).to(self.head.layers[0].weight.dtype)).image_embeds
+        embeddings = self.vision_model(
+            pixel_values=clip_preprocess(images).to(self.head.layers[0].weight.dtype)
+        ).image_embeds
         embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)  # the MLP was trained on unit vectors
         return self.head(embeddings).squeeze(-1).float()  # (B,)
 
@@ -394,7 +404,10 @@ class ClipSimilarityReward(torch.nn.Module):
         pixel_values = clip_preprocess(images).to(model.visual_projection.weight.dtype)
         image_embeds = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)  # (B, D)
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
-        text_output = model.text_model(input_ids=tokens.input_ids.to(pixel_values.device), attention_mask=tokens.attention_mask.to(pixel_values.device))
+        text_output = model.text_model(
+            input_ids=tokens.input_ids.to(pixel_values.device),
+            attention_mask=tokens.attention_mask.to(pixel_values.device),
+        )
         text_embeds = model.text_projection(text_output.pooler_output)  # (B, D)
         cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)  # (B,)
         return model.logit_scale.exp().float() * cosine if self.use_logit_scale else cosine
@@ -433,7 +446,9 @@ class PackageReward(torch.nn.Module):
 
 
 # Tiny random CLIP towers for the offline rewards: 224 px input, so the real preprocessing applies unchanged.
-TINY_CLIP_VISION = dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+TINY_CLIP_VISION = dict(
+    image_size=224, patch_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+)
 
 
 def _tiny_clip_model():
@@ -442,13 +457,21 @@ def _tiny_clip_model():
 
     tokenizer = build_tiny_tokenizer()
     text_config = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        return CLIPModel(CLIPConfig(text_config=text_config, vision_config=TINY_CLIP_VISION, projection_dim=32)), tokenizer
+        return CLIPModel(
+            CLIPConfig(text_config=text_config, vision_config=TINY_CLIP_VISION, projection_dim=32)
+        ), tokenizer
 
 
 def load_reward(name, device, dtype, tiny=False, aesthetic_head_path=None):
@@ -469,7 +492,9 @@ def load_reward(name, device, dtype, tiny=False, aesthetic_head_path=None):
 
         path = os.path.join(DEFAULT_WORLD, LEARNED_REWARD_FILE)
         if not os.path.exists(path):
-            raise SystemExit(f"error: learned shapes reward '{path}' not found; train it with: python shapes_world.py --stages reward")
+            raise SystemExit(
+                f"error: learned shapes reward '{path}' not found; train it with: python shapes_world.py --stages reward"
+            )
         reward = LearnedShapesReward()
         reward.load_state_dict(load_file(path))
     elif name.startswith("jpeg_"):
@@ -557,12 +582,18 @@ def guided_noise_prediction(unet, latents, timestep, prompt_embeds, null_embeds,
     """
     batch_size = latents.shape[0]
     null_embeds = null_embeds.expand(batch_size, -1, -1)
-    timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(batch_size)  # (B,): one t or one per sample
+    timestep = (
+        torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(batch_size)
+    )  # (B,): one t or one per sample
     noise_pred = unet(
-        torch.cat([latents, latents]), torch.cat([timestep, timestep]), encoder_hidden_states=torch.cat([null_embeds, prompt_embeds])
+        torch.cat([latents, latents]),
+        torch.cat([timestep, timestep]),
+        encoder_hidden_states=torch.cat([null_embeds, prompt_embeds]),
     ).sample
     noise_uncond, noise_cond = noise_pred.chunk(2)  # (B, 4, h, w) each
-    guidance_scales = guidance_scales.to(noise_cond.device, noise_cond.dtype).view(batch_size, 1, 1, 1)  # built on the CPU
+    guidance_scales = guidance_scales.to(noise_cond.device, noise_cond.dtype).view(
+        batch_size, 1, 1, 1
+    )  # built on the CPU
     return noise_uncond + guidance_scales * (noise_cond - noise_uncond)
 
 
@@ -650,7 +681,9 @@ def load_prompts(name_or_path):
     if name_or_path in PROMPT_SET_FILES:
         name_or_path = os.path.join(PROMPT_FOLDER, PROMPT_SET_FILES[name_or_path])
     elif not name_or_path.endswith(".txt"):
-        raise SystemExit(f"error: unknown prompt set '{name_or_path}'; choose one of {', '.join([*PROMPT_SETS, *PROMPT_SET_FILES])} or give a .txt file")
+        raise SystemExit(
+            f"error: unknown prompt set '{name_or_path}'; choose one of {', '.join([*PROMPT_SETS, *PROMPT_SET_FILES])} or give a .txt file"
+        )
     if not os.path.isfile(name_or_path):
         raise SystemExit(f"error: prompt file '{name_or_path}' not found")
     with open(name_or_path) as f:

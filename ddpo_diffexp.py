@@ -172,15 +172,40 @@ class Args:
 
 # --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
 TINY_PRESET = dict(
-    model=TINY_MODEL, tiny=True, epochs=12, num_steps=8, resolution=32, samples_per_epoch=32, sample_batch_size=16,
-    train_batch_size=16, samples_per_update=16, learning_rate=1e-2, mixed_precision="no", eval_every=4,
-    eval_images_per_prompt=2, save_every=4,
+    model=TINY_MODEL,
+    tiny=True,
+    epochs=12,
+    num_steps=8,
+    resolution=32,
+    samples_per_epoch=32,
+    sample_batch_size=16,
+    train_batch_size=16,
+    samples_per_update=16,
+    learning_rate=1e-2,
+    mixed_precision="no",
+    eval_every=4,
+    eval_images_per_prompt=2,
+    save_every=4,
 )
 # --shapes: the shapes world (python shapes_world.py trains it; its weights are committed in world/).
 SHAPES_PRESET = dict(
-    model=SHAPES_MODEL, shapes=True, reward="shapes", prompts="shapes", epochs=25, num_steps=10, resolution=32,
-    samples_per_epoch=64, sample_batch_size=32, train_batch_size=16, samples_per_update=16, learning_rate=1e-2,
-    clip_range=1e-3, mixed_precision="no", eval_every=5, eval_images_per_prompt=4, save_every=10,
+    model=SHAPES_MODEL,
+    shapes=True,
+    reward="shapes",
+    prompts="shapes",
+    epochs=25,
+    num_steps=10,
+    resolution=32,
+    samples_per_epoch=64,
+    sample_batch_size=32,
+    train_batch_size=16,
+    samples_per_update=16,
+    learning_rate=1e-2,
+    clip_range=1e-3,
+    mixed_precision="no",
+    eval_every=5,
+    eval_images_per_prompt=4,
+    save_every=10,
 )
 
 
@@ -219,14 +244,28 @@ def check_args(args, num_processes):
     if args.resolution % 8:
         problems.append(f"--resolution {args.resolution} must be a multiple of 8")
     if args.samples_per_epoch % (args.sample_batch_size * num_processes):
-        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size {args.sample_batch_size} x {num_processes} processes")
+        problems.append(
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size {args.sample_batch_size} x {num_processes} processes"
+        )
     if args.samples_per_epoch % args.samples_per_update:
-        problems.append(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update {args.samples_per_update}")
+        problems.append(
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update {args.samples_per_update}"
+        )
     if args.samples_per_update % (args.train_batch_size * num_processes):
-        problems.append(f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes")
+        problems.append(
+            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes"
+        )
     if not 0 < args.timestep_fraction <= 1:
         problems.append(f"--timestep-fraction {args.timestep_fraction} must be in (0, 1]")
-    for name in ("epochs", "num_steps", "eval_every", "save_every", "eval_images_per_prompt", "inner_epochs", "lora_rank"):
+    for name in (
+        "epochs",
+        "num_steps",
+        "eval_every",
+        "save_every",
+        "eval_images_per_prompt",
+        "inner_epochs",
+        "lora_rank",
+    ):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if problems:
@@ -349,10 +388,14 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
         indices = batches[batch_index]
         batch_prompts = [jobs[i] for i in indices]
         generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
-        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(accelerator.device, pipeline.unet.dtype)
+        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
+            accelerator.device, pipeline.unet.dtype
+        )
         prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts)
         guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
-        _, _, images = sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator)
+        _, _, images = sample_trajectories(
+            pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
+        )
         batch_rewards = reward_fn(images, batch_prompts).float().cpu()
         for position, job in enumerate(indices):
             rewards[job] = batch_rewards[position].item()
@@ -399,7 +442,11 @@ def save_checkpoint(folder, unet, optimizer, state):
 
 def last_checkpoint(run_dir):
     folder = os.path.join(run_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp")) if os.path.isdir(folder) else []
+    names = (
+        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
+        if os.path.isdir(folder)
+        else []
+    )
     return os.path.join(folder, names[-1]) if names else None
 
 
@@ -463,7 +510,11 @@ def main(args):
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
     reward_fn = load_reward(args.reward, accelerator.device, weight_dtype, tiny=args.tiny)
     eval_reward = args.eval_reward or args.reward
-    eval_reward_fn = reward_fn if eval_reward == args.reward else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    eval_reward_fn = (
+        reward_fn
+        if eval_reward == args.reward
+        else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    )
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
     timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 981, 961, ..., 1 for T = 50
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -472,7 +523,9 @@ def main(args):
 
     torch.manual_seed(args.seed)
     lora_parameters = add_lora(pipeline.unet, args.lora_rank)
-    optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
+    )
     start_epoch, reward_history = 0, {}
     if checkpoint is not None:
         from peft.utils import set_peft_model_state_dict
@@ -493,24 +546,44 @@ def main(args):
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
     trained_steps = max(1, int(args.num_steps * args.timestep_fraction))  # timesteps trained per sample
 
-    for epoch in tqdm(range(start_epoch, args.epochs), desc="epochs", initial=start_epoch, total=args.epochs, disable=not accelerator.is_main_process):
+    for epoch in tqdm(
+        range(start_epoch, args.epochs),
+        desc="epochs",
+        initial=start_epoch,
+        total=args.epochs,
+        disable=not accelerator.is_main_process,
+    ):
         epoch_start = time.time()
-        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # anything not drawn from `generator`
+        torch.manual_seed(
+            epoch_seed(args.seed, epoch, accelerator.process_index)
+        )  # anything not drawn from `generator`
         if epoch % args.eval_every == 0:
-            run_evaluation(args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch)
+            run_evaluation(
+                args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch
+            )
 
         # ==================================================================================================
         # 2. Sample: trajectories with per-step log-probs; DiffExp exploration (Eq. 7, Eq. 8) lives here
         # ==================================================================================================
         use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
-        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))  # CPU: same draws on any device
+        generator = torch.Generator().manual_seed(
+            epoch_seed(args.seed, epoch, accelerator.process_index)
+        )  # CPU: same draws on any device
         # Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
         step_scales = torch.tensor(
-            [dynamic_cfg_scale(t, args.cfg_low, args.cfg_high, args.t_thres) if use_dynamic_cfg else args.cfg_high for t in timesteps.tolist()]
+            [
+                dynamic_cfg_scale(t, args.cfg_low, args.cfg_high, args.t_thres) if use_dynamic_cfg else args.cfg_high
+                for t in timesteps.tolist()
+            ]
         )
         unet.eval()
         batches = []
-        for _ in tqdm(range(samples_per_process // args.sample_batch_size), desc="sampling", leave=False, disable=not accelerator.is_main_process):
+        for _ in tqdm(
+            range(samples_per_process // args.sample_batch_size),
+            desc="sampling",
+            leave=False,
+            disable=not accelerator.is_main_process,
+        ):
             prompt_indices = torch.randint(len(train_prompts), (args.sample_batch_size,), generator=generator)
             prompts = [train_prompts[i] for i in prompt_indices]
             prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)  # c, (B, L, D)
@@ -518,30 +591,59 @@ def main(args):
                 token_mask = random_word_token_mask(pipeline.tokenizer, prompts, generator)  # (B, L)
                 low, high = args.prompt_weight_range
                 prompt_weights = low + (high - low) * torch.rand(args.sample_batch_size, generator=generator)  # (B,)
-                prompt_embeds = weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, prompt_weights.to(accelerator.device))
+                prompt_embeds = weight_prompt_embeds(
+                    prompt_embeds, null_embeds, token_mask, prompt_weights.to(accelerator.device)
+                )
             guidance_scales = step_scales.expand(args.sample_batch_size, -1)  # (B, T)
-            latents = torch.randn((args.sample_batch_size, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
-            trajectory, log_probs, images = sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator)
+            latents = torch.randn((args.sample_batch_size, *latent_shape), generator=generator).to(
+                accelerator.device, weight_dtype
+            )
+            trajectory, log_probs, images = sample_trajectories(
+                pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
+            )
             # Store exactly what sampled each step (the weighted c and w(t)): training must recompute THAT policy.
-            batches.append(dict(prompts=prompts, prompt_embeds=prompt_embeds, guidance_scales=guidance_scales, trajectory=trajectory, log_probs=log_probs, images=images))
+            batches.append(
+                dict(
+                    prompts=prompts,
+                    prompt_embeds=prompt_embeds,
+                    guidance_scales=guidance_scales,
+                    trajectory=trajectory,
+                    log_probs=log_probs,
+                    images=images,
+                )
+            )
         prompts = [p for batch in batches for p in batch["prompts"]]
-        samples = {key: torch.cat([batch[key] for batch in batches]) for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "images")}
+        samples = {
+            key: torch.cat([batch[key] for batch in batches])
+            for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "images")
+        }
         # samples: prompt_embeds (N, L, D), guidance_scales (N, T), trajectory (N, T+1, 4, h, w), log_probs (N, T)
 
         # ==================================================================================================
         # 3. Reward: r(x_0, c) for every sample, gathered from all processes
         # ==================================================================================================
-        rewards = torch.cat([reward_fn(samples["images"][i : i + args.sample_batch_size], prompts[i : i + args.sample_batch_size]) for i in range(0, len(prompts), args.sample_batch_size)])
+        rewards = torch.cat(
+            [
+                reward_fn(samples["images"][i : i + args.sample_batch_size], prompts[i : i + args.sample_batch_size])
+                for i in range(0, len(prompts), args.sample_batch_size)
+            ]
+        )
         all_rewards = accelerator.gather(rewards.float().to(accelerator.device)).cpu().numpy()  # (samples_per_epoch,)
-        all_prompts = [p for part in gather_object([prompts]) for p in part] if accelerator.num_processes > 1 else prompts
+        all_prompts = (
+            [p for part in gather_object([prompts]) for p in part] if accelerator.num_processes > 1 else prompts
+        )
         stop_on_non_finite(accelerator, "reward", float(all_rewards.sum()))
 
         # ==================================================================================================
         # 4. Advantage and loss: per-prompt normalised rewards A; the clipped loss is clipped_policy_loss
         # ==================================================================================================
-        all_advantages = per_prompt_advantages(all_prompts, all_rewards, reward_history, args.stat_buffer_size, args.stat_min_count)
+        all_advantages = per_prompt_advantages(
+            all_prompts, all_rewards, reward_history, args.stat_buffer_size, args.stat_min_count
+        )
         # every process computed the same advantages; keep this process's slice (gather order = process order)
-        advantages = torch.tensor(all_advantages, dtype=torch.float32).reshape(accelerator.num_processes, -1)[accelerator.process_index]
+        advantages = torch.tensor(all_advantages, dtype=torch.float32).reshape(accelerator.num_processes, -1)[
+            accelerator.process_index
+        ]
 
         # ==================================================================================================
         # 5. Update: DDPO-IS over the sampled timesteps, one optimiser step per samples_per_update samples
@@ -551,10 +653,14 @@ def main(args):
         for inner_epoch in range(args.inner_epochs):
             order = torch.randperm(samples_per_process, generator=generator)
             # each sample visits its timesteps in its own random order; training the first trained_steps of them
-            step_orders = torch.stack([torch.randperm(args.num_steps, generator=generator) for _ in range(samples_per_process)])
+            step_orders = torch.stack(
+                [torch.randperm(args.num_steps, generator=generator) for _ in range(samples_per_process)]
+            )
             step_orders = step_orders[:, :trained_steps]  # (N, K)
             micro_batches = order.split(args.train_batch_size)
-            for micro_index, rows in enumerate(tqdm(micro_batches, desc="training", leave=False, disable=not accelerator.is_main_process)):
+            for micro_index, rows in enumerate(
+                tqdm(micro_batches, desc="training", leave=False, disable=not accelerator.is_main_process)
+            ):
                 steps = step_orders[rows]  # (b, K)
                 x_t = samples["trajectory"][rows[:, None], steps]  # (b, K, 4, h, w)
                 x_prev = samples["trajectory"][rows[:, None], steps + 1]  # (b, K, 4, h, w)
@@ -566,12 +672,31 @@ def main(args):
                 # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
                 with nullcontext() if last_of_update else accelerator.no_sync(unet):
                     for k in range(trained_steps):
-                        noise_pred = guided_noise_prediction(unet, x_t[:, k], step_timesteps[:, k], prompt_embeds, null_embeds, scales[:, k])
-                        _, log_prob = ddim_step_with_logprob(pipeline.scheduler, noise_pred, step_timesteps[:, k], x_t[:, k], args.eta, prev_sample=x_prev[:, k])
-                        loss, approx_kl, clipfrac = clipped_policy_loss(log_prob, log_prob_old[:, k], advantages[rows].to(log_prob.device), args.clip_range, args.advantage_clip)
+                        noise_pred = guided_noise_prediction(
+                            unet, x_t[:, k], step_timesteps[:, k], prompt_embeds, null_embeds, scales[:, k]
+                        )
+                        _, log_prob = ddim_step_with_logprob(
+                            pipeline.scheduler,
+                            noise_pred,
+                            step_timesteps[:, k],
+                            x_t[:, k],
+                            args.eta,
+                            prev_sample=x_prev[:, k],
+                        )
+                        loss, approx_kl, clipfrac = clipped_policy_loss(
+                            log_prob,
+                            log_prob_old[:, k],
+                            advantages[rows].to(log_prob.device),
+                            args.clip_range,
+                            args.advantage_clip,
+                        )
                         # the step's gradient is the mean over the update's samples and trained timesteps
                         accelerator.backward(loss / (micro_batches_per_update * trained_steps))
-                        losses.append(loss.item()), approx_kls.append(approx_kl.item()), clipfracs.append(clipfrac.item())
+                        (
+                            losses.append(loss.item()),
+                            approx_kls.append(approx_kl.item()),
+                            clipfracs.append(clipfrac.item()),
+                        )
                 if last_of_update:
                     grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
                     optimizer.step()
@@ -580,27 +705,59 @@ def main(args):
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint
         # ==================================================================================================
-        statistics = torch.tensor([np.mean(losses), np.mean(approx_kls), np.mean(clipfracs), np.mean(grad_norms)], device=accelerator.device)
-        loss_mean, approx_kl_mean, clipfrac_mean, grad_norm_mean = accelerator.gather(statistics).view(-1, 4).mean(0).tolist()
+        statistics = torch.tensor(
+            [np.mean(losses), np.mean(approx_kls), np.mean(clipfracs), np.mean(grad_norms)], device=accelerator.device
+        )
+        loss_mean, approx_kl_mean, clipfrac_mean, grad_norm_mean = (
+            accelerator.gather(statistics).view(-1, 4).mean(0).tolist()
+        )
         stop_on_non_finite(accelerator, "loss", loss_mean)
         metrics = dict(
-            epoch=epoch, reward_queries=(epoch + 1) * args.samples_per_epoch, reward_mean=float(all_rewards.mean()),
-            reward_std=float(all_rewards.std()), loss=loss_mean, approx_kl=approx_kl_mean, clipfrac=clipfrac_mean, grad_norm=grad_norm_mean,
-            dynamic_cfg=use_dynamic_cfg, prompt_weighting=use_prompt_weighting, seconds=round(time.time() - epoch_start, 3),
+            epoch=epoch,
+            reward_queries=(epoch + 1) * args.samples_per_epoch,
+            reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std()),
+            loss=loss_mean,
+            approx_kl=approx_kl_mean,
+            clipfrac=clipfrac_mean,
+            grad_norm=grad_norm_mean,
+            dynamic_cfg=use_dynamic_cfg,
+            prompt_weighting=use_prompt_weighting,
+            seconds=round(time.time() - epoch_start, 3),
         )
         if accelerator.num_processes > 1:  # every replica must hold the same LoRA after the all-reduced updates
-            metrics["lora_sum_per_process"] = accelerator.gather(torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]).tolist()
+            metrics["lora_sum_per_process"] = accelerator.gather(
+                torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]
+            ).tolist()
         if accelerator.is_main_process:
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            tqdm.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}")
+            tqdm.write(
+                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}"
+            )
         last_epoch = epoch + 1 == args.epochs
         if last_epoch:
-            run_evaluation(args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch + 1)
+            run_evaluation(
+                args,
+                accelerator,
+                pipeline,
+                unet,
+                eval_reward_fn,
+                eval_sets,
+                null_embeds,
+                latent_shape,
+                run_dir,
+                epoch + 1,
+            )
         if (epoch + 1) % args.save_every == 0 or last_epoch:
             if accelerator.is_main_process:
                 history = {p: list(r) for p, r in reward_history.items()}
-                save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"), accelerator.unwrap_model(unet), optimizer, dict(epoch=epoch + 1, reward_history=history))
+                save_checkpoint(
+                    os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"),
+                    accelerator.unwrap_model(unet),
+                    optimizer,
+                    dict(epoch=epoch + 1, reward_history=history),
+                )
             accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -94,13 +94,44 @@ RELATIONS = ("above", "below", "to the left of", "to the right of")
 COUNT_WORDS = {1: "a", 2: "two"}
 # The long tail: each colour is common on one shape, medium on another and rare on the third.
 PAIR_TIERS = {
-    "common": [("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "circle"), ("purple", "square")],
-    "medium": [("red", "square"), ("green", "triangle"), ("blue", "circle"), ("yellow", "triangle"), ("purple", "circle")],
-    "rare": [("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "square"), ("purple", "triangle")],
+    "common": [
+        ("red", "circle"),
+        ("green", "square"),
+        ("blue", "triangle"),
+        ("yellow", "circle"),
+        ("purple", "square"),
+    ],
+    "medium": [
+        ("red", "square"),
+        ("green", "triangle"),
+        ("blue", "circle"),
+        ("yellow", "triangle"),
+        ("purple", "circle"),
+    ],
+    "rare": [
+        ("red", "triangle"),
+        ("green", "circle"),
+        ("blue", "square"),
+        ("yellow", "square"),
+        ("purple", "triangle"),
+    ],
 }
 TIER_WEIGHTS = {"common": 1.0, "medium": 0.3, "rare": 0.05}  # a rare pair is 1 in ~130 objects
 CAPTION_KINDS = {"one": 0.35, "two": 0.2, "relation": 0.45}
-WORDS = ["a", "two", *COLOURS, *SHAPES, *(s + "s" for s in SHAPES), "above", "below", "to", "the", "left", "right", "of"]
+WORDS = [
+    "a",
+    "two",
+    *COLOURS,
+    *SHAPES,
+    *(s + "s" for s in SHAPES),
+    "above",
+    "below",
+    "to",
+    "the",
+    "left",
+    "right",
+    "of",
+]
 
 _OBJECT = r"(a|two) (" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")s?"
 _CAPTION = re.compile(rf"^{_OBJECT}(?: ({'|'.join(RELATIONS)}) {_OBJECT})?$")
@@ -183,7 +214,14 @@ def render(caption, generator):
             colour, shape, count = objects[0]
             for _ in range(count):
                 size = int(generator.integers(9, 13))
-                boxes.append((colour, shape, *_place(generator, size, (margin, margin, IMAGE_SIZE - margin, IMAGE_SIZE - margin)), size))
+                boxes.append(
+                    (
+                        colour,
+                        shape,
+                        *_place(generator, size, (margin, margin, IMAGE_SIZE - margin, IMAGE_SIZE - margin)),
+                        size,
+                    )
+                )
         else:
             (colour_a, shape_a, _), (colour_b, shape_b, _) = objects
             size_a, size_b = int(generator.integers(9, 13)), int(generator.integers(9, 13))
@@ -191,14 +229,21 @@ def render(caption, generator):
             half = IMAGE_SIZE // 2
             vertical = relation in ("above", "below")
             a_first = relation in ("above", "to the left of")
-            first_region = (margin, margin, IMAGE_SIZE - margin, half) if vertical else (margin, margin, half, IMAGE_SIZE - margin)
-            second_region = (margin, half, IMAGE_SIZE - margin, IMAGE_SIZE - margin) if vertical else (half, margin, IMAGE_SIZE - margin, IMAGE_SIZE - margin)
+            first_region = (
+                (margin, margin, IMAGE_SIZE - margin, half) if vertical else (margin, margin, half, IMAGE_SIZE - margin)
+            )
+            second_region = (
+                (margin, half, IMAGE_SIZE - margin, IMAGE_SIZE - margin)
+                if vertical
+                else (half, margin, IMAGE_SIZE - margin, IMAGE_SIZE - margin)
+            )
             region_a, region_b = (first_region, second_region) if a_first else (second_region, first_region)
             boxes.append((colour_a, shape_a, *_place(generator, size_a, region_a), size_a))
             boxes.append((colour_b, shape_b, *_place(generator, size_b, region_b), size_b))
         separated = all(
             a[2] + a[4] + 2 <= b[2] or b[2] + b[4] + 2 <= a[2] or a[3] + a[4] + 2 <= b[3] or b[3] + b[4] + 2 <= a[3]
-            for i, a in enumerate(boxes) for b in boxes[i + 1 :]
+            for i, a in enumerate(boxes)
+            for b in boxes[i + 1 :]
         )
         if separated:
             break
@@ -344,14 +389,21 @@ class LearnedShapesReward(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.convs = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.SiLU(),
-            torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.SiLU(),  # 16 x 16
-            torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), torch.nn.SiLU(),  # 8 x 8
+            torch.nn.Conv2d(3, 32, 3, padding=1),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            torch.nn.SiLU(),  # 16 x 16
+            torch.nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            torch.nn.SiLU(),  # 8 x 8
         )
         self.film = torch.nn.Linear(CAPTION_FEATURES, 2 * 64)  # per-channel scale and shift from the caption
         self.head = torch.nn.Sequential(
-            torch.nn.Conv2d(64, 32, 3, stride=2, padding=1), torch.nn.SiLU(),  # 4 x 4
-            torch.nn.Flatten(), torch.nn.Linear(32 * 16, 128), torch.nn.SiLU(), torch.nn.Linear(128, 1),
+            torch.nn.Conv2d(64, 32, 3, stride=2, padding=1),
+            torch.nn.SiLU(),  # 4 x 4
+            torch.nn.Flatten(),
+            torch.nn.Linear(32 * 16, 128),
+            torch.nn.SiLU(),
+            torch.nn.Linear(128, 1),
         )
 
     def forward(self, images, prompts):
@@ -395,21 +447,42 @@ def build_models(seed):
     tokenizer = build_tiny_tokenizer(WORDS, model_max_length=CONTEXT_LENGTH)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE, layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=IMAGE_SIZE,
+        layers_per_block=1,
         block_out_channels=(16, 32, 32),  # 3 levels -> downsampling by 4: 32 px <-> 8 x 8 latents
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8,
     )
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
         # cross-attention at both levels (8 x 8 and 4 x 4): where a colour goes depends on the words around it
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=16, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=16,
+        norm_num_groups=8,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=CONTEXT_LENGTH, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=CONTEXT_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     return tokenizer, vae, unet, text_encoder
 
 
@@ -418,7 +491,9 @@ def train_vae(vae, args, generator, log):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     vae.train()
     for step in range(args.vae_steps):
-        images = render_batch(sample_captions(args.vae_batch_size, generator), generator) * 2 - 1  # (B, 3, 32, 32) in [-1, 1]
+        images = (
+            render_batch(sample_captions(args.vae_batch_size, generator), generator) * 2 - 1
+        )  # (B, 3, 32, 32) in [-1, 1]
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
@@ -443,21 +518,29 @@ def encode_dataset(vae, captions, generator, batch_size=256):
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(unet, text_encoder, tokenizer, scheduler, latent_means, latent_stds, captions, scaling_factor, args, log):
+def train_unet(
+    unet, text_encoder, tokenizer, scheduler, latent_means, latent_stds, captions, scaling_factor, args, log
+):
     """The denoising loss ||eps - eps_theta(sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t, c)||^2, text encoder trained too.
 
     Captions are replaced by "" with probability caption_dropout, so one network also gives eps(x_t, t, "") for CFG.
     """
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
+    )
     alphas_cumprod = scheduler.alphas_cumprod
-    tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    tokenize = lambda texts: (
+        tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    )
     caption_ids, null_ids = tokenize(captions), tokenize([""])  # (N, 16), (1, 16): tokenised once
     unet.train(), text_encoder.train()
     for step in range(args.unet_steps):
         rows = torch.randint(len(captions), (args.batch_size,))
-        z_0 = (latent_means[rows] + latent_stds[rows] * torch.randn_like(latent_means[rows])) * scaling_factor  # (B, 4, 8, 8)
+        z_0 = (
+            latent_means[rows] + latent_stds[rows] * torch.randn_like(latent_means[rows])
+        ) * scaling_factor  # (B, 4, 8, 8)
         dropped = torch.rand(args.batch_size, 1) < args.caption_dropout
         input_ids = torch.where(dropped, null_ids, caption_ids[rows])  # (B, 16)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,))
@@ -482,8 +565,15 @@ def generate(pipeline, captions, seed, num_steps=20, guidance=5.0, batch_size=12
     images = []
     for start in range(0, len(captions), batch_size):
         generator = torch.Generator().manual_seed(seed + start)
-        output = pipeline(captions[start : start + batch_size], num_inference_steps=num_steps, guidance_scale=guidance,
-                          height=IMAGE_SIZE, width=IMAGE_SIZE, generator=generator, output_type="pt")
+        output = pipeline(
+            captions[start : start + batch_size],
+            num_inference_steps=num_steps,
+            guidance_scale=guidance,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            generator=generator,
+            output_type="pt",
+        )
         images.append(output.images.float())
     return torch.cat(images)
 
@@ -536,8 +626,10 @@ def main(args):
     # `--stages vae` then `--stages unet reward` equals one full run
     initial_torch_state = torch.get_rng_state()
     scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
-    log(f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
-        f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M parameters")
+    log(
+        f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
+        f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M parameters"
+    )
 
     # 1. VAE (32 px <-> 4 x 8 x 8), then its scaling_factor from the latents of 20k rendered images
     if "vae" in args.stages:
@@ -546,7 +638,9 @@ def main(args):
         latent_means, latent_stds = encode_dataset(vae, captions, generator)
         vae.register_to_config(scaling_factor=1.0 / latent_means.std().item())  # SD's 0.18215: unit-variance latents
         vae.save_pretrained(os.path.join(model_folder, "vae"))
-        torch.save(dict(captions=captions, means=latent_means, stds=latent_stds), os.path.join(args.output_dir, "latents.pt"))
+        torch.save(
+            dict(captions=captions, means=latent_means, stds=latent_stds), os.path.join(args.output_dir, "latents.pt")
+        )
         log(f"VAE saved; scaling_factor {vae.config.scaling_factor:.4f}")
     else:
         vae = AutoencoderKL.from_pretrained(os.path.join(model_folder, "vae")).requires_grad_(False)
@@ -555,19 +649,42 @@ def main(args):
     if "unet" in args.stages:
         torch.set_rng_state(initial_torch_state)
         data = torch.load(os.path.join(args.output_dir, "latents.pt"), weights_only=False)
-        train_unet(unet, text_encoder, tokenizer, scheduler, data["means"], data["stds"], data["captions"], vae.config.scaling_factor, args, log)
-        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        train_unet(
+            unet,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            data["means"],
+            data["stds"],
+            data["captions"],
+            vae.config.scaling_factor,
+            args,
+            log,
+        )
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipeline.save_pretrained(model_folder, safe_serialization=True)
         log(f"pipeline saved to {model_folder}")
     # 3. The learned reward, on rendered images and on the pipeline's own samples
     if "reward" in args.stages:
-        pipeline = StableDiffusionPipeline.from_pretrained(model_folder, safety_checker=None, requires_safety_checker=False)
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            model_folder, safety_checker=None, requires_safety_checker=False
+        )
         pipeline.set_progress_bar_config(disable=True)
         generator = np.random.default_rng(args.seed)
         generated_captions = sample_captions(1024, generator)
         generated_images = generate(pipeline, generated_captions, args.seed)
-        log(f"pretrained model: exact reward {exact_scores(generated_images, generated_captions).mean():.3f} on its own caption distribution")
+        log(
+            f"pretrained model: exact reward {exact_scores(generated_images, generated_captions).mean():.3f} on its own caption distribution"
+        )
         reward_model = LearnedShapesReward()
         train_learned_reward(reward_model, generated_images, generated_captions, args, generator, log)
         save_file(reward_model.state_dict(), os.path.join(args.output_dir, LEARNED_REWARD_FILE))

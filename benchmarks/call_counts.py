@@ -29,8 +29,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-KEYS = ("unet_calls", "unet_grad_calls", "unet_rows", "sample_evals", "unet_backward", "vae_decode", "vae_backward",
-        "reward_calls", "reward_backward", "text_encoder_calls")
+KEYS = (
+    "unet_calls",
+    "unet_grad_calls",
+    "unet_rows",
+    "sample_evals",
+    "unet_backward",
+    "vae_decode",
+    "vae_backward",
+    "reward_calls",
+    "reward_backward",
+    "text_encoder_calls",
+)
 
 
 def _counts(**values):
@@ -82,9 +92,16 @@ def alignprop_epoch(args, batch_starts=None):
     grad_calls = sum(args.num_steps - m for m in batch_starts)  # checkpointed steps over all batches
     calls = batches * args.num_steps + grad_calls  # + one recomputation per checkpointed step
     return _counts(
-        unet_calls=calls, unet_grad_calls=2 * grad_calls, unet_rows=2 * args.train_batch_size * calls,
-        sample_evals=args.train_batch_size * calls, unet_backward=grad_calls, vae_decode=batches, vae_backward=batches,
-        reward_calls=batches, reward_backward=batches, text_encoder_calls=batches,
+        unet_calls=calls,
+        unet_grad_calls=2 * grad_calls,
+        unet_rows=2 * args.train_batch_size * calls,
+        sample_evals=args.train_batch_size * calls,
+        unet_backward=grad_calls,
+        vae_decode=batches,
+        vae_backward=batches,
+        reward_calls=batches,
+        reward_backward=batches,
+        text_encoder_calls=batches,
     )
 
 
@@ -123,10 +140,14 @@ def b2_stage(args, stage, kept):
     per_batch_evals = prefixes * branch_step + args.sample_batch_size * (args.num_steps - branch_step)
     train_calls = args.inner_epochs * math.ceil(kept / args.train_batch_size) * tau
     return _counts(
-        unet_calls=batches * args.num_steps + train_calls, unet_grad_calls=train_calls,
+        unet_calls=batches * args.num_steps + train_calls,
+        unet_grad_calls=train_calls,
         unet_rows=2 * batches * per_batch_evals + 2 * args.train_batch_size * train_calls,
-        sample_evals=batches * per_batch_evals + args.train_batch_size * train_calls, unet_backward=train_calls,
-        vae_decode=batches, reward_calls=batches, text_encoder_calls=batches,
+        sample_evals=batches * per_batch_evals + args.train_batch_size * train_calls,
+        unet_backward=train_calls,
+        vae_decode=batches,
+        reward_calls=batches,
+        text_encoder_calls=batches,
     )
 
 
@@ -136,8 +157,14 @@ def evaluation(args, set_sizes):
     for size in set_sizes:
         jobs = size * args.eval_images_per_prompt
         batches = math.ceil(jobs / args.sample_batch_size)
-        counts += _counts(unet_calls=batches * args.num_steps, unet_rows=2 * jobs * args.num_steps, sample_evals=jobs * args.num_steps,
-                          vae_decode=batches, reward_calls=batches, text_encoder_calls=batches)
+        counts += _counts(
+            unet_calls=batches * args.num_steps,
+            unet_rows=2 * jobs * args.num_steps,
+            sample_evals=jobs * args.num_steps,
+            vae_decode=batches,
+            reward_calls=batches,
+            text_encoder_calls=batches,
+        )
     return counts
 
 
@@ -218,7 +245,11 @@ def count_calls(module):
             phase[0] = "train"
 
     UNet2DConditionModel.forward, AutoencoderKL.decode = counted_unet, counted_decode
-    module.encode_prompts, module.load_reward, module.run_evaluation = counted_encode_prompts, counted_load_reward, counted_evaluation
+    module.encode_prompts, module.load_reward, module.run_evaluation = (
+        counted_encode_prompts,
+        counted_load_reward,
+        counted_evaluation,
+    )
     try:
         yield counts
     finally:
@@ -232,15 +263,38 @@ def count_calls(module):
 
 # tests/conftest.py's MICRO_FLAGS (4 steps, 8 samples in batches of 4, 6 prompts), one epoch
 MICRO_FLAGS = [
-    "--tiny", "--num-steps", "4", "--samples-per-epoch", "8", "--sample-batch-size", "4", "--train-batch-size", "4",
-    "--samples-per-update", "4", "--eval-every", "1", "--eval-images-per-prompt", "1", "--save-every", "1",
-    "--prompts", "unseen_animals", "--eval-unseen-prompts", "unseen_animals", "--epochs", "1",
+    "--tiny",
+    "--num-steps",
+    "4",
+    "--samples-per-epoch",
+    "8",
+    "--sample-batch-size",
+    "4",
+    "--train-batch-size",
+    "4",
+    "--samples-per-update",
+    "4",
+    "--eval-every",
+    "1",
+    "--eval-images-per-prompt",
+    "1",
+    "--save-every",
+    "1",
+    "--prompts",
+    "unseen_animals",
+    "--eval-unseen-prompts",
+    "unseen_animals",
+    "--epochs",
+    "1",
 ]
 MICRO_CASES = {
     "ddpo_diffexp": ("ddpo_diffexp", ["--diffexp"]),
     "alignprop_diffexp": ("alignprop_diffexp", ["--reward", "aesthetic", "--grad-steps", "2", "--diffexp"]),
     "alignprop_diffexp --random-truncation": ("alignprop_diffexp", ["--reward", "aesthetic", "--random-truncation"]),
-    "b2_diffurl": ("b2_diffurl", ["--epochs", "2", "--eval-every", "2", "--train-batch-size", "2", "--samples-per-update", "2"]),
+    "b2_diffurl": (
+        "b2_diffurl",
+        ["--epochs", "2", "--eval-every", "2", "--train-batch-size", "2", "--samples-per-update", "2"],
+    ),
     "ddpo_coca": ("ddpo_coca", ["--similarity-window", "2"]),
 }
 
@@ -255,7 +309,9 @@ def predicted_run_counts(module, args, metrics, batch_starts):
     for epoch in range(args.epochs):
         if module.__name__ == "alignprop_diffexp":
             batches = args.samples_per_epoch // args.train_batch_size
-            train += alignprop_epoch(args, batch_starts[epoch * batches : (epoch + 1) * batches] if args.random_truncation else None)
+            train += alignprop_epoch(
+                args, batch_starts[epoch * batches : (epoch + 1) * batches] if args.random_truncation else None
+            )
         elif module.__name__ == "b2_diffurl":
             train += b2_stage(args, epoch, metrics[epoch]["kept_samples"])
         else:
@@ -277,7 +333,9 @@ def run_counted(name, flags, output_dir):
     batch_starts = []
     truncation_starts = getattr(module, "truncation_starts", None)
     if truncation_starts is not None:  # record the data-dependent truncation points (first step with graph)
-        module.truncation_starts = lambda *a, **k: batch_starts.append(int((starts := truncation_starts(*a, **k)).min())) or starts
+        module.truncation_starts = lambda *a, **k: (
+            batch_starts.append(int((starts := truncation_starts(*a, **k)).min())) or starts
+        )
     try:
         with count_calls(module) as counts:
             module.main(args)
@@ -329,33 +387,67 @@ def paper_table():
 
     for module in (ddpo_diffexp, ddpo_coca):
         args = module.Args()
-        row(f"`{module.__name__}.py`", f"T {args.num_steps}, N {args.samples_per_epoch}, B {args.sample_batch_size}, b {args.train_batch_size}", ddpo_epoch(args),
-            "sampling N/B x T calls on 2B rows; training N/b x T forward + backward on 2b rows")
+        row(
+            f"`{module.__name__}.py`",
+            f"T {args.num_steps}, N {args.samples_per_epoch}, B {args.sample_batch_size}, b {args.train_batch_size}",
+            ddpo_epoch(args),
+            "sampling N/B x T calls on 2B rows; training N/b x T forward + backward on 2b rows",
+        )
         eval_counts = evaluation(args, sizes(args, UNSEEN_PROMPT_SET.get(args.prompts)))
-        row(f"`{module.__name__}.py`", f"one evaluation ({args.eval_images_per_prompt} images per prompt; every {args.eval_every} epochs)", eval_counts, "no grad")
+        row(
+            f"`{module.__name__}.py`",
+            f"one evaluation ({args.eval_images_per_prompt} images per prompt; every {args.eval_every} epochs)",
+            eval_counts,
+            "no grad",
+        )
     args = alignprop_diffexp.Args()
-    row("`alignprop_diffexp.py`", f"K {args.grad_steps}, T {args.num_steps}, N {args.samples_per_epoch}, b {args.train_batch_size}", alignprop_epoch(args),
-        "N/b x (T + K) forwards (K recomputed by checkpointing), N/b x K backwards")
+    row(
+        "`alignprop_diffexp.py`",
+        f"K {args.grad_steps}, T {args.num_steps}, N {args.samples_per_epoch}, b {args.train_batch_size}",
+        alignprop_epoch(args),
+        "N/b x (T + K) forwards (K recomputed by checkpointing), N/b x K backwards",
+    )
     starts = expected_min_start(args.num_steps, args.train_batch_size)
     batches = args.samples_per_epoch // args.train_batch_size
     expected = alignprop_epoch(args, [starts] * batches)
     probabilities = truncation_start_distribution(args.num_steps)
     mean_k = sum(p * (args.num_steps - j) for j, p in enumerate(probabilities) if p)
-    row("`alignprop_diffexp.py`", "--random-truncation (expected)", Counter({k: round(v, 1) for k, v in expected.items()}),
-        f"mean K per trajectory {mean_k:.2f}, but a batch checkpoints from its earliest start: E[T - min of {args.train_batch_size}] = {args.num_steps - starts:.2f}")
-    row("`alignprop_diffexp.py`", f"one evaluation ({args.eval_images_per_prompt} images per prompt; every {args.eval_every} epochs)",
-        evaluation(args, sizes(args, UNSEEN_PROMPT_SET.get(args.prompts))), "no grad")
+    row(
+        "`alignprop_diffexp.py`",
+        "--random-truncation (expected)",
+        Counter({k: round(v, 1) for k, v in expected.items()}),
+        f"mean K per trajectory {mean_k:.2f}, but a batch checkpoints from its earliest start: E[T - min of {args.train_batch_size}] = {args.num_steps - starts:.2f}",
+    )
+    row(
+        "`alignprop_diffexp.py`",
+        f"one evaluation ({args.eval_images_per_prompt} images per prompt; every {args.eval_every} epochs)",
+        evaluation(args, sizes(args, UNSEEN_PROMPT_SET.get(args.prompts))),
+        "no grad",
+    )
     args = b2_diffurl.Args()
     groups = args.samples_per_epoch // args.num_branches
     for stage in (0, args.epochs - 1):
         first = b2_diffurl.first_interval_steps(args.num_steps, args.first_interval_fraction)
         tau = b2_diffurl.split_step(stage, args.epochs, args.num_steps, first)
-        row("`b2_diffurl.py`", f"stage {stage} (tau {tau}), at most kept ({2 * groups})", b2_stage(args, stage, 2 * groups),
-            f"{args.samples_per_epoch // args.sample_batch_size} batches x T calls; training {args.inner_epochs} x ceil(kept/b) x tau calls (kept is data-dependent, 0..{2 * groups})")
+        row(
+            "`b2_diffurl.py`",
+            f"stage {stage} (tau {tau}), at most kept ({2 * groups})",
+            b2_stage(args, stage, 2 * groups),
+            f"{args.samples_per_epoch // args.sample_batch_size} batches x T calls; training {args.inner_epochs} x ceil(kept/b) x tau calls (kept is data-dependent, 0..{2 * groups})",
+        )
     total = sum((b2_stage(args, s, 2 * groups) for s in range(args.epochs)), Counter())
-    row("`b2_diffurl.py`", f"all {args.epochs} stages, at most kept", total, "upper bound of a whole run (without evaluation)")
-    row("`b2_diffurl.py`", f"one evaluation ({args.eval_images_per_prompt} images per prompt; every {args.eval_every} stages)",
-        evaluation(args, sizes(b2_diffurl.parse_args([]), b2_diffurl.unseen_twin(args.prompts))), "no grad (+ one diversity-CLIP call per batch)")
+    row(
+        "`b2_diffurl.py`",
+        f"all {args.epochs} stages, at most kept",
+        total,
+        "upper bound of a whole run (without evaluation)",
+    )
+    row(
+        "`b2_diffurl.py`",
+        f"one evaluation ({args.eval_images_per_prompt} images per prompt; every {args.eval_every} stages)",
+        evaluation(args, sizes(b2_diffurl.parse_args([]), b2_diffurl.unseen_twin(args.prompts))),
+        "no grad (+ one diversity-CLIP call per batch)",
+    )
     return rows
 
 
@@ -363,8 +455,10 @@ def format_table(rows):
     def number(value):
         return f"{value:,.1f}" if isinstance(value, float) and value != int(value) else f"{int(value):,}"
 
-    lines = ["| script | setting | UNet calls (rows) | sample evals | UNet backward | VAE decode (backward) | reward calls (backward) | text encoder | how |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| script | setting | UNet calls (rows) | sample evals | UNet backward | VAE decode (backward) | reward calls (backward) | text encoder | how |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for script, setting, c, note in rows:
         lines.append(
             f"| {script} | {setting} | {number(c['unet_calls'])} ({number(c['unet_rows'])}) | {number(c['sample_evals'])} | {number(c['unet_backward'])} | "

@@ -80,9 +80,24 @@ def run_method(args, method, seed, epochs, eval_every):
             return lines
     subprocess.run(["rm", "-rf", run_dir], check=True)
     command = [
-        sys.executable, os.path.join(ROOT, script), "--shapes", *extra, "--seed", str(seed), "--epochs", str(epochs),
-        "--samples-per-epoch", str(args.samples_per_epoch), "--eval-every", str(eval_every), "--save-every", str(epochs),
-        "--output-dir", args.runs_dir, "--run-name", f"{method}_seed{seed}",
+        sys.executable,
+        os.path.join(ROOT, script),
+        "--shapes",
+        *extra,
+        "--seed",
+        str(seed),
+        "--epochs",
+        str(epochs),
+        "--samples-per-epoch",
+        str(args.samples_per_epoch),
+        "--eval-every",
+        str(eval_every),
+        "--save-every",
+        str(epochs),
+        "--output-dir",
+        args.runs_dir,
+        "--run-name",
+        f"{method}_seed{seed}",
     ]
     start = time.time()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -107,8 +122,15 @@ def diversity(method, seed, runs_dir, prompts, images_per_prompt=8):
     distances = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(1_000 + index)
-        images = pipeline([prompt] * images_per_prompt, num_inference_steps=10, guidance_scale=5.0, height=32, width=32,
-                          generator=generator, output_type="pt").images.flatten(1)  # (N, 3 * 32 * 32)
+        images = pipeline(
+            [prompt] * images_per_prompt,
+            num_inference_steps=10,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            generator=generator,
+            output_type="pt",
+        ).images.flatten(1)  # (N, 3 * 32 * 32)
         pairwise = torch.cdist(images, images) / images.shape[1] ** 0.5  # RMS distance per pair
         distances.append(pairwise.sum().item() / (images_per_prompt * (images_per_prompt - 1)))
     return float(np.mean(distances))
@@ -136,7 +158,9 @@ def plot(path, curves, methods):
     for axis, split in zip(axes, ("seen", "unseen")):
         for method in methods:
             queries = np.array([line["reward_queries"] for line in curves[method][0]])
-            values = np.array([[line[f"{split}_reward_mean"] for line in lines] for lines in curves[method]])  # (seeds, evals)
+            values = np.array(
+                [[line[f"{split}_reward_mean"] for line in lines] for lines in curves[method]]
+            )  # (seeds, evals)
             axis.plot(queries, values.mean(0), marker="o", markersize=3, label=method)
             axis.fill_between(queries, values.min(0), values.max(0), alpha=0.15)
         axis.set_title(f"{split} prompts")
@@ -155,11 +179,15 @@ def main(args):
     if unknown:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if args.reward_queries % args.samples_per_epoch:
-        raise SystemExit(f"error: --reward-queries {args.reward_queries} is not a multiple of --samples-per-epoch {args.samples_per_epoch}")
+        raise SystemExit(
+            f"error: --reward-queries {args.reward_queries} is not a multiple of --samples-per-epoch {args.samples_per_epoch}"
+        )
     epochs = args.reward_queries // args.samples_per_epoch
     eval_every = max(1, epochs // args.evaluations)
     os.makedirs(args.output_dir, exist_ok=True)
-    curves = {method: [run_method(args, method, seed, epochs, eval_every) for seed in args.seeds] for method in args.methods}
+    curves = {
+        method: [run_method(args, method, seed, epochs, eval_every) for seed in args.seeds] for method in args.methods
+    }
 
     with open(os.path.join(args.output_dir, "results.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -167,7 +195,16 @@ def main(args):
         for method in args.methods:
             for seed, lines in zip(args.seeds, curves[method]):
                 for line in lines:
-                    writer.writerow([method, seed, line["epoch"], line["reward_queries"], f"{line['seen_reward_mean']:.4f}", f"{line['unseen_reward_mean']:.4f}"])
+                    writer.writerow(
+                        [
+                            method,
+                            seed,
+                            line["epoch"],
+                            line["reward_queries"],
+                            f"{line['seen_reward_mean']:.4f}",
+                            f"{line['unseen_reward_mean']:.4f}",
+                        ]
+                    )
 
     start_reward = np.mean([lines[0]["seen_reward_mean"] for method in args.methods for lines in curves[method]])
     best_final = max(np.mean([lines[-1]["seen_reward_mean"] for lines in curves[method]]) for method in args.methods)
@@ -179,26 +216,40 @@ def main(args):
         finals_unseen = [lines[-1]["unseen_reward_mean"] for lines in curves[method]]
         reached = [queries_to_reach(lines, target) for lines in curves[method]]
         diversities = [diversity(method, seed, args.runs_dir, unseen_prompts) for seed in args.seeds]
-        rows.append(dict(
-            method=method, seen_start=np.mean([lines[0]["seen_reward_mean"] for lines in curves[method]]),
-            seen_final=np.mean(finals_seen), seen_final_std=np.std(finals_seen), unseen_final=np.mean(finals_unseen),
-            unseen_final_std=np.std(finals_unseen), reached=sum(r is not None for r in reached),
-            queries_to_target=np.mean([r for r in reached if r is not None]) if any(r is not None for r in reached) else float("nan"),
-            diversity=np.mean(diversities),
-        ))
+        rows.append(
+            dict(
+                method=method,
+                seen_start=np.mean([lines[0]["seen_reward_mean"] for lines in curves[method]]),
+                seen_final=np.mean(finals_seen),
+                seen_final_std=np.std(finals_seen),
+                unseen_final=np.mean(finals_unseen),
+                unseen_final_std=np.std(finals_unseen),
+                reached=sum(r is not None for r in reached),
+                queries_to_target=np.mean([r for r in reached if r is not None])
+                if any(r is not None for r in reached)
+                else float("nan"),
+                diversity=np.mean(diversities),
+            )
+        )
     with open(os.path.join(args.output_dir, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     plot(os.path.join(args.output_dir, "curves.png"), curves, args.methods)
 
-    print(f"\nseeds {' '.join(map(str, args.seeds))}, {args.reward_queries} reward queries per run, target exact reward {target:.3f}\n")
+    print(
+        f"\nseeds {' '.join(map(str, args.seeds))}, {args.reward_queries} reward queries per run, target exact reward {target:.3f}\n"
+    )
     print("| method | seen: start -> final | unseen: final | queries to target (runs that reached it) | diversity |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
-        queries = "never" if not row["reached"] else f"{row['queries_to_target']:.0f} ({row['reached']}/{len(args.seeds)})"
-        print(f"| {row['method']} | {row['seen_start']:.3f} -> {row['seen_final']:.3f} ± {row['seen_final_std']:.3f} | "
-              f"{row['unseen_final']:.3f} ± {row['unseen_final_std']:.3f} | {queries} | {row['diversity']:.3f} |")
+        queries = (
+            "never" if not row["reached"] else f"{row['queries_to_target']:.0f} ({row['reached']}/{len(args.seeds)})"
+        )
+        print(
+            f"| {row['method']} | {row['seen_start']:.3f} -> {row['seen_final']:.3f} ± {row['seen_final_std']:.3f} | "
+            f"{row['unseen_final']:.3f} ± {row['unseen_final_std']:.3f} | {queries} | {row['diversity']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ def interleaved(variants, repeats):
 def ratio(times, numerator, denominator, scale=1.0):
     """Median over rounds of times[numerator] / (scale x sum of times[d] for d in denominator)."""
     denominator = [denominator] if isinstance(denominator, str) else denominator
-    return statistics.median(t / (scale * sum(times[d][i] for d in denominator)) for i, t in enumerate(times[numerator]))
+    return statistics.median(
+        t / (scale * sum(times[d][i] for d in denominator)) for i, t in enumerate(times[numerator])
+    )
 
 
 class TensorMemory(TorchDispatchMode):
@@ -99,7 +101,11 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        inputs = {
+            id(t.untyped_storage())
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided
+        }
         for tensor in tree_leaves(output):
             if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
                 continue
@@ -117,6 +123,7 @@ class TensorMemory(TorchDispatchMode):
 # ----------------------------------------------------------------------------------------------------------
 # The benchmarks, one model at a time
 # ----------------------------------------------------------------------------------------------------------
+
 
 def prompts_for(batch):
     """`batch` prompts of the "animal activities" set (several words each, so Eq. 8's word masking does real work)."""
@@ -140,7 +147,12 @@ def bench_sampling(pipeline, resolution, opts):
     import common
     import ddpo_diffexp
 
-    unet, scheduler, tokenizer, text_encoder = pipeline.unet, pipeline.scheduler, pipeline.tokenizer, pipeline.text_encoder
+    unet, scheduler, tokenizer, text_encoder = (
+        pipeline.unet,
+        pipeline.scheduler,
+        pipeline.tokenizer,
+        pipeline.text_encoder,
+    )
     batch, steps, cfg = opts.batch, opts.steps, 5.0
     defaults = ddpo_diffexp.Args()
     prompts = prompts_for(batch)
@@ -152,19 +164,32 @@ def bench_sampling(pipeline, resolution, opts):
 
     def ours():  # ddpo_diffexp.main(), section 2, one batch, with --diffexp
         generator = torch.Generator().manual_seed(0)
-        step_scales = torch.tensor([common.dynamic_cfg_scale(t, defaults.cfg_low, cfg, defaults.t_thres) for t in timesteps.tolist()])
+        step_scales = torch.tensor(
+            [common.dynamic_cfg_scale(t, defaults.cfg_low, cfg, defaults.t_thres) for t in timesteps.tolist()]
+        )
         prompt_embeds = common.encode_prompts(tokenizer, text_encoder, prompts)
         token_mask = common.random_word_token_mask(tokenizer, prompts, generator)
         low, high = defaults.prompt_weight_range
         prompt_weights = low + (high - low) * torch.rand(batch, generator=generator)
         prompt_embeds = common.weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, prompt_weights)
         latents = torch.randn((batch, *latent_shape), generator=generator)
-        return ddpo_diffexp.sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, step_scales.expand(batch, -1), latents, 1.0, generator)
+        return ddpo_diffexp.sample_trajectories(
+            pipeline, unet, prompt_embeds, null_embeds, step_scales.expand(batch, -1), latents, 1.0, generator
+        )
 
     def diffusers_pipeline():
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            pipeline(prompts, num_inference_steps=steps, guidance_scale=cfg, eta=1.0, height=resolution, width=resolution, generator=generator, output_type="pt")
+            pipeline(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=cfg,
+                eta=1.0,
+                height=resolution,
+                width=resolution,
+                generator=generator,
+                output_type="pt",
+            )
 
     prompt_embeds = common.encode_prompts(tokenizer, text_encoder, prompts)
     latents = torch.randn((batch, *latent_shape))
@@ -183,13 +208,23 @@ def bench_sampling(pipeline, resolution, opts):
     def text_encoder_call():
         common.encode_prompts(tokenizer, text_encoder, prompts)
 
-    times = interleaved(dict(ours=ours, pipeline=diffusers_pipeline, floor=floor, vae_decode=vae_decode, text_encoder=text_encoder_call), opts.repeats)
+    times = interleaved(
+        dict(
+            ours=ours, pipeline=diffusers_pipeline, floor=floor, vae_decode=vae_decode, text_encoder=text_encoder_call
+        ),
+        opts.repeats,
+    )
     return dict(
-        batch=batch, steps=steps, resolution=resolution, times={k: statistics.median(v) for k, v in times.items()},
-        ours_vs_pipeline=ratio(times, "ours", "pipeline"), ours_vs_floor=ratio(times, "ours", "floor"),
+        batch=batch,
+        steps=steps,
+        resolution=resolution,
+        times={k: statistics.median(v) for k, v in times.items()},
+        ours_vs_pipeline=ratio(times, "ours", "pipeline"),
+        ours_vs_floor=ratio(times, "ours", "floor"),
         ours_vs_all_calls=ratio(times, "ours", ["floor", "vae_decode", "text_encoder"]),
         pipeline_vs_floor=ratio(times, "pipeline", "floor"),
-        vae_share=ratio(times, "vae_decode", "floor"), text_share=ratio(times, "text_encoder", "floor"),
+        vae_share=ratio(times, "vae_decode", "floor"),
+        text_share=ratio(times, "text_encoder", "floor"),
     )
 
 
@@ -206,10 +241,14 @@ def bench_ddpo_training(pipeline, resolution, opts):
     null_embeds = common.encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])
     prompt_embeds = common.encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn((batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), generator=generator)
+    latents = torch.randn(
+        (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), generator=generator
+    )
     scales = torch.full((batch, steps), 5.0)
     unet.eval()
-    trajectory, log_probs, _ = ddpo_diffexp.sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, scales, latents, 1.0, generator)
+    trajectory, log_probs, _ = ddpo_diffexp.sample_trajectories(
+        pipeline, unet, prompt_embeds, null_embeds, scales, latents, 1.0, generator
+    )
     advantages = torch.randn(batch, generator=generator)
     unet.train()
 
@@ -217,13 +256,26 @@ def bench_ddpo_training(pipeline, resolution, opts):
         losses, approx_kls, clipfracs = [], [], []
         for k in range(steps):
             step_timesteps = timesteps[k].expand(batch)
-            noise_pred = common.guided_noise_prediction(unet, trajectory[:, k], step_timesteps, prompt_embeds, null_embeds, scales[:, k])
-            _, log_prob = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred, step_timesteps, trajectory[:, k], 1.0, prev_sample=trajectory[:, k + 1])
-            loss, approx_kl, clipfrac = ddpo_diffexp.clipped_policy_loss(log_prob, log_probs[:, k], advantages, defaults.clip_range, defaults.advantage_clip)
+            noise_pred = common.guided_noise_prediction(
+                unet, trajectory[:, k], step_timesteps, prompt_embeds, null_embeds, scales[:, k]
+            )
+            _, log_prob = ddpo_diffexp.ddim_step_with_logprob(
+                scheduler, noise_pred, step_timesteps, trajectory[:, k], 1.0, prev_sample=trajectory[:, k + 1]
+            )
+            loss, approx_kl, clipfrac = ddpo_diffexp.clipped_policy_loss(
+                log_prob, log_probs[:, k], advantages, defaults.clip_range, defaults.advantage_clip
+            )
             (loss / steps).backward()
             losses.append(loss.item()), approx_kls.append(approx_kl.item()), clipfracs.append(clipfrac.item())
 
-    inputs = [(torch.cat([trajectory[:, k]] * 2), torch.full((2 * batch,), int(t)), torch.cat([null_embeds.expand(batch, -1, -1), prompt_embeds])) for k, t in enumerate(timesteps)]
+    inputs = [
+        (
+            torch.cat([trajectory[:, k]] * 2),
+            torch.full((2 * batch,), int(t)),
+            torch.cat([null_embeds.expand(batch, -1, -1), prompt_embeds]),
+        )
+        for k, t in enumerate(timesteps)
+    ]
 
     def floor():  # T x (one guided UNet forward on ready inputs + backward)
         for x, t, c in inputs:
@@ -234,8 +286,13 @@ def bench_ddpo_training(pipeline, resolution, opts):
     for parameter in unet.parameters():
         parameter.grad = None
     unet.eval()
-    return dict(batch=batch, steps=steps, seconds_per_pair=statistics.median(times["ours"]) / (steps * batch),
-                floor_seconds_per_pair=statistics.median(times["floor"]) / (steps * batch), ours_vs_floor=ratio(times, "ours", "floor"))
+    return dict(
+        batch=batch,
+        steps=steps,
+        seconds_per_pair=statistics.median(times["ours"]) / (steps * batch),
+        floor_seconds_per_pair=statistics.median(times["floor"]) / (steps * batch),
+        ours_vs_floor=ratio(times, "ours", "floor"),
+    )
 
 
 def alignprop_step(pipeline, reward_fn, batch, steps, grad_steps, prompt_embeds, null_embeds, seed=0):
@@ -245,9 +302,21 @@ def alignprop_step(pipeline, reward_fn, batch, steps, grad_steps, prompt_embeds,
     pipeline.scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     unet = pipeline.unet
-    latents = torch.randn((batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), generator=generator)
+    latents = torch.randn(
+        (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), generator=generator
+    )
     grad_starts = torch.full((batch,), steps - grad_steps, dtype=torch.long) if grad_steps else None
-    images = alignprop_diffexp.sample_images(pipeline, unet, prompt_embeds, null_embeds, torch.full((batch, steps), 7.5), latents, 0.0, generator, grad_starts)
+    images = alignprop_diffexp.sample_images(
+        pipeline,
+        unet,
+        prompt_embeds,
+        null_embeds,
+        torch.full((batch, steps), 7.5),
+        latents,
+        0.0,
+        generator,
+        grad_starts,
+    )
     rewards = reward_fn(images, prompts_for(batch))
     if grad_steps:
         (-rewards.mean()).backward()
@@ -272,7 +341,9 @@ def bench_alignprop(pipeline, resolution, opts):
 
     memory = {(k, t): measure(t, k) for k in opts.grad_steps for t in opts.memory_steps}
     checkpoint = torch.utils.checkpoint.checkpoint
-    torch.utils.checkpoint.checkpoint = lambda function, *args, use_reentrant=None: function(*args)  # what checkpointing saves
+    torch.utils.checkpoint.checkpoint = lambda function, *args, use_reentrant=None: function(
+        *args
+    )  # what checkpointing saves
     try:
         unchecked = {k: measure(opts.memory_steps[0], k) for k in opts.grad_steps}
     finally:
@@ -289,8 +360,14 @@ def bench_alignprop(pipeline, resolution, opts):
     for parameter in unet.parameters():
         parameter.grad = None
     unet.eval()
-    return dict(batch=batch, steps=opts.steps, memory={f"{k},{t}": v for (k, t), v in memory.items()}, unchecked={str(k): v for k, v in unchecked.items()},
-                step_vs_sampling=ratio(times, "training_step", "sampling"), times={k: statistics.median(v) for k, v in times.items()})
+    return dict(
+        batch=batch,
+        steps=opts.steps,
+        memory={f"{k},{t}": v for (k, t), v in memory.items()},
+        unchecked={str(k): v for k, v in unchecked.items()},
+        step_vs_sampling=ratio(times, "training_step", "sampling"),
+        times={k: statistics.median(v) for k, v in times.items()},
+    )
 
 
 @contextlib.contextmanager
@@ -305,14 +382,36 @@ def bench_b2_against_ddpo(model, opts):
     import call_counts
     import ddpo_diffexp
 
-    shared = ["--tiny", "--model", model, "--num-steps", str(opts.steps), "--samples-per-epoch", "32", "--sample-batch-size", "16",
-              "--train-batch-size", "8", "--samples-per-update", "8", "--epochs", str(opts.stages), "--eval-every", "1000",
-              "--save-every", "1000", "--reward", "clipscore", "--prompts", os.path.join(ROOT, "prompts", "color_fruit_train.txt")]
+    shared = [
+        "--tiny",
+        "--model",
+        model,
+        "--num-steps",
+        str(opts.steps),
+        "--samples-per-epoch",
+        "32",
+        "--sample-batch-size",
+        "16",
+        "--train-batch-size",
+        "8",
+        "--samples-per-update",
+        "8",
+        "--epochs",
+        str(opts.stages),
+        "--eval-every",
+        "1000",
+        "--save-every",
+        "1000",
+        "--reward",
+        "clipscore",
+        "--prompts",
+        os.path.join(ROOT, "prompts", "color_fruit_train.txt"),
+    ]
     runs = dict(b2_diffurl=(b2_diffurl, shared), ddpo_diffexp=(ddpo_diffexp, shared))
     seconds, sampling_seconds = {name: [] for name in runs}, {name: [] for name in runs}
     counts = {}
     for round_index in range(opts.b2_repeats):
-        for name in (list(runs) if round_index % 2 == 0 else list(runs)[::-1]):
+        for name in list(runs) if round_index % 2 == 0 else list(runs)[::-1]:
             module, flags = runs[name]
             with tempfile.TemporaryDirectory() as folder:
                 args = module.parse_args(flags + ["--output-dir", folder, "--run-name", "run"])
@@ -340,8 +439,14 @@ def bench_b2_against_ddpo(model, opts):
                 counts[name]["kept"] = [m["kept_samples"] for m in metrics]
     torch.set_grad_enabled(True)
     b2_ratio = statistics.median(b / d for b, d in zip(seconds["b2_diffurl"], seconds["ddpo_diffexp"]))
-    return dict(stages=opts.stages, steps=opts.steps, seconds={k: statistics.median(v) for k, v in seconds.items()},
-                sampling_seconds={k: statistics.median(v) for k, v in sampling_seconds.items()}, b2_vs_ddpo=b2_ratio, counts=counts)
+    return dict(
+        stages=opts.stages,
+        steps=opts.steps,
+        seconds={k: statistics.median(v) for k, v in seconds.items()},
+        sampling_seconds={k: statistics.median(v) for k, v in sampling_seconds.items()},
+        b2_vs_ddpo=b2_ratio,
+        counts=counts,
+    )
 
 
 def bench_model(model, opts):
@@ -368,28 +473,41 @@ def bench_model(model, opts):
 
 def print_sampling(s):
     t = s["times"]
-    print(f"sampling, batch {s['batch']}, T {s['steps']}, {s['resolution']} px: ours {t['ours']:.3f} s, diffusers pipeline {t['pipeline']:.3f} s, "
-          f"floor (T bare UNet calls) {t['floor']:.3f} s, VAE decode {t['vae_decode']:.3f} s, text encoder {t['text_encoder']:.4f} s")
-    print(f"  ours / pipeline {s['ours_vs_pipeline']:.3f}; ours / UNet floor {s['ours_vs_floor']:.3f}; ours / (UNet + VAE + text) {s['ours_vs_all_calls']:.3f}; "
-          f"pipeline / UNet floor {s['pipeline_vs_floor']:.3f}", flush=True)
+    print(
+        f"sampling, batch {s['batch']}, T {s['steps']}, {s['resolution']} px: ours {t['ours']:.3f} s, diffusers pipeline {t['pipeline']:.3f} s, "
+        f"floor (T bare UNet calls) {t['floor']:.3f} s, VAE decode {t['vae_decode']:.3f} s, text encoder {t['text_encoder']:.4f} s"
+    )
+    print(
+        f"  ours / pipeline {s['ours_vs_pipeline']:.3f}; ours / UNet floor {s['ours_vs_floor']:.3f}; ours / (UNet + VAE + text) {s['ours_vs_all_calls']:.3f}; "
+        f"pipeline / UNet floor {s['pipeline_vs_floor']:.3f}",
+        flush=True,
+    )
 
 
 def print_ddpo(d):
-    print(f"DDPO training, batch {d['batch']}, T {d['steps']}: {1e3 * d['seconds_per_pair']:.2f} ms per (sample, timestep), "
-          f"floor {1e3 * d['floor_seconds_per_pair']:.2f} ms; ours / floor {d['ours_vs_floor']:.3f}", flush=True)
+    print(
+        f"DDPO training, batch {d['batch']}, T {d['steps']}: {1e3 * d['seconds_per_pair']:.2f} ms per (sample, timestep), "
+        f"floor {1e3 * d['floor_seconds_per_pair']:.2f} ms; ours / floor {d['ours_vs_floor']:.3f}",
+        flush=True,
+    )
 
 
 def print_alignprop(a, opts):
     print(f"AlignProp, batch {a['batch']}: peak tensor memory of a training step (MB), K x T:")
     for k in opts.grad_steps:
-        print(f"  K {k}: " + ", ".join(f"T {t} {a['memory'][f'{k},{t}'] / 2**20:.1f}" for t in opts.memory_steps)
-              + f"; without checkpointing (T {opts.memory_steps[0]}) {a['unchecked'][str(k)] / 2**20:.1f}")
+        print(
+            f"  K {k}: "
+            + ", ".join(f"T {t} {a['memory'][f'{k},{t}'] / 2**20:.1f}" for t in opts.memory_steps)
+            + f"; without checkpointing (T {opts.memory_steps[0]}) {a['unchecked'][str(k)] / 2**20:.1f}"
+        )
     print(f"  training step (K 1, T {a['steps']}) / sampling alone {a['step_vs_sampling']:.3f}", flush=True)
 
 
 def print_b2(b):
-    print(f"B2-DiffuRL, {b['stages']} stages of 32 queries, T {b['steps']}: {b['seconds']['b2_diffurl']:.2f} s per stage, "
-          f"DDPO {b['seconds']['ddpo_diffexp']:.2f} s per epoch; B2 / DDPO {b['b2_vs_ddpo']:.3f}")
+    print(
+        f"B2-DiffuRL, {b['stages']} stages of 32 queries, T {b['steps']}: {b['seconds']['b2_diffurl']:.2f} s per stage, "
+        f"DDPO {b['seconds']['ddpo_diffexp']:.2f} s per epoch; B2 / DDPO {b['b2_vs_ddpo']:.3f}"
+    )
     for line in b2_lines(b):
         print("  " + line, flush=True)
 
@@ -398,8 +516,10 @@ def b2_lines(b):
     lines = []
     for name, c in b["counts"].items():
         kept = f"; kept per stage {c['kept']} of 32" if "kept" in c else ""
-        lines.append(f"{name}: {b['seconds'][name]:.2f} s per stage ({b['sampling_seconds'][name]:.2f} s sampling), {c.get('unet_calls', 0):.0f} UNet calls, "
-                     f"{c.get('sample_evals', 0):.0f} sample evals, {c.get('unet_backward', 0):.0f} backward passes per stage{kept}")
+        lines.append(
+            f"{name}: {b['seconds'][name]:.2f} s per stage ({b['sampling_seconds'][name]:.2f} s sampling), {c.get('unet_calls', 0):.0f} UNet calls, "
+            f"{c.get('sample_evals', 0):.0f} sample evals, {c.get('unet_backward', 0):.0f} backward passes per stage{kept}"
+        )
     return lines
 
 
@@ -412,48 +532,77 @@ def readme_section(results, opts, command, seconds):
 
     threads = torch.get_num_threads()
     lines = [
-        START, "## Performance", "",
+        START,
+        "## Performance",
+        "",
         "What an iteration costs, measured on CPU by `benchmarks/iteration_cost.py` against diffusers and against the bare",
         "network calls. Ratios come from one run, the compared variants interleaved (median of the per-round ratios).",
         f"This table: `{command}` on {platform.machine()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''}), "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min, "
         "while other jobs shared the machine (expect a few % of noise). Regenerate this section with",
         "`python benchmarks/iteration_cost.py --readme` (the toy world model is measured when `world/sd-shapes` exists; `--model` adds",
-        "any local pipeline folder).", "",
+        "any local pipeline folder).",
+        "",
         "| model | sampling: ours / diffusers pipeline | ours / UNet floor | ours / (UNet + VAE + text encoder) | DDPO step / floor | AlignProp step / sampling | B2 stage / DDPO epoch |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, d, a, b = r["sampling"], r["ddpo"], r["alignprop"], r.get("b2")
         b2 = f"{b['b2_vs_ddpo']:.2f}" if b else "-"
-        lines.append(f"| {r['model']} ({r['resolution']} px) | {s['ours_vs_pipeline']:.3f} | {s['ours_vs_floor']:.3f} | {s['ours_vs_all_calls']:.3f} | "
-                     f"{d['ours_vs_floor']:.3f} | {a['step_vs_sampling']:.2f} | {b2} |")
+        lines.append(
+            f"| {r['model']} ({r['resolution']} px) | {s['ours_vs_pipeline']:.3f} | {s['ours_vs_floor']:.3f} | {s['ours_vs_all_calls']:.3f} | "
+            f"{d['ours_vs_floor']:.3f} | {a['step_vs_sampling']:.2f} | {b2} |"
+        )
     lines += ["", "Absolute times (medians, seconds):", ""]
     for r in results:
         t, d, a = r["sampling"]["times"], r["ddpo"], r["alignprop"]["times"]
-        lines.append(f"- {r['model']}: sampling a batch: ours {t['ours']:.3f}, diffusers {t['pipeline']:.3f}, UNet floor {t['floor']:.3f}, VAE decode "
-                     f"{t['vae_decode']:.3f}, text encoder {t['text_encoder']:.4f}; DDPO per (sample, timestep) {d['seconds_per_pair']:.4f} (floor "
-                     f"{d['floor_seconds_per_pair']:.4f}); AlignProp step {a['training_step']:.3f}, sampling alone {a['sampling']:.3f}.")
+        lines.append(
+            f"- {r['model']}: sampling a batch: ours {t['ours']:.3f}, diffusers {t['pipeline']:.3f}, UNet floor {t['floor']:.3f}, VAE decode "
+            f"{t['vae_decode']:.3f}, text encoder {t['text_encoder']:.4f}; DDPO per (sample, timestep) {d['seconds_per_pair']:.4f} (floor "
+            f"{d['floor_seconds_per_pair']:.4f}); AlignProp step {a['training_step']:.3f}, sampling alone {a['sampling']:.3f}."
+        )
         if r.get("b2"):
             lines += [f"  - {line}" for line in b2_lines(r["b2"])]
-    lines += ["", f"Settings: sampling and DDPO batch {opts.batch}, T = {opts.steps}, CFG 5, eta 1, LoRA rank 4 on the UNet (as in training); "
-              f"AlignProp batch {opts.alignprop_batch}, K = 1; B2 and DDPO: {opts.stages} stages / epochs of 32 reward queries, "
-              "sampling batch 16, train batch 8, clipscore, evaluation off.", ""]
-    lines += ["AlignProp, peak tensor memory of one training step in MB (`TensorMemory`: every storage that torch ops allocate",
-              "inside the step, forward, backward and checkpoint recomputation included, counted while alive; weights and inputs",
-              "excluded):", "",
-              "| model | K | " + " | ".join(f"T = {t}" for t in opts.memory_steps) + f" | T = {opts.memory_steps[0]}, no checkpointing |",
-              "|---|---|" + "---|" * (len(opts.memory_steps) + 1)]
+    lines += [
+        "",
+        f"Settings: sampling and DDPO batch {opts.batch}, T = {opts.steps}, CFG 5, eta 1, LoRA rank 4 on the UNet (as in training); "
+        f"AlignProp batch {opts.alignprop_batch}, K = 1; B2 and DDPO: {opts.stages} stages / epochs of 32 reward queries, "
+        "sampling batch 16, train batch 8, clipscore, evaluation off.",
+        "",
+    ]
+    lines += [
+        "AlignProp, peak tensor memory of one training step in MB (`TensorMemory`: every storage that torch ops allocate",
+        "inside the step, forward, backward and checkpoint recomputation included, counted while alive; weights and inputs",
+        "excluded):",
+        "",
+        "| model | K | "
+        + " | ".join(f"T = {t}" for t in opts.memory_steps)
+        + f" | T = {opts.memory_steps[0]}, no checkpointing |",
+        "|---|---|" + "---|" * (len(opts.memory_steps) + 1),
+    ]
     for r in results:
         a = r["alignprop"]
         for k in opts.grad_steps:
-            lines.append(f"| {r['model']} | {k} | " + " | ".join(f"{a['memory'][f'{k},{t}'] / 2**20:.2f}" for t in opts.memory_steps) + f" | {a['unchecked'][str(k)] / 2**20:.2f} |")
+            lines.append(
+                f"| {r['model']} | {k} | "
+                + " | ".join(f"{a['memory'][f'{k},{t}'] / 2**20:.2f}" for t in opts.memory_steps)
+                + f" | {a['unchecked'][str(k)] / 2**20:.2f} |"
+            )
     lines += ["", "### Targets", ""]
     for r in results:
         s, d, a = r["sampling"], r["ddpo"], r["alignprop"]
-        flat = max(abs(a["memory"][f"{k},{t}"] / a["memory"][f"{k},{opts.memory_steps[0]}"] - 1) for k in opts.grad_steps for t in opts.memory_steps)
-        per_k = (a["memory"][f"{opts.grad_steps[-1]},{opts.memory_steps[0]}"] - a["memory"][f"{opts.grad_steps[0]},{opts.memory_steps[0]}"]) / (opts.grad_steps[-1] - opts.grad_steps[0])
-        per_k_unchecked = (a["unchecked"][str(opts.grad_steps[-1])] - a["unchecked"][str(opts.grad_steps[0])]) / (opts.grad_steps[-1] - opts.grad_steps[0])
+        flat = max(
+            abs(a["memory"][f"{k},{t}"] / a["memory"][f"{k},{opts.memory_steps[0]}"] - 1)
+            for k in opts.grad_steps
+            for t in opts.memory_steps
+        )
+        per_k = (
+            a["memory"][f"{opts.grad_steps[-1]},{opts.memory_steps[0]}"]
+            - a["memory"][f"{opts.grad_steps[0]},{opts.memory_steps[0]}"]
+        ) / (opts.grad_steps[-1] - opts.grad_steps[0])
+        per_k_unchecked = (a["unchecked"][str(opts.grad_steps[-1])] - a["unchecked"][str(opts.grad_steps[0])]) / (
+            opts.grad_steps[-1] - opts.grad_steps[0]
+        )
         lines += [
             f"- **{r['model']}**",
             f"  - sampling within 5% of the bare-UNet floor: {target(s['ours_vs_floor'] <= 1.05)} ({s['ours_vs_floor']:.3f}). The floor leaves out "
@@ -466,12 +615,21 @@ def readme_section(results, opts, command, seconds):
             f"  - AlignProp memory flat in T: {target(flat <= 0.02)} (largest change from T = {opts.memory_steps[0]}: {100 * flat:.1f}%); it grows by "
             f"{per_k / 2**10:.0f} KB per step of K with checkpointing, {per_k_unchecked / 2**20:.2f} MB without.",
         ]
-    lines += ["", WHY, "", "### Network calls per epoch at the paper settings", "",
-              "Counted from the code (`benchmarks/call_counts.py`, formulas checked against counted runs of every script's `main()` in",
-              "`tests/test_benchmarks.py`), for one epoch (B2: one stage) without evaluation, over all processes. A guided prediction",
-              "is one UNet call on a doubled batch: \"rows\" counts the rows of all UNet calls, \"sample evals\" the (sample, step)",
-              "predictions (half the rows). Training forwards are included in the UNet calls.", "",
-              call_counts.format_table(call_counts.paper_table()), "", END]
+    lines += [
+        "",
+        WHY,
+        "",
+        "### Network calls per epoch at the paper settings",
+        "",
+        "Counted from the code (`benchmarks/call_counts.py`, formulas checked against counted runs of every script's `main()` in",
+        "`tests/test_benchmarks.py`), for one epoch (B2: one stage) without evaluation, over all processes. A guided prediction",
+        'is one UNet call on a doubled batch: "rows" counts the rows of all UNet calls, "sample evals" the (sample, step)',
+        "predictions (half the rows). Training forwards are included in the UNet calls.",
+        "",
+        call_counts.format_table(call_counts.paper_table()),
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 
@@ -521,14 +679,24 @@ def write_readme(section, path=README):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", default=[], help="another local StableDiffusionPipeline folder (repeatable)")
-    parser.add_argument("--batch", type=int, default=16, help="sampling and DDPO training batch (the --tiny preset's 16)")
+    parser.add_argument(
+        "--model", action="append", default=[], help="another local StableDiffusionPipeline folder (repeatable)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=16, help="sampling and DDPO training batch (the --tiny preset's 16)"
+    )
     parser.add_argument("--steps", type=int, default=8, help="denoising steps T (the --tiny preset's 8)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per comparison")
     parser.add_argument("--alignprop-batch", type=int, default=4)
-    parser.add_argument("--grad-steps", type=int, nargs="+", default=[1, 2, 4], help="AlignProp K values for the memory table")
-    parser.add_argument("--memory-steps", type=int, nargs="+", default=[8, 16, 32], help="AlignProp T values for the memory table")
-    parser.add_argument("--stages", type=int, default=3, help="B2 stages / DDPO epochs per run (0 skips the comparison)")
+    parser.add_argument(
+        "--grad-steps", type=int, nargs="+", default=[1, 2, 4], help="AlignProp K values for the memory table"
+    )
+    parser.add_argument(
+        "--memory-steps", type=int, nargs="+", default=[8, 16, 32], help="AlignProp T values for the memory table"
+    )
+    parser.add_argument(
+        "--stages", type=int, default=3, help="B2 stages / DDPO epochs per run (0 skips the comparison)"
+    )
     parser.add_argument("--b2-repeats", type=int, default=2, help="interleaved B2 / DDPO runs each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--readme", action="store_true", help="rewrite the README's performance section with this run")

@@ -17,9 +17,27 @@ sys.path.insert(0, ROOT)
 # The smallest run that still exercises every part of a script: 4 steps, 2 batches of 4, evaluation and a
 # checkpoint every epoch.
 MICRO_FLAGS = [
-    "--tiny", "--num-steps", "4", "--samples-per-epoch", "8", "--sample-batch-size", "4", "--train-batch-size", "4",
-    "--samples-per-update", "4", "--eval-every", "1", "--eval-images-per-prompt", "1", "--save-every", "1",
-    "--prompts", "unseen_animals", "--eval-unseen-prompts", "unseen_animals",
+    "--tiny",
+    "--num-steps",
+    "4",
+    "--samples-per-epoch",
+    "8",
+    "--sample-batch-size",
+    "4",
+    "--train-batch-size",
+    "4",
+    "--samples-per-update",
+    "4",
+    "--eval-every",
+    "1",
+    "--eval-images-per-prompt",
+    "1",
+    "--save-every",
+    "1",
+    "--prompts",
+    "unseen_animals",
+    "--eval-unseen-prompts",
+    "unseen_animals",
 ]
 
 
@@ -32,13 +50,27 @@ def tiny_pipeline():
 
 def run_script(script, flags, tmp_path, launcher=(), check=True, timeout=600):
     """Run a method script as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1" if launcher else os.environ.get("OMP_NUM_THREADS", ""))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1" if launcher else os.environ.get("OMP_NUM_THREADS", ""),
+    )
     if not env["OMP_NUM_THREADS"]:
         del env["OMP_NUM_THREADS"]
     command = [*launcher, os.path.join(ROOT, script)] if launcher else [sys.executable, os.path.join(ROOT, script)]
-    result = subprocess.run([*command, "--output-dir", str(tmp_path), *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [*command, "--output-dir", str(tmp_path), *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 
@@ -60,8 +92,13 @@ def kill_after_first_checkpoint(script, flags, tmp_path, run_name="full"):
     Returns the names of the checkpoints it left.
     """
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *flags],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = tmp_path / run_name / "checkpoints"
     deadline = time.time() + 300
     while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:

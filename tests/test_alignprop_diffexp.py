@@ -45,7 +45,10 @@ def model():
                 parameter.normal_(0, 0.02)
     prompts = ["a snail", "an octopus"]
     return SimpleNamespace(
-        pipeline=pipeline, unet=pipeline.unet, lora=lora_parameters, prompts=prompts,
+        pipeline=pipeline,
+        unet=pipeline.unet,
+        lora=lora_parameters,
+        prompts=prompts,
         reward=load_reward("aesthetic", "cpu", torch.float32, tiny=True),
         null_embeds=encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""]),
         prompt_embeds=encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts),
@@ -58,7 +61,12 @@ def lora_gradient(model, loss):
     for parameter in model.lora:
         parameter.grad = None
     loss.backward()
-    gradient = torch.cat([parameter.grad.flatten() if parameter.grad is not None else torch.zeros(parameter.numel()) for parameter in model.lora])
+    gradient = torch.cat(
+        [
+            parameter.grad.flatten() if parameter.grad is not None else torch.zeros(parameter.numel())
+            for parameter in model.lora
+        ]
+    )
     for parameter in model.lora:
         parameter.grad = None
     return gradient
@@ -69,7 +77,17 @@ def script_loss(model, num_steps, grad_starts, batch=slice(None)):
     model.pipeline.scheduler.set_timesteps(num_steps)
     latents, prompt_embeds, prompts = model.latents[batch], model.prompt_embeds[batch], model.prompts[batch]
     scales = torch.full((len(latents), num_steps), 7.5)
-    images = alignprop.sample_images(model.pipeline, model.unet, prompt_embeds, model.null_embeds, scales, latents, 0.0, None, torch.as_tensor(grad_starts))
+    images = alignprop.sample_images(
+        model.pipeline,
+        model.unet,
+        prompt_embeds,
+        model.null_embeds,
+        scales,
+        latents,
+        0.0,
+        None,
+        torch.as_tensor(grad_starts),
+    )
     return -model.reward(images, prompts).mean()
 
 
@@ -82,11 +100,15 @@ def reference_loss(model, num_steps, grad_starts):
     for row, start in enumerate(grad_starts):
         latents = model.latents[row : row + 1]
         for step, t in enumerate(scheduler.timesteps):
-            noise_pred = guided_noise_prediction(model.unet, latents, t, model.prompt_embeds[row : row + 1], model.null_embeds, torch.tensor([7.5]))
+            noise_pred = guided_noise_prediction(
+                model.unet, latents, t, model.prompt_embeds[row : row + 1], model.null_embeds, torch.tensor([7.5])
+            )
             if step < start:
                 noise_pred = noise_pred.detach()
             latents = alignprop.ddim_step(scheduler, noise_pred, t, latents, 0.0)
-        images = (model.pipeline.vae.decode(latents / model.pipeline.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        images = (model.pipeline.vae.decode(latents / model.pipeline.vae.config.scaling_factor).sample / 2 + 0.5).clamp(
+            0, 1
+        )
         losses.append(-model.reward(images, model.prompts[row : row + 1])[0])
     return torch.stack(losses).mean()  # the batch mean, as the script's loss
 
@@ -102,7 +124,9 @@ def test_ddim_step_is_diffusers_ddim_and_the_ddpo_policy_sample(model):
         assert torch.allclose(alignprop.ddim_step(scheduler, noise_pred, t, latents, 0.0), expected, atol=1e-5)
         # eta > 0: the same draw from the same generator as DDPO's policy step, x_{t-1} = mu + sigma_t z
         sample = alignprop.ddim_step(scheduler, noise_pred, t, latents, 1.0, torch.Generator().manual_seed(5))
-        policy_sample, _ = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred, t, latents, 1.0, generator=torch.Generator().manual_seed(5))
+        policy_sample, _ = ddpo_diffexp.ddim_step_with_logprob(
+            scheduler, noise_pred, t, latents, 1.0, generator=torch.Generator().manual_seed(5)
+        )
         assert torch.equal(sample, policy_sample)
 
 
@@ -136,7 +160,9 @@ def test_reward_gradient_reaches_lora_only_through_the_last_k_steps(model):
     # would contribute if they kept their graph (and with K = T the script gives exactly that gradient)
     full = lora_gradient(model, reference_loss(model, 4, [0, 0]))
     assert (full - truncated).norm() > 0.1 * full.norm()
-    assert torch.allclose(lora_gradient(model, script_loss(model, 4, [0, 0])), full, rtol=1e-3, atol=1e-3 * full.abs().max())
+    assert torch.allclose(
+        lora_gradient(model, script_loss(model, 4, [0, 0])), full, rtol=1e-3, atol=1e-3 * full.abs().max()
+    )
 
 
 def test_each_trajectory_truncates_at_its_own_step(model):
@@ -162,7 +188,9 @@ def test_early_steps_run_without_grad_and_graph_steps_are_checkpointed(model, mo
             checkpointed[0] = False
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
-    hook = model.unet.register_forward_pre_hook(lambda module, inputs: calls.append((phase[0], torch.is_grad_enabled(), checkpointed[0])))
+    hook = model.unet.register_forward_pre_hook(
+        lambda module, inputs: calls.append((phase[0], torch.is_grad_enabled(), checkpointed[0]))
+    )
     try:
         for grad_steps in (1, 3):
             calls.clear()
@@ -171,7 +199,9 @@ def test_early_steps_run_without_grad_and_graph_steps_are_checkpointed(model, mo
             phase[0] = "backward"
             lora_gradient(model, loss)
             forward = [(grad, inside) for when, grad, inside in calls if when == "forward"]
-            assert forward == [(False, False)] * (4 - grad_steps) + [(True, True)] * grad_steps  # no_grad, then checkpointed
+            assert (
+                forward == [(False, False)] * (4 - grad_steps) + [(True, True)] * grad_steps
+            )  # no_grad, then checkpointed
             # backward recomputes each checkpointed UNet call once: its activations were not stored
             assert [grad for when, grad, _ in calls if when == "backward"] == [True] * grad_steps
     finally:
@@ -184,7 +214,11 @@ def peak_bytes_of_a_training_step(model, num_steps, grad_steps):
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         lora_gradient(model, script_loss(model, num_steps, [num_steps - grad_steps], batch=slice(0, 1)))
-    events = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]")
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
     live = np.cumsum([nbytes for _, nbytes in events])  # allocations are positive, frees negative
     return int(live.max())
 
@@ -203,7 +237,17 @@ def test_peak_memory_grows_with_k_not_with_the_number_of_steps(model, monkeypatc
 
 
 def test_helpers_shared_with_ddpo_are_identical_copies():
-    for name in ("parse_args", "exploration_settings", "epoch_seed", "save_image_grid", "save_checkpoint", "last_checkpoint", "keep_lines_before", "stop_on_non_finite", "run_evaluation"):
+    for name in (
+        "parse_args",
+        "exploration_settings",
+        "epoch_seed",
+        "save_image_grid",
+        "save_checkpoint",
+        "last_checkpoint",
+        "keep_lines_before",
+        "stop_on_non_finite",
+        "run_evaluation",
+    ):
         assert inspect.getsource(getattr(alignprop, name)) == inspect.getsource(getattr(ddpo_diffexp, name)), name
 
 
@@ -215,17 +259,32 @@ def test_exploration_only_in_the_first_three_quarters():
 
 def test_tiny_preset_and_paper_defaults():
     paper = alignprop.parse_args([])
-    assert (paper.num_steps, paper.cfg_high, paper.samples_per_epoch, paper.learning_rate, paper.adam_betas) == (50, 7.5, 64, 1e-3, (0.9, 0.99))
+    assert (paper.num_steps, paper.cfg_high, paper.samples_per_epoch, paper.learning_rate, paper.adam_betas) == (
+        50,
+        7.5,
+        64,
+        1e-3,
+        (0.9, 0.99),
+    )
     assert paper.eta == 0.0 and paper.grad_steps == 1 and not paper.random_truncation
     args = alignprop.parse_args(["--tiny", "--epochs", "3", "--diffexp"])
-    assert args.model == "tiny" and args.resolution == 32 and args.epochs == 3 and args.dynamic_cfg and args.prompt_weighting
+    assert (
+        args.model == "tiny"
+        and args.resolution == 32
+        and args.epochs == 3
+        and args.dynamic_cfg
+        and args.prompt_weighting
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--reward", "jpeg_compressibility"], "error: reward 'jpeg_compressibility' is not differentiable; AlignProp backpropagates through the reward, choose one of aesthetic, pickscore, clipscore"),
+        (
+            ["--reward", "jpeg_compressibility"],
+            "error: reward 'jpeg_compressibility' is not differentiable; AlignProp backpropagates through the reward, choose one of aesthetic, pickscore, clipscore",
+        ),
         (["--reward", "imagereward"], "error: reward 'imagereward' is not differentiable"),
         (["--reward", "beauty"], "error: unknown reward 'beauty'"),
         (["--grad-steps", "51"], "error: --grad-steps 51 must be <= --num-steps 50"),
@@ -242,9 +301,15 @@ def test_bad_input_is_one_error_line(flags, message):
 
 
 def test_bad_input_stops_the_script_before_any_model_loads(tmp_path):
-    result = run_script("alignprop_diffexp.py", ["--model", "no-such/model", "--reward", "jpeg_compressibility"], tmp_path, check=False)
+    result = run_script(
+        "alignprop_diffexp.py", ["--model", "no-such/model", "--reward", "jpeg_compressibility"], tmp_path, check=False
+    )
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: reward 'jpeg_compressibility' is not differentiable"), result.stderr
+    assert (
+        result.returncode != 0
+        and len(lines) == 1
+        and lines[0].startswith("error: reward 'jpeg_compressibility' is not differentiable")
+    ), result.stderr
     assert not os.listdir(tmp_path)  # not even the run folder
 
 
@@ -271,7 +336,9 @@ def test_run_writes_finite_metrics_grids_and_checkpoints(finished_run):
     assert [m["dynamic_cfg"] for m in metrics] == [True, True, False]
     assert [m["prompt_weighting"] for m in metrics] == [True, True, False]
     evaluations = read_jsonl(finished_run / "eval.jsonl")
-    assert [e["epoch"] for e in evaluations] == [0, 1, 2, 3] and all(np.isfinite(e["seen_reward_mean"]) for e in evaluations)
+    assert [e["epoch"] for e in evaluations] == [0, 1, 2, 3] and all(
+        np.isfinite(e["seen_reward_mean"]) for e in evaluations
+    )
     assert (finished_run / "samples" / "eval_seen_epoch_0003.png").exists()
     assert json.load(open(finished_run / "args.json"))["diffexp"] is True
     assert sorted(os.listdir(finished_run / "checkpoints")) == ["epoch_0001", "epoch_0002", "epoch_0003"]
@@ -294,8 +361,15 @@ def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
     pipeline = load_pipeline("tiny", "cpu", torch.float32)
 
     def generate():
-        return pipeline(["snail"], num_inference_steps=4, guidance_scale=7.5, height=32, width=32, output_type="pt",
-                        generator=torch.Generator().manual_seed(0)).images
+        return pipeline(
+            ["snail"],
+            num_inference_steps=4,
+            guidance_scale=7.5,
+            height=32,
+            width=32,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = generate()
     pipeline.load_lora_weights(str(finished_run / "checkpoints" / "epoch_0003"))
@@ -308,11 +382,17 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, tm
     checkpoints = tmp_path / "full" / "checkpoints"
     assert "epoch_0003" not in left and "epoch_0001" in left, left  # really interrupted mid-run
     run_script("alignprop_diffexp.py", [*FLAGS, "--resume"], tmp_path)
-    resumed, uninterrupted = lora_tensors(checkpoints / "epoch_0003"), lora_tensors(finished_run / "checkpoints" / "epoch_0003")
+    resumed, uninterrupted = (
+        lora_tensors(checkpoints / "epoch_0003"),
+        lora_tensors(finished_run / "checkpoints" / "epoch_0003"),
+    )
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
-    resumed_metrics, full_metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(finished_run / "metrics.jsonl")
+    resumed_metrics, full_metrics = (
+        read_jsonl(tmp_path / "full" / "metrics.jsonl"),
+        read_jsonl(finished_run / "metrics.jsonl"),
+    )
     assert [m["epoch"] for m in resumed_metrics] == [0, 1, 2]  # every epoch logged once
     assert np.allclose([m["reward_mean"] for m in resumed_metrics], [m["reward_mean"] for m in full_metrics], atol=1e-7)
     assert [e["epoch"] for e in read_jsonl(tmp_path / "full" / "eval.jsonl")] == [0, 1, 2, 3]
@@ -320,10 +400,34 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, tm
 
 def test_two_processes_keep_identical_lora(tmp_path):
     # `--cpu` makes accelerate start a single process; --multi_gpu starts 2 (torchrun), which the script puts on CPU
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     # 2 micro-batches of 2 per process and update: the first backward without all-reduce (no_sync), the second with it
-    flags = [*MICRO_FLAGS, "--diffexp", "--random-truncation", "--epochs", "1", "--train-batch-size", "2", "--samples-per-update", "8", "--run-name", "ddp"]
+    flags = [
+        *MICRO_FLAGS,
+        "--diffexp",
+        "--random-truncation",
+        "--epochs",
+        "1",
+        "--train-batch-size",
+        "2",
+        "--samples-per-update",
+        "8",
+        "--run-name",
+        "ddp",
+    ]
     run_script("alignprop_diffexp.py", flags, tmp_path, launcher=launcher)
     [metrics] = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     rank0, rank1 = metrics["lora_sum_per_process"]

@@ -28,8 +28,16 @@ def one_thread():
 # ---------------------------------------------------------------------------------------------- copies
 @pytest.mark.parametrize(
     "name",
-    ["ddim_step_with_logprob", "clipped_policy_loss", "epoch_seed", "save_image_grid", "save_checkpoint", "last_checkpoint",
-     "keep_lines_before", "stop_on_non_finite"],
+    [
+        "ddim_step_with_logprob",
+        "clipped_policy_loss",
+        "epoch_seed",
+        "save_image_grid",
+        "save_checkpoint",
+        "last_checkpoint",
+        "keep_lines_before",
+        "stop_on_non_finite",
+    ],
 )
 def test_shared_helpers_are_verbatim_copies_of_the_template(name):
     assert inspect.getsource(getattr(b2_diffurl, name)) == inspect.getsource(getattr(ddpo_diffexp, name))
@@ -66,12 +74,23 @@ def test_branches_share_their_prefix_exactly_and_differ_after_it(tiny_pipeline):
     scheduler.set_timesteps(4)
     generator = torch.Generator().manual_seed(0)
     prefixes, branches, branch_step = 2, 3, 2
-    prompt_embeds = b2_diffurl.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, ["a cat", "a red apple"])
+    prompt_embeds = b2_diffurl.encode_prompts(
+        tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, ["a cat", "a red apple"]
+    )
     null_embeds = b2_diffurl.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""])
     latents = torch.randn(prefixes, 4, 16, 16, generator=generator)
     trajectory, log_probs, images = b2_diffurl.sample_trajectories(
-        tiny_pipeline, tiny_pipeline.unet, prompt_embeds, null_embeds, torch.full((prefixes, 4), 5.0), latents, 1.0,
-        generator, branch_step=branch_step, num_branches=branches)
+        tiny_pipeline,
+        tiny_pipeline.unet,
+        prompt_embeds,
+        null_embeds,
+        torch.full((prefixes, 4), 5.0),
+        latents,
+        1.0,
+        generator,
+        branch_step=branch_step,
+        num_branches=branches,
+    )
     assert trajectory.shape == (6, 5, 4, 16, 16) and log_probs.shape == (6, 4) and images.shape == (6, 3, 32, 32)
     for group in range(prefixes):
         rows = slice(group * branches, (group + 1) * branches)
@@ -92,8 +111,26 @@ def test_one_branch_is_ddpo_sampling(tiny_pipeline):
     null_embeds = b2_diffurl.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""])
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     scales = torch.full((2, 4), 5.0)
-    ours = b2_diffurl.sample_trajectories(tiny_pipeline, tiny_pipeline.unet, prompt_embeds, null_embeds, scales, latents, 1.0, torch.Generator().manual_seed(2))
-    ddpo = ddpo_diffexp.sample_trajectories(tiny_pipeline, tiny_pipeline.unet, prompt_embeds, null_embeds, scales, latents, 1.0, torch.Generator().manual_seed(2))
+    ours = b2_diffurl.sample_trajectories(
+        tiny_pipeline,
+        tiny_pipeline.unet,
+        prompt_embeds,
+        null_embeds,
+        scales,
+        latents,
+        1.0,
+        torch.Generator().manual_seed(2),
+    )
+    ddpo = ddpo_diffexp.sample_trajectories(
+        tiny_pipeline,
+        tiny_pipeline.unet,
+        prompt_embeds,
+        null_embeds,
+        scales,
+        latents,
+        1.0,
+        torch.Generator().manual_seed(2),
+    )
     for a, b in zip(ours, ddpo):
         assert torch.equal(a, b)
 
@@ -114,18 +151,22 @@ def test_z_scores_pool_this_stage_with_the_last_history_stages():
     # history_stages = 0: this stage only
     only_now = []
     b2_diffurl.per_prompt_z_scores(["a", "a"], [1.0, 3.0], only_now, history_stages=0)
-    assert only_now == [] and np.allclose(b2_diffurl.per_prompt_z_scores(["a", "a"], [1.0, 3.0], only_now, 0), [-1 / np.sqrt(2), 1 / np.sqrt(2)])
+    assert only_now == [] and np.allclose(
+        b2_diffurl.per_prompt_z_scores(["a", "a"], [1.0, 3.0], only_now, 0), [-1 / np.sqrt(2), 1 / np.sqrt(2)]
+    )
 
 
 def test_selection_keeps_best_and_worst_branches_past_the_thresholds():
-    z = np.array([
-        [1.2, 0.1, -0.7, 0.0, -0.2],   # both: best (row 0) and worst (row 2)
-        [0.4, -0.3, 0.2, 0.1, 0.0],    # none clears a threshold
-        [0.5, 0.0, -0.5, 0.1, 0.2],    # boundaries: z = 0.5 is kept (>=), z = -0.5 is not (<)
-        [0.3, -1.0, 0.2, 0.0, 0.1],    # only the worst
-        [0.0, 0.2, 2.0, 0.1, 0.3],     # only the best
-        [0.1, 0.1, 0.1, 0.1, 0.1],     # all equal: none
-    ]).ravel()
+    z = np.array(
+        [
+            [1.2, 0.1, -0.7, 0.0, -0.2],  # both: best (row 0) and worst (row 2)
+            [0.4, -0.3, 0.2, 0.1, 0.0],  # none clears a threshold
+            [0.5, 0.0, -0.5, 0.1, 0.2],  # boundaries: z = 0.5 is kept (>=), z = -0.5 is not (<)
+            [0.3, -1.0, 0.2, 0.0, 0.1],  # only the worst
+            [0.0, 0.2, 2.0, 0.1, 0.3],  # only the best
+            [0.1, 0.1, 0.1, 0.1, 0.1],  # all equal: none
+        ]
+    ).ravel()
     kept = b2_diffurl.select_branches(z, 5, 0.5, -0.5)
     assert kept.tolist() == [0, 2, 10, 16, 22]
     assert b2_diffurl.select_branches(np.zeros(10), 5, 0.5, -0.5).tolist() == []
@@ -192,7 +233,9 @@ def test_bad_method_flags_are_rejected(flags, message):
 def test_bad_input_is_one_line_before_any_model_loads(tmp_path):
     result = run_script("b2_diffurl.py", ["--model", "no-such/model", "--num-branches", "1"], tmp_path, check=False)
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert result.returncode != 0 and lines == [lines[-1]] and lines[-1].startswith("error: --num-branches 1"), result.stderr
+    assert result.returncode != 0 and lines == [lines[-1]] and lines[-1].startswith("error: --num-branches 1"), (
+        result.stderr
+    )
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -201,7 +244,13 @@ def run_flags(prompt_file, *extra, **values):
     diversity), evaluation first and last only, no unseen set: the fewest UNet calls (CPU time is the test's cost)."""
     flags = list(MICRO_FLAGS)
     del flags[flags.index("--eval-unseen-prompts") : flags.index("--eval-unseen-prompts") + 2]
-    values = {"prompts": prompt_file, "sample_batch_size": "8", "eval_images_per_prompt": "2", "eval_every": "100", **values}
+    values = {
+        "prompts": prompt_file,
+        "sample_batch_size": "8",
+        "eval_images_per_prompt": "2",
+        "eval_every": "100",
+        **values,
+    }
     for name, value in values.items():
         flags[flags.index("--" + name.replace("_", "-")) + 1] = value
     return [*flags, "--num-branches", "4", *extra]
@@ -249,8 +298,15 @@ def test_run_trains_only_the_interval_steps_and_logs_finite_metrics(finished_run
 
 def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run, tiny_pipeline):
     def generate():
-        return tiny_pipeline(["red apple"], num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="pt",
-                             generator=torch.Generator().manual_seed(0)).images
+        return tiny_pipeline(
+            ["red apple"],
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = generate()
     tiny_pipeline.load_lora_weights(str(finished_run / "checkpoints" / "epoch_0002"))
@@ -267,11 +323,17 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, pr
     checkpoints = tmp_path / "full" / "checkpoints"
     assert "epoch_0002" not in left and "epoch_0001" in left, left  # really interrupted mid-run
     run_script("b2_diffurl.py", [*flags, "--resume"], tmp_path)
-    resumed, uninterrupted = lora_tensors(checkpoints / "epoch_0002"), lora_tensors(finished_run / "checkpoints" / "epoch_0002")
+    resumed, uninterrupted = (
+        lora_tensors(checkpoints / "epoch_0002"),
+        lora_tensors(finished_run / "checkpoints" / "epoch_0002"),
+    )
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
-    resumed_metrics, full_metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(finished_run / "metrics.jsonl")
+    resumed_metrics, full_metrics = (
+        read_jsonl(tmp_path / "full" / "metrics.jsonl"),
+        read_jsonl(finished_run / "metrics.jsonl"),
+    )
     assert [m["epoch"] for m in resumed_metrics] == [0, 1]  # every stage logged once
     for key in ("reward_mean", "kept_samples", "loss"):  # the reward history came back with the checkpoint
         assert np.allclose([m[key] for m in resumed_metrics], [m[key] for m in full_metrics], atol=1e-6), key
@@ -279,12 +341,24 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, pr
 
 
 def test_existing_run_needs_resume(finished_run, prompt_file):
-    result = run_script("b2_diffurl.py", [*run_flags(prompt_file), "--run-name", "full"], finished_run.parent, check=False)
+    result = run_script(
+        "b2_diffurl.py", [*run_flags(prompt_file), "--run-name", "full"], finished_run.parent, check=False
+    )
     assert result.returncode != 0 and "pass --resume" in result.stderr.strip().splitlines()[-1]
 
 
 def test_both_ablations_train_every_sample_on_every_step(prompt_file, tmp_path):
-    flags = run_flags(prompt_file, "--no-bpt", "--no-branch", "--epochs", "1", "--inner-epochs", "1", train_batch_size="8", samples_per_update="8")
+    flags = run_flags(
+        prompt_file,
+        "--no-bpt",
+        "--no-branch",
+        "--epochs",
+        "1",
+        "--inner-epochs",
+        "1",
+        train_batch_size="8",
+        samples_per_update="8",
+    )
     run_script("b2_diffurl.py", [*flags, "--run-name", "ddpo"], tmp_path)
     (m,) = read_jsonl(tmp_path / "ddpo" / "metrics.jsonl")
     assert m["kept_samples"] == 8 and m["branch_step"] is None  # DDPO: no branching, no selection

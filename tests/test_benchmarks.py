@@ -21,10 +21,16 @@ def counted_runs():
     """Every micro case of call_counts.MICRO_CASES run once, in one subprocess (the scripts' main() set global
     state such as the torch seed, so they stay out of the test process); about 30 s on 2 busy cores."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "call_counts.py"), "--micro-check"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "call_counts.py"), "--micro-check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
-    lines = [json.loads(line[len("COUNTS "):]) for line in result.stdout.splitlines() if line.startswith("COUNTS ")]
+    lines = [json.loads(line[len("COUNTS ") :]) for line in result.stdout.splitlines() if line.startswith("COUNTS ")]
     return {line["case"]: line for line in lines}
 
 
@@ -34,7 +40,9 @@ def test_counted_calls_match_the_formulas(counted_runs, case):
     for phase in ("train", "eval"):
         measured, predicted = run["measured"][phase], run["predicted"][phase]
         for key in call_counts.KEYS:
-            assert measured.get(key, 0) == predicted.get(key, 0), f"{case} {phase} {key}: counted {measured.get(key, 0)}, formula {predicted.get(key, 0)}"
+            assert measured.get(key, 0) == predicted.get(key, 0), (
+                f"{case} {phase} {key}: counted {measured.get(key, 0)}, formula {predicted.get(key, 0)}"
+            )
     assert run["measured"]["train"]["unet_backward"] > 0  # the runs did train
 
 
@@ -43,7 +51,11 @@ def test_paper_table_has_every_script_and_sane_numbers():
     scripts = {row[0] for row in rows}
     assert scripts == {"`ddpo_diffexp.py`", "`ddpo_coca.py`", "`alignprop_diffexp.py`", "`b2_diffurl.py`"}
     ddpo = rows[0][2]  # ddpo_diffexp at its defaults: 64 samples, T = 50, batches 8 / 4
-    assert ddpo["unet_calls"] == 8 * 50 + 16 * 50 and ddpo["unet_backward"] == 16 * 50 and ddpo["sample_evals"] == 64 * 50 * 2
+    assert (
+        ddpo["unet_calls"] == 8 * 50 + 16 * 50
+        and ddpo["unet_backward"] == 16 * 50
+        and ddpo["sample_evals"] == 64 * 50 * 2
+    )
     table = call_counts.format_table(rows)
     assert table.count("\n") == len(rows) + 1
 
@@ -61,7 +73,9 @@ def test_random_truncation_start_distribution():
     batch_minima = starts.view(-1, 4).min(dim=1).values
     assert batch_minima.mean().item() == pytest.approx(call_counts.expected_min_start(50, 4), abs=0.15)
     assert call_counts.expected_min_start(50, 1) == pytest.approx(50 - mean_k)
-    assert call_counts.expected_min_start(50, 4) < call_counts.expected_min_start(50, 1)  # a batch pays for its largest K
+    assert call_counts.expected_min_start(50, 4) < call_counts.expected_min_start(
+        50, 1
+    )  # a batch pays for its largest K
 
 
 def test_tensor_memory_meter_counts_live_storages_once():

@@ -28,13 +28,18 @@ def test_random_word_token_mask_selects_every_token_of_one_word(tiny_pipeline):
     for _ in range(40):
         mask = common.random_word_token_mask(tokenizer, prompts, generator)
         assert mask.shape == (3, tokenizer.model_max_length) and mask.dtype == torch.bool
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
         for row, prompt in enumerate(prompts):
             positions = mask[row].nonzero().flatten().tolist()
             assert positions == list(range(positions[0], positions[-1] + 1))  # one contiguous word
             chosen = tokenizer.decode(ids[row, positions]).strip()
             assert chosen in prompt.split()  # exactly a whole word, all of its tokens
-            assert ids[row, positions].ne(tokenizer.bos_token_id).all() and ids[row, positions].ne(tokenizer.eos_token_id).all()
+            assert (
+                ids[row, positions].ne(tokenizer.bos_token_id).all()
+                and ids[row, positions].ne(tokenizer.eos_token_id).all()
+            )
             seen_words.add((row, chosen))
     assert {w for r, w in seen_words if r == 0} == {"a", "dolphin", "riding", "bike"}  # every word gets drawn
 
@@ -78,11 +83,20 @@ def test_tiny_pipeline_is_sd_shaped_with_sd15_schedule(tiny_pipeline):
     from diffusers import DDIMScheduler
 
     assert isinstance(tiny_pipeline.scheduler, DDIMScheduler)
-    assert tiny_pipeline.scheduler.config.beta_schedule == "scaled_linear" and not tiny_pipeline.scheduler.config.set_alpha_to_one
+    assert (
+        tiny_pipeline.scheduler.config.beta_schedule == "scaled_linear"
+        and not tiny_pipeline.scheduler.config.set_alpha_to_one
+    )
     tiny_pipeline.scheduler.set_timesteps(50)
     assert tiny_pipeline.scheduler.timesteps[0] == 981 and tiny_pipeline.scheduler.timesteps[-1] == 1
-    images = tiny_pipeline(["a dog"], num_inference_steps=4, height=32, width=32, output_type="pt",
-                           generator=torch.Generator().manual_seed(0)).images
+    images = tiny_pipeline(
+        ["a dog"],
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
@@ -101,7 +115,9 @@ def test_unknown_reward_is_one_clear_error():
         common.load_reward("beauty", "cpu", torch.float32, tiny=True)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")), reason="needs ../shared/assets")
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")), reason="needs ../shared/assets"
+)
 def test_real_laion_head_loads_strictly_and_scores():
     path = os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -117,25 +133,42 @@ def test_tensor_preprocessing_matches_the_transformers_processor():
     from transformers import CLIPImageProcessor
 
     processor = CLIPImageProcessor(  # the openai/clip-vit-large-patch14 preprocessor_config.json
-        do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True, crop_size={"height": 224, "width": 224},
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(common.CLIP_MEAN), image_std=list(common.CLIP_STD),
+        do_resize=True,
+        size={"shortest_edge": 224},
+        resample=3,
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(common.CLIP_MEAN),
+        image_std=list(common.CLIP_STD),
     )
     generator = torch.Generator().manual_seed(0)
     for height, width in [(512, 512), (64, 96), (300, 200)]:
-        smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=generator), size=(height, width), mode="bilinear")
+        smooth = torch.nn.functional.interpolate(
+            torch.rand(1, 3, 8, 8, generator=generator), size=(height, width), mode="bilinear"
+        )
         images = (smooth * 255).round() / 255  # values a uint8 image can hold, so both paths see the same input
         ours = common.clip_preprocess(images)
         theirs = processor(images=common.images_to_pil(images), return_tensors="pt").pixel_values
         assert ours.shape == theirs.shape == (1, 3, 224, 224)
         difference = (ours - theirs).abs()
         # the processor rounds to uint8 after resizing: 1/255 / std(0.26) = 0.015 per pixel at most, plus filters
-        assert difference.mean() < 0.01 and difference.max() < 0.06, (height, width, difference.mean(), difference.max())
+        assert difference.mean() < 0.01 and difference.max() < 0.06, (
+            height,
+            width,
+            difference.mean(),
+            difference.max(),
+        )
 
 
 def test_flat_image_is_more_jpeg_compressible_than_noise():
     compressibility = common.load_reward("jpeg_compressibility", "cpu", torch.float32)
     incompressibility = common.load_reward("jpeg_incompressibility", "cpu", torch.float32)
-    images = torch.stack([torch.full((3, 64, 64), 0.5), torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))])
+    images = torch.stack(
+        [torch.full((3, 64, 64), 0.5), torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    )
     flat, noise = compressibility(images, ["", ""]).tolist()
     assert flat > noise  # fewer kB -> higher (less negative) reward
     buffer = io.BytesIO()
@@ -150,7 +183,11 @@ def test_gradient_reaches_the_image_through_differentiable_rewards(name):
     reward = common.load_reward(name, "cpu", torch.float32, tiny=True)
     assert reward.differentiable
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-    prompts = ["a red circle", "a blue square above a green triangle"] if name in common.SHAPES_REWARDS else ["a dog", "a cat riding a bike"]
+    prompts = (
+        ["a red circle", "a blue square above a green triangle"]
+        if name in common.SHAPES_REWARDS
+        else ["a dog", "a cat riding a bike"]
+    )
     scores = reward(images, prompts)
     assert scores.shape == (2,) and scores.dtype == torch.float32
     scores.sum().backward()
@@ -176,9 +213,18 @@ def test_optional_backends_without_tiny_version_say_so():
 # ---------------------------------------------------------------------------------------------- prompts
 def test_prompt_sets_follow_the_paper_tables(tmp_path):
     assert len(common.load_prompts("animals")) == 45 and "hedgehog" in common.load_prompts("animals")
-    assert common.load_prompts("unseen_animals") == ["hippopotamus", "snail", "crocodile", "cheetah", "lobster", "octopus"]
+    assert common.load_prompts("unseen_animals") == [
+        "hippopotamus",
+        "snail",
+        "crocodile",
+        "cheetah",
+        "lobster",
+        "octopus",
+    ]
     activities = common.load_prompts("animal_activities")
-    assert len(activities) == 135 and "an ant washing the dishes" in activities and "a dolphin riding a bike" in activities
+    assert (
+        len(activities) == 135 and "an ant washing the dishes" in activities and "a dolphin riding a bike" in activities
+    )
     unseen = common.load_prompts("unseen_activities")
     assert len(unseen) == 135 and not set(unseen) & set(activities)
     path = tmp_path / "mine.txt"

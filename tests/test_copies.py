@@ -59,7 +59,14 @@ def test_scripts_share_args_order_and_section_banners():
     reference_fields = shared_fields("ddpo_diffexp.py")
     shared = reference_fields[: reference_fields.index("resume") + 1]
     reference_banners = banners("ddpo_diffexp.py")
-    assert reference_banners == ["1. Setup", "2. Sample", "3. Reward", "4. Advantage and loss", "5. Update", "6. Log, evaluate, checkpoint"]
+    assert reference_banners == [
+        "1. Setup",
+        "2. Sample",
+        "3. Reward",
+        "4. Advantage and loss",
+        "5. Update",
+        "6. Log, evaluate, checkpoint",
+    ]
     for script in SCRIPTS[1:]:
         assert shared_fields(script)[: len(shared)] == shared, script
         assert banners(script) == reference_banners, script

@@ -14,15 +14,37 @@ from conftest import MICRO_FLAGS, kill_after_first_checkpoint, lora_tensors, rea
 
 # T = 4 steps in MICRO_FLAGS: two windows of 2 steps. 2 epochs, evaluated before the first and after the last
 # only (the later flag wins), to keep this file fast; DiffExp composes with CoCA and explores in epoch 0 only.
-RUN_FLAGS = [*MICRO_FLAGS, "--similarity-window", "2", "--epochs", "2", "--eval-every", "100", "--diffexp", "--explore-fraction", "0.5"]
+RUN_FLAGS = [
+    *MICRO_FLAGS,
+    "--similarity-window",
+    "2",
+    "--epochs",
+    "2",
+    "--eval-every",
+    "100",
+    "--diffexp",
+    "--explore-fraction",
+    "0.5",
+]
 
 
 # ---------------------------------------------------------------------------------------------- copies
 @pytest.mark.parametrize(
     "name",
-    ["ddim_step_with_logprob", "clipped_policy_loss", "per_prompt_advantages", "exploration_settings", "epoch_seed",
-     "save_image_grid", "save_checkpoint", "last_checkpoint", "keep_lines_before", "stop_on_non_finite", "run_evaluation",
-     "parse_args"],
+    [
+        "ddim_step_with_logprob",
+        "clipped_policy_loss",
+        "per_prompt_advantages",
+        "exploration_settings",
+        "epoch_seed",
+        "save_image_grid",
+        "save_checkpoint",
+        "last_checkpoint",
+        "keep_lines_before",
+        "stop_on_non_finite",
+        "run_evaluation",
+        "parse_args",
+    ],
 )
 def test_shared_helpers_are_verbatim_copies(name):
     assert inspect.getsource(getattr(ddpo_coca, name)) == inspect.getsource(getattr(ddpo_diffexp, name))
@@ -35,13 +57,18 @@ def test_predicted_clean_latent_matches_diffusers(tiny_pipeline):
     generator = torch.Generator().manual_seed(0)
     latents, noise_pred = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
     for t in (scheduler.timesteps[0], scheduler.timesteps[5], scheduler.timesteps[-1]):
-        expected = scheduler.step(noise_pred, t, latents, eta=1.0, variance_noise=torch.zeros_like(latents)).pred_original_sample
+        expected = scheduler.step(
+            noise_pred, t, latents, eta=1.0, variance_noise=torch.zeros_like(latents)
+        ).pred_original_sample
         assert torch.allclose(ddpo_coca.predicted_clean_latent(scheduler, noise_pred, t, latents), expected, atol=1e-5)
     # one timestep per sample gives each sample its own abar_t
     timesteps = scheduler.timesteps[[0, -1]]
     together = ddpo_coca.predicted_clean_latent(scheduler, noise_pred, timesteps, latents)
     for i in range(2):
-        assert torch.allclose(together[i], ddpo_coca.predicted_clean_latent(scheduler, noise_pred[i : i + 1], timesteps[i], latents[i : i + 1])[0])
+        assert torch.allclose(
+            together[i],
+            ddpo_coca.predicted_clean_latent(scheduler, noise_pred[i : i + 1], timesteps[i], latents[i : i + 1])[0],
+        )
 
 
 def test_similarity_to_final_latent_by_hand():
@@ -64,10 +91,15 @@ def test_weights_sum_to_one_and_are_non_negative_when_the_similarity_rises(windo
     assert torch.allclose(weights.sum(dim=1), torch.ones(64), atol=1e-5)
     assert (weights >= 0).all()
     # steps of one window share one weight
-    assert torch.equal(weights.reshape(64, 10 // window, window), weights.reshape(64, 10 // window, window)[:, :, :1].expand(-1, -1, window))
+    assert torch.equal(
+        weights.reshape(64, 10 // window, window),
+        weights.reshape(64, 10 // window, window)[:, :, :1].expand(-1, -1, window),
+    )
     # any sequence, rising or not, still gives weights that sum to 1
     anything = torch.rand(64, 11, generator=generator, dtype=torch.float64) * 2 - 1
-    assert torch.allclose(ddpo_coca.step_weights_from_similarity(anything, window).sum(dim=1), torch.ones(64, dtype=torch.float64))
+    assert torch.allclose(
+        ddpo_coca.step_weights_from_similarity(anything, window).sum(dim=1), torch.ones(64, dtype=torch.float64)
+    )
 
 
 def test_weights_of_a_hand_made_similarity_sequence():
@@ -83,7 +115,9 @@ def test_weights_of_a_hand_made_similarity_sequence():
     expected = torch.tensor([[0.5, 0.5, -0.2, -0.2, 0.55, 0.55]]) / 1.7
     assert torch.allclose(ddpo_coca.step_weights_from_similarity(dipping, 2), expected, atol=1e-6)
     # w = 1 is the plain per-step gain: s_j = (c_{j+1} - c_j) / (c_T - c_0)
-    assert torch.allclose(ddpo_coca.step_weights_from_similarity(rising, 1), torch.tensor([[0.2, 0.2, 0.1, 0.5]]), atol=1e-6)
+    assert torch.allclose(
+        ddpo_coca.step_weights_from_similarity(rising, 1), torch.tensor([[0.2, 0.2, 0.1, 0.5]]), atol=1e-6
+    )
 
 
 def test_no_total_gain_falls_back_to_uniform_weights():
@@ -118,10 +152,16 @@ def test_alpha_zero_shapes_by_the_return_to_go():
     assert (shaped[0].diff() < 0).all() and (shaped[1].diff() > 0).all()  # the early steps carry most of |A|
     # alpha = 0.5 sits between: r_j = A (0.5 + 0.5 G_j)
     half = advantages.numpy()[:, None] * (0.5 + 0.5 * np.array([[1.0, 0.8, 0.6, 0.3], [1.0, 0.75, 0.5, 0.25]]))
-    assert np.allclose(ddpo_coca.shaped_step_advantages(advantages, weights, 0.5, 5.0).numpy(), (half - half.mean()) / (half.std() + 1e-6), atol=1e-6)
+    assert np.allclose(
+        ddpo_coca.shaped_step_advantages(advantages, weights, 0.5, 5.0).numpy(),
+        (half - half.mean()) / (half.std() + 1e-6),
+        atol=1e-6,
+    )
     # A is clipped to +-5 before shaping
     clipped = ddpo_coca.shaped_step_advantages(torch.tensor([50.0, -1.0, 1.0]), torch.full((3, 4), 0.25), 0.0, 5.0)
-    assert torch.allclose(clipped, ddpo_coca.shaped_step_advantages(torch.tensor([5.0, -1.0, 1.0]), torch.full((3, 4), 0.25), 0.0, 5.0))
+    assert torch.allclose(
+        clipped, ddpo_coca.shaped_step_advantages(torch.tensor([5.0, -1.0, 1.0]), torch.full((3, 4), 0.25), 0.0, 5.0)
+    )
 
 
 def test_defaults_and_tiny_preset():
@@ -174,8 +214,15 @@ def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
     pipeline = load_pipeline("tiny", "cpu", torch.float32)
 
     def generate():
-        return pipeline(["snail"], num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="pt",
-                        generator=torch.Generator().manual_seed(0)).images
+        return pipeline(
+            ["snail"],
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = generate()
     pipeline.load_lora_weights(str(finished_run / "checkpoints" / "epoch_0002"))
@@ -188,10 +235,16 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, tm
     checkpoints = tmp_path / "full" / "checkpoints"
     assert left == ["epoch_0001"], left  # really interrupted mid-run
     run_script("ddpo_coca.py", [*flags, "--resume"], tmp_path)
-    resumed, uninterrupted = lora_tensors(checkpoints / "epoch_0002"), lora_tensors(finished_run / "checkpoints" / "epoch_0002")
+    resumed, uninterrupted = (
+        lora_tensors(checkpoints / "epoch_0002"),
+        lora_tensors(finished_run / "checkpoints" / "epoch_0002"),
+    )
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
-    resumed_metrics, full_metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(finished_run / "metrics.jsonl")
+    resumed_metrics, full_metrics = (
+        read_jsonl(tmp_path / "full" / "metrics.jsonl"),
+        read_jsonl(finished_run / "metrics.jsonl"),
+    )
     assert [m["epoch"] for m in resumed_metrics] == [0, 1]  # every epoch logged once
     assert np.allclose([m["reward_mean"] for m in resumed_metrics], [m["reward_mean"] for m in full_metrics], atol=1e-6)

@@ -25,12 +25,18 @@ def test_ddim_step_mean_and_log_prob_match_diffusers_and_the_gaussian(tiny_pipel
         mean = scheduler.step(noise_pred, t, latents, eta=eta, variance_noise=torch.zeros_like(latents)).prev_sample
         prev_t = t - 1000 // 50
         std_dev = eta * scheduler._get_variance(t, prev_t) ** 0.5
-        sample, log_prob = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
+        sample, log_prob = ddpo_diffexp.ddim_step_with_logprob(
+            scheduler, noise_pred, t, latents, eta, generator=generator
+        )
         expected = torch.distributions.Normal(mean, std_dev).log_prob(sample).mean(dim=(1, 2, 3))  # mean over C*H*W
         assert torch.allclose(log_prob, expected, atol=1e-4), (t, log_prob, expected)
         # scoring the mean itself gives the density's maximum, -log(sigma) - log(sqrt(2 pi)): same mean exactly
-        _, log_prob_at_mean = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, prev_sample=mean)
-        assert torch.allclose(log_prob_at_mean, -torch.log(torch.as_tensor(std_dev)) - 0.5 * np.log(2 * np.pi) * torch.ones(3), atol=1e-4)
+        _, log_prob_at_mean = ddpo_diffexp.ddim_step_with_logprob(
+            scheduler, noise_pred, t, latents, eta, prev_sample=mean
+        )
+        assert torch.allclose(
+            log_prob_at_mean, -torch.log(torch.as_tensor(std_dev)) - 0.5 * np.log(2 * np.pi) * torch.ones(3), atol=1e-4
+        )
         # the sample is mean + sigma z with z ~ N(0, I)
         z = (sample - mean) / std_dev
         assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
@@ -45,7 +51,9 @@ def test_ddim_step_accepts_one_timestep_per_sample(tiny_pipeline):
     timesteps = torch.tensor([876, 1])
     _, together = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, 1.0, prev_sample=prev)
     for i in range(2):
-        _, alone = ddpo_diffexp.ddim_step_with_logprob(scheduler, noise_pred[i : i + 1], int(timesteps[i]), latents[i : i + 1], 1.0, prev_sample=prev[i : i + 1])
+        _, alone = ddpo_diffexp.ddim_step_with_logprob(
+            scheduler, noise_pred[i : i + 1], int(timesteps[i]), latents[i : i + 1], 1.0, prev_sample=prev[i : i + 1]
+        )
         assert torch.allclose(together[i], alone[0])
 
 
@@ -54,7 +62,9 @@ def test_clipped_loss_values():
     loss, approx_kl, clipfrac = ddpo_diffexp.clipped_policy_loss(one, one, torch.tensor([-1.0]), 1e-4, 5.0)
     assert loss.item() == 1.0 and approx_kl.item() == 0.0 and clipfrac.item() == 0.0  # A = -1, ratio = 1
     # a ratio past 1 + eps with A > 0 is clipped: no more gain (the loss is -A (1 + eps))
-    loss, _, clipfrac = ddpo_diffexp.clipped_policy_loss(torch.tensor([0.01]), torch.zeros(1), torch.tensor([2.0]), 1e-4, 5.0)
+    loss, _, clipfrac = ddpo_diffexp.clipped_policy_loss(
+        torch.tensor([0.01]), torch.zeros(1), torch.tensor([2.0]), 1e-4, 5.0
+    )
     assert torch.isclose(loss, torch.tensor(-2.0 * (1 + 1e-4))) and clipfrac.item() == 1.0
     # advantages are clipped to +-5
     loss, _, _ = ddpo_diffexp.clipped_policy_loss(torch.zeros(1), torch.zeros(1), torch.tensor([-50.0]), 1e-4, 5.0)
@@ -83,19 +93,40 @@ def test_one_update_moves_probability_toward_high_advantage_trajectories():
     null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])
     scales = torch.full((8, 4), 5.0)
     trajectory, log_prob_old, _ = ddpo_diffexp.sample_trajectories(
-        pipeline, pipeline.unet, prompt_embeds, null_embeds, scales, torch.randn(8, 4, 16, 16, generator=generator), 1.0, generator)
+        pipeline,
+        pipeline.unet,
+        prompt_embeds,
+        null_embeds,
+        scales,
+        torch.randn(8, 4, 16, 16, generator=generator),
+        1.0,
+        generator,
+    )
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 1.0, -1.0])  # a hand-made reward ranking
 
     def trajectory_log_probs():  # (8, T): recomputed with the current LoRA, as in section 5
-        return torch.stack([
-            ddpo_diffexp.ddim_step_with_logprob(
-                scheduler, guided_noise_prediction(pipeline.unet, trajectory[:, j], t, prompt_embeds, null_embeds, scales[:, j]),
-                t, trajectory[:, j], 1.0, prev_sample=trajectory[:, j + 1])[1]
-            for j, t in enumerate(scheduler.timesteps)], dim=1)
+        return torch.stack(
+            [
+                ddpo_diffexp.ddim_step_with_logprob(
+                    scheduler,
+                    guided_noise_prediction(
+                        pipeline.unet, trajectory[:, j], t, prompt_embeds, null_embeds, scales[:, j]
+                    ),
+                    t,
+                    trajectory[:, j],
+                    1.0,
+                    prev_sample=trajectory[:, j + 1],
+                )[1]
+                for j, t in enumerate(scheduler.timesteps)
+            ],
+            dim=1,
+        )
 
     before = trajectory_log_probs()
     assert torch.allclose(before, log_prob_old, atol=1e-5)  # training recomputes exactly the sampling policy
-    loss = sum(ddpo_diffexp.clipped_policy_loss(before[:, j], log_prob_old[:, j], advantages, 1e-4, 5.0)[0] for j in range(4))
+    loss = sum(
+        ddpo_diffexp.clipped_policy_loss(before[:, j], log_prob_old[:, j], advantages, 1e-4, 5.0)[0] for j in range(4)
+    )
     loss.backward()
     with torch.no_grad():
         for parameter in lora_parameters:
@@ -193,7 +224,9 @@ def test_run_writes_finite_metrics_grids_and_checkpoints(finished_run):
     assert [m["dynamic_cfg"] for m in metrics] == [True, True, False]  # explores in the first half of 3 epochs
     assert [m["prompt_weighting"] for m in metrics] == [True, True, False]
     evaluations = read_jsonl(finished_run / "eval.jsonl")
-    assert [e["epoch"] for e in evaluations] == [0, 1, 2, 3] and all(np.isfinite(e["seen_reward_mean"]) for e in evaluations)
+    assert [e["epoch"] for e in evaluations] == [0, 1, 2, 3] and all(
+        np.isfinite(e["seen_reward_mean"]) for e in evaluations
+    )
     assert (finished_run / "samples" / "eval_seen_epoch_0003.png").exists()
     assert json.load(open(finished_run / "args.json"))["diffexp"] is True
     assert sorted(os.listdir(finished_run / "checkpoints")) == ["epoch_0001", "epoch_0002", "epoch_0003"]
@@ -205,8 +238,15 @@ def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
     pipeline = load_pipeline("tiny", "cpu", torch.float32)
 
     def generate():
-        return pipeline(["snail"], num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="pt",
-                        generator=torch.Generator().manual_seed(0)).images
+        return pipeline(
+            ["snail"],
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = generate()
     pipeline.load_lora_weights(str(finished_run / "checkpoints" / "epoch_0003"))
@@ -220,7 +260,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, tm
     checkpoints = tmp_path / "full" / "checkpoints"
     assert "epoch_0003" not in left and "epoch_0001" in left, left  # really interrupted mid-run
     run_script("ddpo_diffexp.py", [*flags, "--resume"], tmp_path)
-    resumed, uninterrupted = lora_tensors(checkpoints / "epoch_0003"), lora_tensors(finished_run / "checkpoints" / "epoch_0003")
+    resumed, uninterrupted = (
+        lora_tensors(checkpoints / "epoch_0003"),
+        lora_tensors(finished_run / "checkpoints" / "epoch_0003"),
+    )
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
@@ -238,11 +281,25 @@ def test_existing_run_needs_resume(finished_run):
 
 def test_two_processes_keep_identical_lora(tmp_path):
     # accelerate's --cpu launcher starts one process; --multi_gpu starts 2 (torchrun), which run on CPU via gloo
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     flags = list(MICRO_FLAGS)
     flags[flags.index("--samples-per-update") + 1] = "8"  # one update of 4 samples on each of the 2 processes
-    run_script("ddpo_diffexp.py", [*flags, "--diffexp", "--epochs", "2", "--run-name", "ddp"], tmp_path, launcher=launcher)
+    run_script(
+        "ddpo_diffexp.py", [*flags, "--diffexp", "--epochs", "2", "--run-name", "ddp"], tmp_path, launcher=launcher
+    )
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     for m in metrics:
         rank0, rank1 = m["lora_sum_per_process"]
@@ -257,9 +314,27 @@ def test_tiny_preset_raises_the_reward(tmp_path):
     Measured before writing this test: +0.24 (seed 1, this command) and +0.27 (seed 2) of the images' reward spread
     after 8 epochs, +0.29 for seed 0 on the 45 animal prompts; the assertion asks for +0.1. JPEG compressibility does not move measurably within such a budget on the tiny model.
     """
-    flags = ["--tiny", "--reward", "aesthetic", "--epochs", "8", "--eval-every", "8", "--save-every", "8",
-             "--eval-images-per-prompt", "4", "--prompts", "unseen_animals", "--eval-unseen-prompts", "unseen_animals",
-             "--seed", "1", "--run-name", "rise"]
+    flags = [
+        "--tiny",
+        "--reward",
+        "aesthetic",
+        "--epochs",
+        "8",
+        "--eval-every",
+        "8",
+        "--save-every",
+        "8",
+        "--eval-images-per-prompt",
+        "4",
+        "--prompts",
+        "unseen_animals",
+        "--eval-unseen-prompts",
+        "unseen_animals",
+        "--seed",
+        "1",
+        "--run-name",
+        "rise",
+    ]
     run_script("ddpo_diffexp.py", flags, tmp_path)
     first, last = read_jsonl(tmp_path / "rise" / "eval.jsonl")
     assert (first["epoch"], last["epoch"]) == (0, 8)

@@ -66,7 +66,9 @@ def test_detector_finds_shapes_through_blur_and_noise():
     captions = sample_captions(100, generator)
     images = render_batch(captions, generator)
     kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
-    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3)
+    blurred = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3
+    )
     noisy = (blurred + 0.03 * torch.randn(blurred.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     assert exact_scores(noisy, captions).mean() > 0.95
     objects = detect_objects(images[0])
@@ -94,8 +96,15 @@ def test_committed_model_loads_as_an_sd_pipeline_and_leaves_room_to_improve(shap
     rare_prompts = common.load_prompts("shapes")
     scores = {}
     for name, prompts in (("common", common_prompts), ("rare", rare_prompts)):
-        images = shapes_pipeline(prompts * 4, num_inference_steps=10, guidance_scale=5.0, height=32, width=32,
-                                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+        images = shapes_pipeline(
+            prompts * 4,
+            num_inference_steps=10,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
         scores[name] = exact_scores(images, prompts * 4).mean().item()
     assert scores["common"] > 0.8  # the model learned the world ...
     assert scores["rare"] < scores["common"] - 0.1 and scores["rare"] < 0.85  # ... but not its tail: room to improve
@@ -119,8 +128,21 @@ def test_learned_reward_tracks_the_exact_reward_and_is_differentiable():
 # ---------------------------------------------------------------------------------------------- learning
 def test_ddpo_raises_the_exact_reward_on_the_shapes_world(tmp_path):
     """A short, seeded version of the README's quick start: the exact reward on the training prompts rises."""
-    flags = ["--shapes", "--seed", "0", "--epochs", "8", "--eval-every", "8", "--save-every", "8",
-             "--eval-unseen-prompts", "unseen_shapes", "--run-name", "shapes"]
+    flags = [
+        "--shapes",
+        "--seed",
+        "0",
+        "--epochs",
+        "8",
+        "--eval-every",
+        "8",
+        "--save-every",
+        "8",
+        "--eval-unseen-prompts",
+        "unseen_shapes",
+        "--run-name",
+        "shapes",
+    ]
     run_script("ddpo_diffexp.py", flags, tmp_path)
     before, after = read_jsonl(tmp_path / "shapes" / "eval.jsonl")
     assert before["eval_reward"] == "shapes" and after["epoch"] == 8
@@ -128,8 +150,25 @@ def test_ddpo_raises_the_exact_reward_on_the_shapes_world(tmp_path):
 
 
 def test_alignprop_optimises_the_learned_reward_and_evaluates_with_the_exact_one(tmp_path):
-    flags = ["--shapes", "--epochs", "1", "--samples-per-epoch", "8", "--sample-batch-size", "8", "--train-batch-size", "4",
-             "--samples-per-update", "8", "--num-steps", "4", "--eval-images-per-prompt", "1", "--run-name", "align"]
+    flags = [
+        "--shapes",
+        "--epochs",
+        "1",
+        "--samples-per-epoch",
+        "8",
+        "--sample-batch-size",
+        "8",
+        "--train-batch-size",
+        "4",
+        "--samples-per-update",
+        "8",
+        "--num-steps",
+        "4",
+        "--eval-images-per-prompt",
+        "1",
+        "--run-name",
+        "align",
+    ]
     run_script("alignprop_diffexp.py", flags, tmp_path)
     lines = read_jsonl(tmp_path / "align" / "eval.jsonl")
     assert [line["eval_reward"] for line in lines] == ["shapes", "shapes"]
@@ -139,11 +178,14 @@ def test_alignprop_optimises_the_learned_reward_and_evaluates_with_the_exact_one
     assert args["reward"] == "shapes_learned" and args["model"] == common.SHAPES_MODEL
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--shapes", "--tiny"], "error: --tiny and --shapes are two presets; give one"),
-    (["--shapes", "--prompts", "animals"], "error: the shapes reward needs captions of the shapes grammar"),
-    (["--tiny", "--eval-reward", "beauty"], "error: unknown reward 'beauty'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--shapes", "--tiny"], "error: --tiny and --shapes are two presets; give one"),
+        (["--shapes", "--prompts", "animals"], "error: the shapes reward needs captions of the shapes grammar"),
+        (["--tiny", "--eval-reward", "beauty"], "error: unknown reward 'beauty'"),
+    ],
+)
 def test_bad_shapes_flags_are_one_error_line(tmp_path, flags, message):
     result = run_script("ddpo_diffexp.py", flags, tmp_path, check=False)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(message)
@@ -152,8 +194,27 @@ def test_bad_shapes_flags_are_one_error_line(tmp_path, flags, message):
 
 def test_b2_diffurl_runs_on_the_shapes_world_offline(tmp_path):
     """--shapes needs nothing from the hub, including B2-DiffuRL's diversity model."""
-    flags = ["--shapes", "--epochs", "1", "--samples-per-epoch", "8", "--sample-batch-size", "8", "--train-batch-size", "4",
-             "--samples-per-update", "4", "--num-steps", "4", "--eval-images-per-prompt", "2", "--run-name", "b2"]
+    flags = [
+        "--shapes",
+        "--epochs",
+        "1",
+        "--samples-per-epoch",
+        "8",
+        "--sample-batch-size",
+        "8",
+        "--train-batch-size",
+        "4",
+        "--samples-per-update",
+        "4",
+        "--num-steps",
+        "4",
+        "--eval-images-per-prompt",
+        "2",
+        "--run-name",
+        "b2",
+    ]
     run_script("b2_diffurl.py", flags, tmp_path)
     lines = read_jsonl(tmp_path / "b2" / "eval.jsonl")
-    assert [line["eval_reward"] for line in lines] == ["shapes", "shapes"] and all("seen_diversity" in line for line in lines)
+    assert [line["eval_reward"] for line in lines] == ["shapes", "shapes"] and all(
+        "seen_diversity" in line for line in lines
+    )
