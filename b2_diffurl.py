@@ -88,24 +88,23 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common import (
-    TINY_CLIP_VISION,
-    SHAPES_MODEL,
-    TINY_MODEL,
-    UNSEEN_PROMPT_SET,
     add_lora,
-    check_reward_name,
-    check_reward_prompts,
     clip_preprocess,
     encode_prompts,
+    freeze,
     guided_noise_prediction,
+    hub_error,
     images_to_pil,
-    load_pipeline,
     load_prompts,
-    load_reward,
     save_lora,
+    unseen_twin,
 )
+from tiny_world import clip_vision_model  # the diversity metric's tiny CLIP tower (--tiny, --shapes)
 
-SCRIPT_FOLDER = os.path.dirname(os.path.abspath(__file__))
+# hub ids and folders go to common.py's loaders; worlds.py builds the offline names (--model tiny, --tiny,
+# the shapes rewards) from tiny_world.py and shapes_world.py
+from worlds import SHAPES_MODEL, TINY_MODEL, check_reward_name, check_reward_prompts, load_pipeline, load_reward
+
 DIVERSITY_CLIP = "openai/clip-vit-large-patch14"  # image embeddings for the diversity metric (deviation 6)
 
 
@@ -234,22 +233,6 @@ SHAPES_PRESET = dict(
 )
 
 
-def resolve_prompt_file(name):
-    """A .txt prompt file given relative to this script's folder works from any cwd; anything else is unchanged."""
-    if name is not None and name.endswith(".txt") and not os.path.exists(name):
-        beside_script = os.path.join(SCRIPT_FOLDER, name)
-        if os.path.exists(beside_script):
-            return beside_script
-    return name
-
-
-def unseen_twin(prompts):
-    """The unseen set a training set is evaluated against: a named set's twin, or X_test.txt beside X_train.txt."""
-    if prompts.endswith("_train.txt") and os.path.isfile(prompts[: -len("_train.txt")] + "_test.txt"):
-        return prompts[: -len("_train.txt")] + "_test.txt"
-    return UNSEEN_PROMPT_SET.get(prompts)
-
-
 def parse_args(argv=None):
     """Parse flags on top of the defaults, or of a preset (--tiny or --shapes) when one is given."""
     argv = sys.argv[1:] if argv is None else argv
@@ -257,10 +240,6 @@ def parse_args(argv=None):
         raise SystemExit("error: --tiny and --shapes are two presets; give one")
     defaults = Args(**TINY_PRESET) if "--tiny" in argv else Args(**SHAPES_PRESET) if "--shapes" in argv else Args()
     args = tyro.cli(Args, default=defaults, args=argv)
-    args.prompts, args.eval_unseen_prompts = (
-        resolve_prompt_file(args.prompts),
-        resolve_prompt_file(args.eval_unseen_prompts),
-    )
     return args
 
 
@@ -469,23 +448,17 @@ def sample_trajectories(
 
 
 def load_diversity_model(args, device, dtype):
-    """CLIP ViT-L/14 image tower with projection for the diversity metric; offline (--tiny, --shapes) a tiny random one."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    """CLIP ViT-L/14 image tower with projection for the diversity metric; offline (--tiny, --shapes) a tiny one."""
+    from transformers import CLIPVisionModelWithProjection
 
     if args.tiny or args.shapes:
-        with torch.random.fork_rng(devices=[]):  # the same random weights every run
-            torch.manual_seed(3)
-            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=32))
+        model = clip_vision_model(projection_dim=32, seed=3)  # tiny_world.py: the same random weights every run
     else:
         try:
             model = CLIPVisionModelWithProjection.from_pretrained(DIVERSITY_CLIP)
         except Exception as exception:
-            message = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
-            raise SystemExit(
-                f"error: cannot load {DIVERSITY_CLIP} ({message}). Check the network, or use --tiny to run offline."
-            )
-    model.requires_grad_(False)
-    return model.eval().to(device, dtype)
+            raise hub_error(DIVERSITY_CLIP, exception)
+    return freeze(model, device, dtype)
 
 
 def mean_pairwise_distance(embeddings):

@@ -83,23 +83,21 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common import (
-    SHAPES_MODEL,
-    TINY_MODEL,
-    UNSEEN_PROMPT_SET,
     add_lora,
-    check_reward_name,
-    check_reward_prompts,
     dynamic_cfg_scale,
     encode_prompts,
     guided_noise_prediction,
     images_to_pil,
-    load_pipeline,
     load_prompts,
-    load_reward,
     random_word_token_mask,
     save_lora,
+    unseen_twin,
     weight_prompt_embeds,
 )
+
+# hub ids and folders go to common.py's loaders; worlds.py builds the offline names (--model tiny, --tiny,
+# the shapes rewards) from tiny_world.py and shapes_world.py
+from worlds import SHAPES_MODEL, TINY_MODEL, check_reward_name, check_reward_prompts, load_pipeline, load_reward
 
 
 @dataclass
@@ -596,7 +594,7 @@ def main(args):
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
     train_prompts = load_prompts(args.prompts)
-    unseen_name = args.eval_unseen_prompts or UNSEEN_PROMPT_SET.get(args.prompts)
+    unseen_name = args.eval_unseen_prompts or unseen_twin(args.prompts)
     eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
 
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)

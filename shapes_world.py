@@ -425,6 +425,35 @@ class ExactShapesReward(torch.nn.Module):
         return exact_scores(images, prompts).to(images.device)
 
 
+REWARD_NAMES = ("shapes", "shapes_learned")  # --reward names; both score captions of the grammar only
+
+
+def check_captions(reward_name, prompts):
+    """One error line if a prompt is not a caption of the grammar, which is all the shapes rewards can score."""
+    outside = [prompt for prompt in prompts if parse_caption(prompt) is None]
+    if outside:
+        raise SystemExit(
+            f"error: the {reward_name} reward needs captions of the shapes grammar (e.g. --prompts shapes); "
+            f"'{outside[0]}' is not one"
+        )
+
+
+def load_reward(name, world=None):
+    """The exact reward ("shapes") or the learned one ("shapes_learned", from world/learned_reward.safetensors)."""
+    if name == "shapes":
+        return ExactShapesReward()
+    from safetensors.torch import load_file
+
+    path = os.path.join(world or DEFAULT_WORLD, LEARNED_REWARD_FILE)
+    if not os.path.exists(path):
+        raise SystemExit(
+            f"error: learned shapes reward '{path}' not found; train it with: python shapes_world.py --stages reward"
+        )
+    reward = LearnedShapesReward()
+    reward.load_state_dict(load_file(path))
+    return reward
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Training the world's text-to-image model and the learned reward (python shapes_world.py)
 # ----------------------------------------------------------------------------------------------------------
@@ -433,6 +462,8 @@ MODEL_FOLDER = "sd-shapes"
 CONTEXT_LENGTH = 16
 LEARNED_REWARD_FILE = "learned_reward.safetensors"
 DEFAULT_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world")
+# The world's text-to-image model, an ordinary save_pretrained folder in the repository (`--model` accepts it).
+SHAPES_MODEL = os.path.join(DEFAULT_WORLD, MODEL_FOLDER)
 
 
 def build_models(seed):
@@ -440,7 +471,7 @@ def build_models(seed):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from common import build_tiny_tokenizer
+    from tiny_world import build_tiny_tokenizer
 
     # 16 token positions, not CLIP's 77: the longest caption is 12 tokens with BOS / EOS, and the UNet's cross-attention
     # and the text encoder cost grow with the length
@@ -608,7 +639,7 @@ def main(args):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from common import SD15_SCHEDULER_CONFIG
+    from tiny_world import SD15_SCHEDULER_CONFIG
 
     unknown = set(args.stages) - {"vae", "unet", "reward"}
     if unknown:

@@ -112,7 +112,7 @@ def diversity(method, seed, runs_dir, prompts, images_per_prompt=8):
     """Mean pairwise RMS pixel distance among one prompt's images (8 fixed noises), averaged over prompts."""
     from diffusers.utils import logging as diffusers_logging
 
-    from common import SHAPES_MODEL, load_pipeline
+    from worlds import SHAPES_MODEL, load_pipeline
 
     diffusers_logging.set_verbosity_error()  # no loading bars, no "no LoRA keys for the text encoder" notice
     diffusers_logging.disable_progress_bar()

@@ -136,7 +136,7 @@ def prompts_for(batch):
 def load(model):
     import common
 
-    pipeline = common.load_pipeline(model, "cpu", torch.float32)
+    pipeline = worlds.load_pipeline(model, "cpu", torch.float32)
     common.add_lora(pipeline.unet, 4)  # every script trains LoRA rank 4: the UNet calls below all go through it
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     return pipeline, pipeline.unet.config.sample_size * vae_scale
@@ -326,7 +326,7 @@ def bench_alignprop(pipeline, resolution, opts):
     import common
 
     unet = pipeline.unet
-    reward_fn = common.load_reward("aesthetic", "cpu", torch.float32, tiny=True)
+    reward_fn = worlds.load_reward("aesthetic", "cpu", torch.float32, tiny=True)
     batch = opts.alignprop_batch
     null_embeds = common.encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])
     prompt_embeds = common.encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts_for(batch))

@@ -43,7 +43,7 @@ MICRO_FLAGS = [
 
 @pytest.fixture(scope="session")
 def tiny_pipeline():
-    from common import load_pipeline
+    from worlds import load_pipeline
 
     return load_pipeline("tiny", "cpu", torch.float32)
 

@@ -14,7 +14,8 @@ import torch.utils.checkpoint
 
 import alignprop_diffexp as alignprop
 import ddpo_diffexp
-from common import add_lora, encode_prompts, guided_noise_prediction, load_pipeline, load_reward
+from common import add_lora, encode_prompts, guided_noise_prediction
+from worlds import load_pipeline, load_reward
 from conftest import MICRO_FLAGS, kill_after_first_checkpoint, lora_tensors, read_jsonl, run_script
 
 

@@ -205,12 +205,7 @@ def test_prompt_files_follow_the_paper_templates():
     assert all(sum(p in prompt for prompt in spatial_train) >= 10 for p in predicates)
 
 
-def test_prompt_paths_resolve_beside_the_script_and_find_their_test_twin(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    args = b2_diffurl.parse_args(["--prompts", "prompts/spatial_train.txt"])
-    assert args.prompts == os.path.join(ROOT, "prompts", "spatial_train.txt")
-    assert b2_diffurl.unseen_twin(args.prompts) == os.path.join(ROOT, "prompts", "spatial_test.txt")
-    assert b2_diffurl.unseen_twin("animal_activities") == "unseen_activities"
+def test_paper_defaults_and_tiny_preset():
     assert b2_diffurl.parse_args([]).num_steps == 20 and b2_diffurl.parse_args(["--tiny", "--epochs", "3"]).epochs == 3
 
 

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import common
+import shapes_world
+import tiny_world
+import worlds
 from conftest import SHARED_ASSETS
 
 
@@ -112,18 +115,15 @@ def test_unreachable_model_is_one_clear_error(monkeypatch):
 # ---------------------------------------------------------------------------------------------- rewards
 def test_unknown_reward_is_one_clear_error():
     with pytest.raises(SystemExit, match="^error: unknown reward 'beauty'; choose one of aesthetic"):
-        common.load_reward("beauty", "cpu", torch.float32, tiny=True)
+        worlds.load_reward("beauty", "cpu", torch.float32, tiny=True)
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")), reason="needs ../shared/assets"
-)
 def test_real_laion_head_loads_strictly_and_scores():
     path = os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")
     state = torch.load(path, map_location="cpu", weights_only=True)
     head = common.AestheticMLP()
     head.load_state_dict(state, strict=True)  # raises on any missing or unexpected key / shape
-    reward = common.load_reward("aesthetic", "cpu", torch.float32, tiny=True, aesthetic_head_path=path)
+    reward = tiny_world.load_reward("aesthetic", aesthetic_head_path=path)
     assert torch.equal(reward.head.layers[0].weight, state["layers.0.weight"])
     scores = reward(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)), ["a", "b"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
@@ -178,14 +178,14 @@ def test_flat_image_is_more_jpeg_compressible_than_noise():
     assert not compressibility.differentiable
 
 
-@pytest.mark.parametrize("name", common.DIFFERENTIABLE_REWARDS)
+@pytest.mark.parametrize("name", worlds.DIFFERENTIABLE_REWARDS)
 def test_gradient_reaches_the_image_through_differentiable_rewards(name):
-    reward = common.load_reward(name, "cpu", torch.float32, tiny=True)
+    reward = worlds.load_reward(name, "cpu", torch.float32, tiny=True)
     assert reward.differentiable
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     prompts = (
         ["a red circle", "a blue square above a green triangle"]
-        if name in common.SHAPES_REWARDS
+        if name in shapes_world.REWARD_NAMES
         else ["a dog", "a cat riding a bike"]
     )
     scores = reward(images, prompts)
@@ -197,8 +197,8 @@ def test_gradient_reaches_the_image_through_differentiable_rewards(name):
 
 def test_pickscore_is_logit_scaled_clipscore():
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    pick = common.load_reward("pickscore", "cpu", torch.float32, tiny=True)
-    clip = common.load_reward("clipscore", "cpu", torch.float32, tiny=True)
+    pick = worlds.load_reward("pickscore", "cpu", torch.float32, tiny=True)
+    clip = worlds.load_reward("clipscore", "cpu", torch.float32, tiny=True)
     scale = pick.clip_model.logit_scale.exp()
     assert torch.allclose(pick(images, ["a", "b"]), scale * clip(images, ["a", "b"]), atol=1e-5)
     assert (clip(images, ["a", "b"]).abs() <= 1).all()
@@ -207,7 +207,7 @@ def test_pickscore_is_logit_scaled_clipscore():
 def test_optional_backends_without_tiny_version_say_so():
     for name in ("imagereward", "hpsv2"):
         with pytest.raises(SystemExit, match=f"^error: {name}"):
-            common.load_reward(name, "cpu", torch.float32, tiny=True)
+            worlds.load_reward(name, "cpu", torch.float32, tiny=True)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -234,3 +234,20 @@ def test_prompt_sets_follow_the_paper_tables(tmp_path):
         common.load_prompts(str(tmp_path / "missing.txt"))
     with pytest.raises(SystemExit, match="^error: unknown prompt set 'plants'"):
         common.load_prompts("plants")
+
+
+def test_prompt_paths_resolve_from_the_cwd_then_the_project_and_find_their_test_twin(tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    monkeypatch.chdir(tmp_path)  # a directory without prompts/: the project's file is found
+    with open(os.path.join(ROOT, "prompts", "spatial_train.txt")) as f:
+        assert common.load_prompts("prompts/spatial_train.txt") == [line.strip() for line in f if line.strip()]
+    assert common.unseen_twin("prompts/spatial_train.txt") == os.path.join(ROOT, "prompts", "spatial_test.txt")
+    assert common.unseen_twin("animal_activities") == "unseen_activities" and common.unseen_twin("plants.txt") is None
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "spatial_train.txt").write_text("a cube on a sphere\n")  # the cwd's file wins
+    assert common.load_prompts("prompts/spatial_train.txt") == ["a cube on a sphere"]
+    assert common.unseen_twin("prompts/spatial_train.txt") is None  # no test twin beside the cwd's file
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(SystemExit, match="^error: prompt file 'binary.txt' is not UTF-8 text$"):
+        common.load_prompts("binary.txt")

@@ -209,7 +209,7 @@ def test_run_writes_finite_metrics_and_checkpoints(finished_run):
 
 
 def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
-    from common import load_pipeline
+    from worlds import load_pipeline
 
     pipeline = load_pipeline("tiny", "cpu", torch.float32)
 

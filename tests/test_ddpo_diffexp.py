@@ -81,7 +81,8 @@ def test_clipped_loss_gradient_is_the_policy_gradient():
 
 def test_one_update_moves_probability_toward_high_advantage_trajectories():
     """The script's sampler, log-prob and loss, one gradient step: sum_i A_i log p(trajectory_i) must rise."""
-    from common import add_lora, encode_prompts, guided_noise_prediction, load_pipeline
+    from common import add_lora, encode_prompts, guided_noise_prediction
+    from worlds import load_pipeline
 
     pipeline = load_pipeline("tiny", "cpu", torch.float32)  # a fresh one: LoRA is added in place
     lora_parameters = add_lora(pipeline.unet, 4)
@@ -233,7 +234,7 @@ def test_run_writes_finite_metrics_grids_and_checkpoints(finished_run):
 
 
 def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
-    from common import load_pipeline
+    from worlds import load_pipeline
 
     pipeline = load_pipeline("tiny", "cpu", torch.float32)
 

@@ -9,13 +9,15 @@ import torch
 
 import common
 import shapes_world
+import tiny_world
+import worlds
 from conftest import read_jsonl, run_script
 from shapes_world import caption_attributes, detect_objects, exact_scores, render_batch, sample_captions
 
 
 # ---------------------------------------------------------------------------------------------- the world
 def test_every_grammar_word_is_one_token():
-    tokenizer = common.build_tiny_tokenizer(shapes_world.WORDS)
+    tokenizer = tiny_world.build_tiny_tokenizer(shapes_world.WORDS)
     for word in shapes_world.WORDS:
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     ids = tokenizer("a red triangle to the left of two blue squares", add_special_tokens=False).input_ids
@@ -78,14 +80,14 @@ def test_detector_finds_shapes_through_blur_and_noise():
 
 def test_shapes_rewards_reject_prompts_outside_the_grammar():
     with pytest.raises(SystemExit, match="^error: the shapes reward needs captions of the shapes grammar"):
-        common.check_reward_prompts("shapes", ["a red circle", "a dolphin riding a bike"])
-    common.check_reward_prompts("aesthetic", ["a dolphin riding a bike"])  # other rewards take any prompt
+        worlds.check_reward_prompts("shapes", ["a red circle", "a dolphin riding a bike"])
+    worlds.check_reward_prompts("aesthetic", ["a dolphin riding a bike"])  # other rewards take any prompt
 
 
 # ---------------------------------------------------------------------------------------------- committed model
 @pytest.fixture(scope="module")
 def shapes_pipeline():
-    return common.load_pipeline(common.SHAPES_MODEL, "cpu", torch.float32)
+    return worlds.load_pipeline(worlds.SHAPES_MODEL, "cpu", torch.float32)
 
 
 def test_committed_model_loads_as_an_sd_pipeline_and_leaves_room_to_improve(shapes_pipeline):
@@ -111,8 +113,8 @@ def test_committed_model_loads_as_an_sd_pipeline_and_leaves_room_to_improve(shap
 
 
 def test_learned_reward_tracks_the_exact_reward_and_is_differentiable():
-    reward = common.load_reward("shapes_learned", "cpu", torch.float32)
-    assert reward.differentiable and "shapes_learned" in common.DIFFERENTIABLE_REWARDS
+    reward = worlds.load_reward("shapes_learned", "cpu", torch.float32)
+    assert reward.differentiable and "shapes_learned" in worlds.DIFFERENTIABLE_REWARDS
     generator = np.random.default_rng(4)
     captions = sample_captions(128, generator)
     images = render_batch(captions, generator)
@@ -175,7 +177,7 @@ def test_alignprop_optimises_the_learned_reward_and_evaluates_with_the_exact_one
     assert all(0 <= line["seen_reward_mean"] <= 1 for line in lines)  # the exact reward's range, not the learned one's
     with open(tmp_path / "align" / "args.json") as f:
         args = json.load(f)
-    assert args["reward"] == "shapes_learned" and args["model"] == common.SHAPES_MODEL
+    assert args["reward"] == "shapes_learned" and args["model"] == worlds.SHAPES_MODEL
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,271 @@
+"""The tiny world: an SD-architecture text-to-image model and reward backbones small enough for a CPU test.
+
+Nothing here is trained on data. The pipeline has Stable Diffusion 1.x's architecture and DDIM schedule (real
+diffusers / transformers classes: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, a CLIPTokenizer whose
+vocab.json / merges.txt this file writes), at 32 px with 4 x 16 x 16 latents, random weights and a UNet briefly
+pretrained to denoise smooth random fields. The rewards are the real reward modules of common.py (the same
+preprocessing, heads and similarity) on tiny random CLIP towers. So every line of a method script runs
+offline, in seconds, exactly as it runs on SD 1.5; only the numbers mean nothing outside the tiny world.
+
+`--model tiny` and `--tiny` select it (worlds.py routes those names here).
+"""
+
+import json
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from common import AestheticMLP, AestheticReward, ClipSimilarityReward, encode_prompts, load_aesthetic_head
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. The tiny text-to-image pipeline
+# ----------------------------------------------------------------------------------------------------------
+
+# SD 1.x's DDIM configuration (the hub's scheduler_config.json of stable-diffusion-v1-5): scaled-linear betas,
+# abar_prev of the last step = abar_0 (set_alpha_to_one=False), "leading" spacing with steps_offset 1, so that
+# 50 steps visit t = 981, 961, ..., 1.
+SD15_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+
+
+def _bytes_to_unicode():
+    """GPT-2 / CLIP byte-level BPE alphabet: 256 printable characters standing for the 256 byte values."""
+    byte_values = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    code_points = byte_values[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in byte_values:
+            byte_values.append(byte)
+            code_points.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in code_points]
+
+
+def build_tiny_tokenizer(words=(), model_max_length=77):
+    """A real CLIPTokenizer over a small vocabulary whose vocab.json / merges.txt we write ourselves.
+
+    Vocabulary: the 256 byte symbols, the same with the end-of-word marker "</w>", then BOS and EOS (514
+    tokens), then one token per word of `words` with the BPE merges that build it ("r e", "re d</w>"). With no
+    words (the tiny model) every word is split into its characters: "dog" -> "d", "o", "g</w>", which keeps the
+    real tokenizer's behaviour (lower-casing, punctuation split, BOS/EOS, padding with EOS to 77) and makes
+    multi-token words the normal case, which is what Eq. 8's word masking must handle.
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = _bytes_to_unicode()
+    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    merges = []
+    for word in words:
+        # BPE applies the lowest-ranked merge present, so first apply the merges of the earlier words (as the
+        # tokenizer would), then add merges that join what is left, left to right: "g re e n</w>" -> "green</w>"
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for merge in merges:
+            first, second = merge.split()
+            index = 0
+            while index < len(pieces) - 1:
+                if pieces[index] == first and pieces[index + 1] == second:
+                    pieces[index : index + 2] = [first + second]
+                index += 1
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in vocab:
+                vocab.append(pieces[0])
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "vocab.json"), "w") as f:
+            json.dump({token: index for index, token in enumerate(vocab)}, f)
+        with open(os.path.join(folder, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "".join(merge + "\n" for merge in dict.fromkeys(merges)))
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+TINY_PRETRAIN_STEPS = 150  # about 30 s on 2 CPU cores, once: the result is cached (see `pipeline_folder`)
+
+
+def _tiny_latent_data(batch_size, generator):
+    """The tiny model's "data": smooth random latent fields (4 x 4 noise, bicubic-upsampled to 16 x 16), std ~1."""
+    coarse = torch.randn(batch_size, 4, 4, 4, generator=generator)
+    return F.interpolate(coarse, size=16, mode="bicubic", align_corners=False) * 1.3
+
+
+def _pretrain_tiny_unet(unet, scheduler, null_embeds):
+    """A few hundred seeded steps of the ordinary denoising loss ||eps - eps_theta(x_t, t)||^2 on smooth fields.
+
+    Why: a UNet with random weights is no denoiser. Its eps does not match the noise, so DDIM samples blow up to
+    std ~9 and the decoded images hardly depend on what the UNet outputs: a policy could not move any reward.
+    After this short pretraining the sampler returns std ~1 latents, and a small change of eps changes the
+    image (an eps bias of 0.3 on one channel moves JPEG compressibility by about 3 standard deviations).
+    """
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    alphas_cumprod = scheduler.alphas_cumprod
+    unet.train()
+    for _ in range(TINY_PRETRAIN_STEPS):
+        x0 = _tiny_latent_data(32, generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # forward process q(x_t | x_0)
+        loss = F.mse_loss(unet(x_t, timesteps, encoder_hidden_states=null_embeds.expand(32, -1, -1)).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval()
+
+
+def _build_tiny_pipeline():
+    """An SD-architecture pipeline, 32x32 images and 4x16x16 latents: random weights, UNet briefly pretrained."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, without touching the caller's RNG
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            # attention only at the 8 x 8 level (and the mid block): at 16 x 16 it would cost 3/4 of the CPU time
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=16,
+            norm_num_groups=8,  # 4-8 channels per GroupNorm group, as SD's 320-1280 channels / 32 groups
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),  # 2 levels -> vae_scale_factor 2: 32 px images <-> 16 x 16 latents
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            sample_size=32,
+            # 4-8 channels per group as in SD's VAE; one channel per group would normalise away every shift of
+            # a latent channel, leaving a decoder that barely responds to what the UNet changes
+            norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
+    with torch.random.fork_rng(devices=[]):
+        _pretrain_tiny_unet(unet, scheduler, encode_prompts(tokenizer, text_encoder, [""]))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def pipeline_folder():
+    """The tiny pipeline's folder (save_pretrained format, about 7 MB): built on first use, then cached.
+
+    Later calls, and other processes, load the same weights from it with common.load_pipeline, as a hub model.
+    """
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    folder = os.path.join(cache, "reward-finetuning", f"tiny-sd-v1-{TINY_PRETRAIN_STEPS}")
+    if not os.path.isdir(folder):
+        pipeline = _build_tiny_pipeline()
+        temporary = f"{folder}.tmp{os.getpid()}"
+        pipeline.save_pretrained(temporary, safe_serialization=True)
+        try:
+            os.rename(temporary, folder)  # atomic: a concurrent process either sees the whole folder or none
+        except OSError:  # another process finished first; its weights are the same
+            import shutil
+
+            shutil.rmtree(temporary, ignore_errors=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Tiny reward backbones under common.py's reward modules
+# ----------------------------------------------------------------------------------------------------------
+
+# Tiny random CLIP towers for the offline rewards: 224 px input, so the real preprocessing applies unchanged.
+TINY_CLIP_VISION = dict(
+    image_size=224, patch_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+)
+
+
+def _tiny_clip_model():
+    """A CLIPModel (text + vision) with tiny random weights, and its tiny tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = build_tiny_tokenizer()
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return CLIPModel(
+            CLIPConfig(text_config=text_config, vision_config=TINY_CLIP_VISION, projection_dim=32)
+        ), tokenizer
+
+
+def clip_vision_model(projection_dim, seed):
+    """A CLIPVisionModelWithProjection with tiny random weights (the same for the same seed)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=projection_dim))
+
+
+REWARD_NAMES = ("aesthetic", "pickscore", "clipscore")  # the rewards with a tiny version (jpeg_* need no model)
+
+
+def load_reward(name, aesthetic_head_path=None):
+    """common.py's reward module `name` on tiny random backbones (fp32, CPU, not yet frozen).
+
+    aesthetic: a random LAION-shaped head, or the real one from `aesthetic_head_path`, on a tiny vision tower
+    whose projection is 768-d as ViT-L/14's, so that the real head loads strictly on top of it.
+    """
+    if name == "aesthetic":
+        if aesthetic_head_path is not None:
+            head = load_aesthetic_head(aesthetic_head_path)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the same random head every run
+                torch.manual_seed(2)
+                head = AestheticMLP()
+        return AestheticReward(clip_vision_model(projection_dim=768, seed=1), head)
+    clip_model, tokenizer = _tiny_clip_model()  # pickscore or clipscore
+    return ClipSimilarityReward(clip_model, tokenizer, use_logit_scale=name == "pickscore")

@@ -1,0 +1,49 @@
+"""The offline worlds behind the scripts' loaders: what `--model tiny`, `--tiny` and the shapes rewards mean.
+
+A method script asks this module for its pipeline and its rewards. A hub id or a folder goes straight to
+common.py's loaders (a real Stable Diffusion and real reward models); the names below are built offline:
+
+  --model tiny           tiny_world.py's SD-architecture pipeline (built once, then cached as a folder)
+  --tiny                 common.py's reward modules on tiny_world.py's random CLIP towers
+  --reward shapes        shapes_world.py's exact reward (it reads the shapes in the pixels)
+  --reward shapes_learned  shapes_world.py's learned, differentiable reward
+  --shapes (a preset)    the shapes world's model folder, world/sd-shapes, loaded as any folder
+
+The dependencies point one way: common <- tiny_world <- shapes_world <- worlds <- the method scripts.
+"""
+
+import common
+import shapes_world
+import tiny_world
+
+TINY_MODEL = "tiny"
+SHAPES_MODEL = shapes_world.SHAPES_MODEL
+REWARD_NAMES = common.REWARD_NAMES + shapes_world.REWARD_NAMES
+DIFFERENTIABLE_REWARDS = common.DIFFERENTIABLE_REWARDS + ("shapes_learned",)
+
+
+def check_reward_name(name):
+    common.check_reward_name(name, REWARD_NAMES)
+
+
+def check_reward_prompts(name, prompts):
+    """The shapes rewards score captions of the shapes world's grammar only: one error line for any other prompt."""
+    if name in shapes_world.REWARD_NAMES:
+        shapes_world.check_captions(name, prompts)
+
+
+def load_pipeline(model, device, dtype):
+    """common.load_pipeline for a hub id or a folder; `tiny` is tiny_world's pipeline folder (built on first use)."""
+    return common.load_pipeline(tiny_world.pipeline_folder() if model == TINY_MODEL else model, device, dtype)
+
+
+def load_reward(name, device, dtype, tiny=False):
+    """The reward `name`, frozen on `device`: the shapes world's, a tiny one (`tiny`), or common.py's real one."""
+    check_reward_name(name)
+    if name in shapes_world.REWARD_NAMES:
+        return common.freeze(shapes_world.load_reward(name), device, dtype)
+    if tiny and name in tiny_world.REWARD_NAMES:
+        return common.freeze(tiny_world.load_reward(name), device, dtype)
+    if tiny and name in ("imagereward", "hpsv2"):
+        raise SystemExit(f"error: {name} has no tiny version; use it with a real model (it needs the network)")
+    return common.load_reward(name, device, dtype)
