@@ -521,7 +521,7 @@ def main(args):
         else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
     )
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
-    timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 981, 961, ..., 1 for T = 50
+    timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
     null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
@@ -531,7 +531,7 @@ def main(args):
     optimizer = torch.optim.AdamW(
         lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
     )
-    start_epoch = 0
+    start_epoch, state = 0, {}  # state: what the last checkpoint saved, if resuming
     if checkpoint is not None:
         from peft.utils import set_peft_model_state_dict
 
@@ -545,9 +545,10 @@ def main(args):
         accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
     # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
     unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
-
     samples_per_process = args.samples_per_epoch // accelerator.num_processes
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+    # Method-specific setup
+    # none: AlignProp keeps no state besides the LoRA and the optimiser (no reward statistics, no value function)
 
     for epoch in tqdm(
         range(start_epoch, args.epochs),
@@ -557,9 +558,8 @@ def main(args):
         disable=not accelerator.is_main_process,
     ):
         epoch_start = time.time()
-        torch.manual_seed(
-            epoch_seed(args.seed, epoch, accelerator.process_index)
-        )  # anything not drawn from `generator`
+        # torch's global RNG, for anything not drawn from `generator`
+        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
         if epoch % args.eval_every == 0:
             run_evaluation(
                 args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch
@@ -569,9 +569,8 @@ def main(args):
         # 2. Sample: trajectories with their graph through the last K steps; DiffExp exploration (Eq. 7, Eq. 8) lives here
         # ==================================================================================================
         use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
-        generator = torch.Generator().manual_seed(
-            epoch_seed(args.seed, epoch, accelerator.process_index)
-        )  # CPU: same draws on any device
+        # CPU: same draws on any device
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
         # Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
         step_scales = torch.tensor(
             [
@@ -602,9 +601,8 @@ def main(args):
             latents = torch.randn((args.train_batch_size, *latent_shape), generator=generator).to(
                 accelerator.device, weight_dtype
             )
-            grad_starts = truncation_starts(
-                args, args.train_batch_size, generator
-            )  # (B,): steps grad_start..T-1 keep their graph
+            # (B,): steps grad_start..T-1 keep their graph
+            grad_starts = truncation_starts(args, args.train_batch_size, generator)
             grad_steps.extend((args.num_steps - grad_starts).tolist())  # K of each trajectory
             last_of_update = (micro_index + 1) % micro_batches_per_update == 0
             # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
@@ -641,12 +639,10 @@ def main(args):
                 grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
                 optimizer.step()
                 optimizer.zero_grad()
-        all_rewards = (
-            accelerator.gather(torch.cat(rewards).float().to(accelerator.device)).cpu().numpy()
-        )  # (samples_per_epoch,)
-        stop_on_non_finite(
-            accelerator, "reward", float(all_rewards.sum())
-        )  # after the updates, but before any checkpoint
+        # (samples_per_epoch,)
+        all_rewards = accelerator.gather(torch.cat(rewards).float().to(accelerator.device)).cpu().numpy()
+        # after the updates, but before any checkpoint
+        stop_on_non_finite(accelerator, "reward", float(all_rewards.sum()))
 
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint

@@ -26,10 +26,10 @@ What it implements
     1 - cos(e_i, e_j) between the CLIP image embeddings of the images generated for the same prompt.
 
 Deviations and assumptions (facts the paper leaves to its appendix are taken from the authors' released code)
-  1. The schedule: tau_s = first + floor(s * K / S) for S stages and the K = T - first + 1 interval lengths
-     first..T, first = round(0.7 T) (--first-interval-fraction). For T = 20, S = 100 this is the released
-     code's 14 + floor(s * 7 / 100). When S < K (short runs), the lengths are spread evenly instead,
-     first + floor(s * (K - 1) / (S - 1)), so that the last stage always trains all T steps.
+  1. The schedule: tau_s = first + floor(s * M / E) for E stages and the M = T - first + 1 interval lengths
+     first..T, first = round(0.7 T) (--first-interval-fraction). For T = 20, E = 100 this is the released
+     code's 14 + floor(s * 7 / 100). When E < M (short runs), the lengths are spread evenly instead,
+     first + floor(s * (M - 1) / (E - 1)), so that the last stage always trains all T steps.
   2. Normalisation (Appendix D.1, released code): z = (r - mean_p) / (std_p + 1e-8) with the mean and the
      unbiased std of the prompt's rewards of this stage and of the last 8 stages; a prompt with one reward
      in all of them gets z = 0.
@@ -358,11 +358,11 @@ def first_interval_steps(num_steps, fraction):
 def split_step(stage, num_stages, num_steps, first_interval):
     """Eq. 4's tau at `stage`: the number of last denoising steps trained (BPT), first_interval .. T.
 
-    The released code (T = 20, 100 stages, first 14): 14 + floor(stage * 7 / 100), each of the K = 7 lengths
+    The released code (T = 20, 100 stages, first 14): 14 + floor(stage * 7 / 100), each of the M = 7 lengths
     14..20 for an equal block of stages. With fewer stages than lengths, the lengths are spread evenly; either
     way the last stage trains all T steps (deviation 1).
     """
-    lengths = num_steps - first_interval + 1  # K: the interval lengths first_interval, ..., T
+    lengths = num_steps - first_interval + 1  # M: the interval lengths first_interval, ..., T
     if num_stages >= lengths:
         return first_interval + stage * lengths // num_stages
     if num_stages == 1:
@@ -493,9 +493,10 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prom
             pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
         )
         batch_rewards = reward_fn(images, batch_prompts).float().cpu()
+        # (B, D)
         batch_embeddings = (
             diversity_model(pixel_values=clip_preprocess(images).to(diversity_model.dtype)).image_embeds.float().cpu()
-        )  # (B, D)
+        )
         for position, job in enumerate(indices):
             rewards[job], embeddings[job] = batch_rewards[position].item(), batch_embeddings[position]
             if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
@@ -626,9 +627,8 @@ def main(args):
         if eval_reward == args.reward
         else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
     )
-    diversity_model = load_diversity_model(args, accelerator.device, weight_dtype)
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
-    timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 951, 901, ..., 1 for T = 20
+    timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
     null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
@@ -638,7 +638,7 @@ def main(args):
     optimizer = torch.optim.AdamW(
         lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
     )
-    start_epoch, reward_history = 0, []
+    start_epoch, state = 0, {}  # state: what the last checkpoint saved, if resuming
     if checkpoint is not None:
         from peft.utils import set_peft_model_state_dict
 
@@ -646,18 +646,20 @@ def main(args):
         set_peft_model_state_dict(pipeline.unet, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
-        reward_history = state["reward_history"]
         if accelerator.is_main_process:
             keep_lines_before(os.path.join(run_dir, "metrics.jsonl"), start_epoch)
             keep_lines_before(os.path.join(run_dir, "eval.jsonl"), start_epoch)
         accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
     # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
     unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
-
     samples_per_process = args.samples_per_epoch // accelerator.num_processes
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+    # Method-specific setup
+    # the rewards of the last history_stages stages, per prompt, for the z-scores (deviation 2), restored on resume
+    reward_history = state.get("reward_history", [])
     first_interval = first_interval_steps(args.num_steps, args.first_interval_fraction)  # tau_0, 14 for T = 20
     branches = 1 if args.no_branch else args.num_branches  # copies of each prefix; 1 = independent samples
+    diversity_model = load_diversity_model(args, accelerator.device, weight_dtype)  # for the evaluation only
 
     for epoch in tqdm(
         range(start_epoch, args.epochs),
@@ -667,9 +669,8 @@ def main(args):
         disable=not accelerator.is_main_process,
     ):
         epoch_start = time.time()
-        torch.manual_seed(
-            epoch_seed(args.seed, epoch, accelerator.process_index)
-        )  # anything not drawn from `generator`
+        # torch's global RNG, for anything not drawn from `generator`
+        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
         if epoch % args.eval_every == 0:
             run_evaluation(
                 args,
@@ -688,16 +689,15 @@ def main(args):
         # ==================================================================================================
         # 2. Sample: branch-based sampling (Eq. 5-6) at the start of this stage's BPT interval (Eq. 4)
         # ==================================================================================================
-        # Eq. 4: this stage trains the last tau steps, step indices T - tau .. T - 1 (all T with --no-bpt)
+        # Eq. 4: this stage trains the last K = tau steps, step indices T - K .. T - 1 (all T with --no-bpt)
         trained_steps = (
             args.num_steps if args.no_bpt else split_step(epoch, args.epochs, args.num_steps, first_interval)
         )
         first_trained_step = args.num_steps - trained_steps
         # branches split at x_tau, the interval's start (with --no-bpt: the first stage's interval start)
         branch_step = args.num_steps - first_interval if args.no_bpt else first_trained_step
-        generator = torch.Generator().manual_seed(
-            epoch_seed(args.seed, epoch, accelerator.process_index)
-        )  # CPU: same draws on any device
+        # CPU: same draws on any device
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
         unet.eval()
         batches = []
         for _ in tqdm(
@@ -726,10 +726,9 @@ def main(args):
             )
             # rows g N .. g N + N - 1 are the branches of prefix g: repeat its prompt and conditioning N times
             prompts = [prompt for prompt in prefix_prompts for _ in range(branches)]
-            prompt_embeds, guidance_scales = (
-                prompt_embeds.repeat_interleave(branches, dim=0),
-                guidance_scales.repeat_interleave(branches, dim=0),
-            )
+            prompt_embeds = prompt_embeds.repeat_interleave(branches, dim=0)  # (G N, L, D)
+            guidance_scales = guidance_scales.repeat_interleave(branches, dim=0)  # (G N, T)
+            # Store exactly what sampled each step (its c and w): training must recompute THAT policy.
             batches.append(
                 dict(
                     prompts=prompts,
@@ -778,9 +777,8 @@ def main(args):
             for p in range(accelerator.num_processes)
         ]
         offset = accelerator.process_index * samples_per_process
-        kept = (
-            all_kept[(all_kept >= offset) & (all_kept < offset + samples_per_process)] - offset
-        )  # this process's rows
+        # this process's kept rows, as indices into its own samples
+        kept = all_kept[(all_kept >= offset) & (all_kept < offset + samples_per_process)] - offset
         advantages = torch.tensor(all_z_scores, dtype=torch.float32).reshape(accelerator.num_processes, -1)[
             accelerator.process_index
         ]
@@ -789,7 +787,7 @@ def main(args):
         # 5. Update: DDPO-IS on the kept samples over the interval's steps only (Eq. 4, Eq. 6)
         # ==================================================================================================
         unet.train()
-        losses, approx_kls, clipfracs, visited_steps = [], [], [], set()
+        losses, approx_kls, clipfracs, grad_norms, visited_steps = [], [], [], [], set()
         micro_batches = math.ceil(max(kept_per_process) / args.train_batch_size)  # the same on every process
         for inner_epoch in range(args.inner_epochs):
             # this process's kept rows in random order, then padding rows (row 0, advantage 0: no gradient) so that
@@ -799,23 +797,25 @@ def main(args):
                 [order, torch.zeros(micro_batches * args.train_batch_size - len(order), dtype=torch.long)]
             )
             is_kept = (torch.arange(len(order)) < len(kept)).float()  # (R,)
-            # each sample visits the interval's steps T - tau .. T - 1 in its own random order
+            # each sample visits the interval's steps T - K .. T - 1 in its own random order
+            # (R, K)
             step_orders = first_trained_step + torch.stack(
                 [torch.randperm(trained_steps, generator=generator) for _ in range(len(order))]
-            )  # (R, tau)
+            )
             for micro_index in tqdm(
                 range(micro_batches), desc="training", leave=False, disable=not accelerator.is_main_process
             ):
                 slots = slice(micro_index * args.train_batch_size, (micro_index + 1) * args.train_batch_size)
                 rows = order[slots]  # (b,)
-                steps = step_orders[slots]  # (b, tau)
-                x_t = samples["trajectory"][rows[:, None], steps]  # (b, tau, 4, h, w)
-                x_prev = samples["trajectory"][rows[:, None], steps + 1]  # (b, tau, 4, h, w)
-                log_prob_old = samples["log_probs"][rows[:, None], steps]  # (b, tau)
-                scales = samples["guidance_scales"][rows[:, None], steps]  # (b, tau)
+                steps = step_orders[slots]  # (b, K)
+                x_t = samples["trajectory"][rows[:, None], steps]  # (b, K, 4, h, w)
+                x_prev = samples["trajectory"][rows[:, None], steps + 1]  # (b, K, 4, h, w)
+                log_prob_old = samples["log_probs"][rows[:, None], steps]  # (b, K)
+                scales = samples["guidance_scales"][rows[:, None], steps]  # (b, K)
                 prompt_embeds = samples["prompt_embeds"][rows]  # (b, L, D)
-                step_timesteps = timesteps[steps.to(timesteps.device)]  # (b, tau)
-                row_advantages = (advantages[rows] * is_kept[slots]).to(accelerator.device)  # A = z; 0 for padding
+                step_timesteps = timesteps[steps.to(timesteps.device)]  # (b, K)
+                # A = z, 0 for padding: (b,)
+                row_advantages = (advantages[rows] * is_kept[slots]).to(accelerator.device)
                 visited_steps.update(steps.flatten().tolist())
                 last_of_update = (micro_index + 1) % micro_batches_per_update == 0 or micro_index + 1 == micro_batches
                 # the update's gradient is the mean over its kept rows (all processes) and their interval steps;
@@ -846,29 +846,25 @@ def main(args):
                             log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip
                         )
                         accelerator.backward(loss * scale)
-                        (
-                            losses.append(loss.item()),
-                            approx_kls.append(approx_kl.item()),
-                            clipfracs.append(clipfrac.item()),
-                        )
+                        losses.append(loss.item())
+                        approx_kls.append(approx_kl.item())
+                        clipfracs.append(clipfrac.item())
                 if last_of_update:
-                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
+                    grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
                     optimizer.step()
                     optimizer.zero_grad()
         if not losses:  # nothing kept on any process this stage: no update
-            losses, approx_kls, clipfracs = [0.0], [0.0], [0.0]
+            losses, approx_kls, clipfracs, grad_norms = [0.0], [0.0], [0.0], [0.0]
 
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint
         # ==================================================================================================
-        statistics = (
-            accelerator.gather(
-                torch.tensor([np.mean(losses), np.mean(approx_kls), np.mean(clipfracs)], device=accelerator.device)
-            )
-            .view(-1, 3)
-            .mean(0)
+        statistics = torch.tensor(
+            [np.mean(losses), np.mean(approx_kls), np.mean(clipfracs), np.mean(grad_norms)], device=accelerator.device
         )
-        loss_mean, approx_kl_mean, clipfrac_mean = statistics.tolist()
+        loss_mean, approx_kl_mean, clipfrac_mean, grad_norm_mean = (
+            accelerator.gather(statistics).view(-1, 4).mean(0).tolist()
+        )
         stop_on_non_finite(accelerator, "loss", loss_mean)
         metrics = dict(
             epoch=epoch,
@@ -878,6 +874,7 @@ def main(args):
             loss=loss_mean,
             approx_kl=approx_kl_mean,
             clipfrac=clipfrac_mean,
+            grad_norm=grad_norm_mean,
             interval_steps=trained_steps,
             branch_step=branch_step if branches > 1 else None,
             kept_samples=len(all_kept),

@@ -318,18 +318,16 @@ def guided_noise_prediction(unet, latents, timestep, prompt_embeds, null_embeds,
     """
     batch_size = latents.shape[0]
     null_embeds = null_embeds.expand(batch_size, -1, -1)
-    timestep = (
-        torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(batch_size)
-    )  # (B,): one t or one per sample
+    # (B,): one t or one per sample
+    timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(batch_size)
     noise_pred = unet(
         torch.cat([latents, latents]),
         torch.cat([timestep, timestep]),
         encoder_hidden_states=torch.cat([null_embeds, prompt_embeds]),
     ).sample
     noise_uncond, noise_cond = noise_pred.chunk(2)  # (B, 4, h, w) each
-    guidance_scales = guidance_scales.to(noise_cond.device, noise_cond.dtype).view(
-        batch_size, 1, 1, 1
-    )  # built on the CPU
+    # built on the CPU
+    guidance_scales = guidance_scales.to(noise_cond.device, noise_cond.dtype).view(batch_size, 1, 1, 1)
     return noise_uncond + guidance_scales * (noise_cond - noise_uncond)
 
 

@@ -451,9 +451,8 @@ def sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_sca
     trajectory, log_probs, clean_estimates = [latents], [], []
     for step, t in enumerate(scheduler.timesteps):
         noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
-        clean_estimates.append(
-            predicted_clean_latent(scheduler, noise_pred, t, latents)
-        )  # x0_hat_j from the guided eps~
+        # x0_hat_j from the guided eps~
+        clean_estimates.append(predicted_clean_latent(scheduler, noise_pred, t, latents))
         latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
         trajectory.append(latents)
         log_probs.append(log_prob)
@@ -606,7 +605,7 @@ def main(args):
         else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
     )
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
-    timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 981, 961, ..., 1 for T = 50
+    timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
     null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
@@ -616,7 +615,7 @@ def main(args):
     optimizer = torch.optim.AdamW(
         lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
     )
-    start_epoch, reward_history = 0, {}
+    start_epoch, state = 0, {}  # state: what the last checkpoint saved, if resuming
     if checkpoint is not None:
         from peft.utils import set_peft_model_state_dict
 
@@ -624,17 +623,18 @@ def main(args):
         set_peft_model_state_dict(pipeline.unet, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
-        reward_history = {p: deque(r, maxlen=args.stat_buffer_size) for p, r in state["reward_history"].items()}
         if accelerator.is_main_process:
             keep_lines_before(os.path.join(run_dir, "metrics.jsonl"), start_epoch)
             keep_lines_before(os.path.join(run_dir, "eval.jsonl"), start_epoch)
         accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
     # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
     unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
-
     samples_per_process = args.samples_per_epoch // accelerator.num_processes
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
-    trained_steps = max(1, int(args.num_steps * args.timestep_fraction))  # timesteps trained per sample
+    # Method-specific setup
+    # per-prompt reward buffers of the advantage normalisation (deviation 6), restored on resume
+    reward_history = {p: deque(r, maxlen=args.stat_buffer_size) for p, r in state.get("reward_history", {}).items()}
+    trained_steps = max(1, int(args.num_steps * args.timestep_fraction))  # K: timesteps trained per sample
 
     for epoch in tqdm(
         range(start_epoch, args.epochs),
@@ -644,9 +644,8 @@ def main(args):
         disable=not accelerator.is_main_process,
     ):
         epoch_start = time.time()
-        torch.manual_seed(
-            epoch_seed(args.seed, epoch, accelerator.process_index)
-        )  # anything not drawn from `generator`
+        # torch's global RNG, for anything not drawn from `generator`
+        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
         if epoch % args.eval_every == 0:
             run_evaluation(
                 args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch
@@ -656,9 +655,8 @@ def main(args):
         # 2. Sample: trajectories with per-step log-probs; DiffExp exploration (Eq. 7, Eq. 8) lives here
         # ==================================================================================================
         use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
-        generator = torch.Generator().manual_seed(
-            epoch_seed(args.seed, epoch, accelerator.process_index)
-        )  # CPU: same draws on any device
+        # CPU: same draws on any device
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
         # Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
         step_scales = torch.tensor(
             [
@@ -691,7 +689,7 @@ def main(args):
             trajectory, log_probs, similarities, images = sample_trajectories(
                 pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
             )
-            # Store exactly what sampled each step (the weighted c and w(t)): training must recompute THAT policy.
+            # Store exactly what sampled each step (its c and w): training must recompute THAT policy.
             batches.append(
                 dict(
                     prompts=prompts,
@@ -708,8 +706,8 @@ def main(args):
             key: torch.cat([batch[key] for batch in batches])
             for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "similarities", "images")
         }
-        # samples: prompt_embeds (N, L, D), guidance_scales (N, T), trajectory (N, T+1, 4, h, w), log_probs (N, T),
-        # similarities c_0..c_T (N, T+1)
+        # samples: prompt_embeds (S, L, D), guidance_scales (S, T), trajectory (S, T+1, 4, h, w), log_probs (S, T),
+        # similarities c_0..c_T (S, T+1)
 
         # ==================================================================================================
         # 3. Reward: r(x_0, c) for every sample, gathered from all processes
@@ -735,41 +733,43 @@ def main(args):
         all_similarities = accelerator.gather(
             samples["similarities"].to(accelerator.device)
         ).cpu()  # c_0..c_T, (samples_per_epoch, T + 1)
-        step_weights = step_weights_from_similarity(
-            all_similarities, args.similarity_window
-        )  # s_j, (samples_per_epoch, T)
+        # s_j, (samples_per_epoch, T)
+        step_weights = step_weights_from_similarity(all_similarities, args.similarity_window)
+        # r_j
         all_step_advantages = shaped_step_advantages(
             torch.tensor(all_advantages), step_weights, args.shaping_alpha, args.advantage_clip
-        )  # r_j
+        )
         # every process computed the same advantages; keep this process's slice (gather order = process order)
+        # (N, T)
         advantages = all_step_advantages.float().reshape(accelerator.num_processes, -1, args.num_steps)[
             accelerator.process_index
-        ]  # (N, T)
+        ]
 
         # ==================================================================================================
         # 5. Update: DDPO-IS over the sampled timesteps, one optimiser step per samples_per_update samples
         # ==================================================================================================
         unet.train()
         losses, approx_kls, clipfracs, grad_norms = [], [], [], []
+        micro_batches = samples_per_process // args.train_batch_size  # the same on every process
         for inner_epoch in range(args.inner_epochs):
-            order = torch.randperm(samples_per_process, generator=generator)
-            # each sample visits its timesteps in its own random order; training the first trained_steps of them
+            order = torch.randperm(samples_per_process, generator=generator)  # (S,): this process's samples
+            # each sample visits its timesteps in its own random order; training the first K of them
             step_orders = torch.stack(
                 [torch.randperm(args.num_steps, generator=generator) for _ in range(samples_per_process)]
-            )
-            step_orders = step_orders[:, :trained_steps]  # (N, K)
-            micro_batches = order.split(args.train_batch_size)
-            for micro_index, rows in enumerate(
-                tqdm(micro_batches, desc="training", leave=False, disable=not accelerator.is_main_process)
+            )[:, :trained_steps]  # (S, K)
+            for micro_index in tqdm(
+                range(micro_batches), desc="training", leave=False, disable=not accelerator.is_main_process
             ):
+                slots = slice(micro_index * args.train_batch_size, (micro_index + 1) * args.train_batch_size)
+                rows = order[slots]  # (b,)
                 steps = step_orders[rows]  # (b, K)
                 x_t = samples["trajectory"][rows[:, None], steps]  # (b, K, 4, h, w)
                 x_prev = samples["trajectory"][rows[:, None], steps + 1]  # (b, K, 4, h, w)
                 log_prob_old = samples["log_probs"][rows[:, None], steps]  # (b, K)
-                step_advantages = advantages[rows[:, None], steps]  # r_j of each trained step, (b, K)
                 scales = samples["guidance_scales"][rows[:, None], steps]  # (b, K)
                 prompt_embeds = samples["prompt_embeds"][rows]  # (b, L, D)
                 step_timesteps = timesteps[steps.to(timesteps.device)]  # (b, K)
+                row_advantages = advantages[rows[:, None], steps].to(accelerator.device)  # r_j per trained step: (b, K)
                 last_of_update = (micro_index + 1) % micro_batches_per_update == 0
                 # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
                 with nullcontext() if last_of_update else accelerator.no_sync(unet):
@@ -786,19 +786,13 @@ def main(args):
                             prev_sample=x_prev[:, k],
                         )
                         loss, approx_kl, clipfrac = clipped_policy_loss(
-                            log_prob,
-                            log_prob_old[:, k],
-                            step_advantages[:, k].to(log_prob.device),
-                            args.clip_range,
-                            args.advantage_clip,
+                            log_prob, log_prob_old[:, k], row_advantages[:, k], args.clip_range, args.advantage_clip
                         )
                         # the step's gradient is the mean over the update's samples and trained timesteps
                         accelerator.backward(loss / (micro_batches_per_update * trained_steps))
-                        (
-                            losses.append(loss.item()),
-                            approx_kls.append(approx_kl.item()),
-                            clipfracs.append(clipfrac.item()),
-                        )
+                        losses.append(loss.item())
+                        approx_kls.append(approx_kl.item())
+                        clipfracs.append(clipfrac.item())
                 if last_of_update:
                     grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
                     optimizer.step()

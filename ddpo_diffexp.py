@@ -514,7 +514,7 @@ def main(args):
         else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
     )
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
-    timesteps = pipeline.scheduler.timesteps  # (T,), e.g. 981, 961, ..., 1 for T = 50
+    timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
     null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
@@ -524,7 +524,7 @@ def main(args):
     optimizer = torch.optim.AdamW(
         lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
     )
-    start_epoch, reward_history = 0, {}
+    start_epoch, state = 0, {}  # state: what the last checkpoint saved, if resuming
     if checkpoint is not None:
         from peft.utils import set_peft_model_state_dict
 
@@ -532,17 +532,18 @@ def main(args):
         set_peft_model_state_dict(pipeline.unet, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
-        reward_history = {p: deque(r, maxlen=args.stat_buffer_size) for p, r in state["reward_history"].items()}
         if accelerator.is_main_process:
             keep_lines_before(os.path.join(run_dir, "metrics.jsonl"), start_epoch)
             keep_lines_before(os.path.join(run_dir, "eval.jsonl"), start_epoch)
         accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
     # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
     unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
-
     samples_per_process = args.samples_per_epoch // accelerator.num_processes
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
-    trained_steps = max(1, int(args.num_steps * args.timestep_fraction))  # timesteps trained per sample
+    # Method-specific setup
+    # per-prompt reward buffers of the advantage normalisation (deviation 3), restored on resume
+    reward_history = {p: deque(r, maxlen=args.stat_buffer_size) for p, r in state.get("reward_history", {}).items()}
+    trained_steps = max(1, int(args.num_steps * args.timestep_fraction))  # K: timesteps trained per sample
 
     for epoch in tqdm(
         range(start_epoch, args.epochs),
@@ -552,9 +553,8 @@ def main(args):
         disable=not accelerator.is_main_process,
     ):
         epoch_start = time.time()
-        torch.manual_seed(
-            epoch_seed(args.seed, epoch, accelerator.process_index)
-        )  # anything not drawn from `generator`
+        # torch's global RNG, for anything not drawn from `generator`
+        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
         if epoch % args.eval_every == 0:
             run_evaluation(
                 args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch
@@ -564,9 +564,8 @@ def main(args):
         # 2. Sample: trajectories with per-step log-probs; DiffExp exploration (Eq. 7, Eq. 8) lives here
         # ==================================================================================================
         use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
-        generator = torch.Generator().manual_seed(
-            epoch_seed(args.seed, epoch, accelerator.process_index)
-        )  # CPU: same draws on any device
+        # CPU: same draws on any device
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
         # Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
         step_scales = torch.tensor(
             [
@@ -599,7 +598,7 @@ def main(args):
             trajectory, log_probs, images = sample_trajectories(
                 pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
             )
-            # Store exactly what sampled each step (the weighted c and w(t)): training must recompute THAT policy.
+            # Store exactly what sampled each step (its c and w): training must recompute THAT policy.
             batches.append(
                 dict(
                     prompts=prompts,
@@ -615,7 +614,7 @@ def main(args):
             key: torch.cat([batch[key] for batch in batches])
             for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "images")
         }
-        # samples: prompt_embeds (N, L, D), guidance_scales (N, T), trajectory (N, T+1, 4, h, w), log_probs (N, T)
+        # samples: prompt_embeds (S, L, D), guidance_scales (S, T), trajectory (S, T+1, 4, h, w), log_probs (S, T)
 
         # ==================================================================================================
         # 3. Reward: r(x_0, c) for every sample, gathered from all processes
@@ -648,17 +647,18 @@ def main(args):
         # ==================================================================================================
         unet.train()
         losses, approx_kls, clipfracs, grad_norms = [], [], [], []
+        micro_batches = samples_per_process // args.train_batch_size  # the same on every process
         for inner_epoch in range(args.inner_epochs):
-            order = torch.randperm(samples_per_process, generator=generator)
-            # each sample visits its timesteps in its own random order; training the first trained_steps of them
+            order = torch.randperm(samples_per_process, generator=generator)  # (S,): this process's samples
+            # each sample visits its timesteps in its own random order; training the first K of them
             step_orders = torch.stack(
                 [torch.randperm(args.num_steps, generator=generator) for _ in range(samples_per_process)]
-            )
-            step_orders = step_orders[:, :trained_steps]  # (N, K)
-            micro_batches = order.split(args.train_batch_size)
-            for micro_index, rows in enumerate(
-                tqdm(micro_batches, desc="training", leave=False, disable=not accelerator.is_main_process)
+            )[:, :trained_steps]  # (S, K)
+            for micro_index in tqdm(
+                range(micro_batches), desc="training", leave=False, disable=not accelerator.is_main_process
             ):
+                slots = slice(micro_index * args.train_batch_size, (micro_index + 1) * args.train_batch_size)
+                rows = order[slots]  # (b,)
                 steps = step_orders[rows]  # (b, K)
                 x_t = samples["trajectory"][rows[:, None], steps]  # (b, K, 4, h, w)
                 x_prev = samples["trajectory"][rows[:, None], steps + 1]  # (b, K, 4, h, w)
@@ -666,6 +666,7 @@ def main(args):
                 scales = samples["guidance_scales"][rows[:, None], steps]  # (b, K)
                 prompt_embeds = samples["prompt_embeds"][rows]  # (b, L, D)
                 step_timesteps = timesteps[steps.to(timesteps.device)]  # (b, K)
+                row_advantages = advantages[rows].to(accelerator.device)  # A, one per sample: (b,)
                 last_of_update = (micro_index + 1) % micro_batches_per_update == 0
                 # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
                 with nullcontext() if last_of_update else accelerator.no_sync(unet):
@@ -682,19 +683,13 @@ def main(args):
                             prev_sample=x_prev[:, k],
                         )
                         loss, approx_kl, clipfrac = clipped_policy_loss(
-                            log_prob,
-                            log_prob_old[:, k],
-                            advantages[rows].to(log_prob.device),
-                            args.clip_range,
-                            args.advantage_clip,
+                            log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip
                         )
                         # the step's gradient is the mean over the update's samples and trained timesteps
                         accelerator.backward(loss / (micro_batches_per_update * trained_steps))
-                        (
-                            losses.append(loss.item()),
-                            approx_kls.append(approx_kl.item()),
-                            clipfracs.append(clipfrac.item()),
-                        )
+                        losses.append(loss.item())
+                        approx_kls.append(approx_kl.item())
+                        clipfracs.append(clipfrac.item())
                 if last_of_update:
                     grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
                     optimizer.step()

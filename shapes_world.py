@@ -522,9 +522,8 @@ def train_vae(vae, args, generator, log):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     vae.train()
     for step in range(args.vae_steps):
-        images = (
-            render_batch(sample_captions(args.vae_batch_size, generator), generator) * 2 - 1
-        )  # (B, 3, 32, 32) in [-1, 1]
+        # (B, 3, 32, 32) in [-1, 1]
+        images = render_batch(sample_captions(args.vae_batch_size, generator), generator) * 2 - 1
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()

@@ -200,9 +200,8 @@ def test_early_steps_run_without_grad_and_graph_steps_are_checkpointed(model, mo
             phase[0] = "backward"
             lora_gradient(model, loss)
             forward = [(grad, inside) for when, grad, inside in calls if when == "forward"]
-            assert (
-                forward == [(False, False)] * (4 - grad_steps) + [(True, True)] * grad_steps
-            )  # no_grad, then checkpointed
+            # no_grad, then checkpointed
+            assert forward == [(False, False)] * (4 - grad_steps) + [(True, True)] * grad_steps
             # backward recomputes each checkpointed UNet call once: its activations were not stored
             assert [grad for when, grad, _ in calls if when == "backward"] == [True] * grad_steps
     finally:
