@@ -21,8 +21,8 @@ What it implements
     that keeps its graph is int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1] (N(42, 5^2) for T = 50, so
     K = T - start is about 9 on average).
   - DiffExp exploration during the first 3/4 of training, never in evaluation:
-      Eq. 7 dynamic CFG: w(t) = w_l if t > t_thres else w_h;
-      Eq. 8 random prompt weighting: c[i] <- c_null + w_prompt (c[i] - c_null), w_prompt ~ U(1, 1.2), for all
+      DiffExp Eq. 7 dynamic CFG: w(t) = w_l if t > t_thres else w_h;
+      DiffExp Eq. 8 random prompt weighting: c[i] <- c_null + w_prompt (c[i] - c_null), w_prompt ~ U(1, 1.2), for all
       the tokens of one random word i.
 
 Deviations and assumptions
@@ -95,17 +95,20 @@ class Args:
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
     tiny: bool = False
-    """preset for CPU: tiny model and rewards, 32 px, 8 steps, small batches (explicit flags still win)"""
+    """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
     reward: str = "aesthetic"
-    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
+    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility,
+    jpeg_incompressibility, shapes, shapes_learned"""
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"
-    """training prompts: animals, animal_activities, unseen_animals, unseen_activities, shapes, unseen_shapes, or a .txt file"""
+    """training prompts: a named set (animals, animal_activities, unseen_animals, unseen_activities, shapes,
+    unseen_shapes) or a .txt file with one prompt a line (from the cwd, else from this folder)"""
     eval_unseen_prompts: Optional[str] = None
-    """unseen prompt set for evaluation (default: the training set's unseen twin, if it has one)"""
+    """unseen prompt set for evaluation (default: the training set's unseen twin if it has one: a named set's,
+    or X_test.txt beside X_train.txt)"""
     run_name: Optional[str] = None
     """folder name under output_dir (default: <script>_<reward>_seed<seed>)"""
     output_dir: str = "runs"
@@ -116,18 +119,20 @@ class Args:
     """number of epochs (sample, reward, update)"""
     num_steps: int = 50
     """DDIM sampling steps T"""
+    # AlignProp's released code samples with deterministic DDIM (eta = 0)
     eta: float = 0.0
-    """DDIM eta; 0 is AlignProp's deterministic DDIM sampler (eta > 0 adds sigma_t z, z drawn from the seeded generator)"""
+    """DDIM eta: 0 is deterministic DDIM; a policy's log-probability (the DDPO family) needs eta > 0"""
     cfg_high: float = 7.5
-    """classifier-free guidance scale w (w_h of Eq. 7): the only scale without dynamic CFG, and in evaluation"""
+    """classifier-free guidance scale w (w_h of DiffExp Eq. 7): the only scale without dynamic CFG, and in evaluation"""
     resolution: int = 512
     """image height and width in pixels"""
     samples_per_epoch: int = 64
     """images sampled (reward queries) per epoch, over all processes"""
+    # AlignProp samples its training images with grad, train_batch_size at a time; this is for evaluation
     sample_batch_size: int = 8
-    """images per evaluation sampling batch (no grad), per process"""
+    """images per sampling batch, per process"""
     train_batch_size: int = 4
-    """samples per training forward / backward (sampled with grad), per process"""
+    """samples per training forward / backward, per process"""
     samples_per_update: int = 32
     """samples whose gradients one optimiser step accumulates, over all processes"""
     learning_rate: float = 1e-3
@@ -154,22 +159,23 @@ class Args:
     diffexp: bool = False
     """turn on both DiffExp strategies (--dynamic-cfg and --prompt-weighting)"""
     dynamic_cfg: bool = False
-    """Eq. 7: guidance w_l while t > t_thres, then w_h"""
+    """DiffExp Eq. 7: guidance w_l while t > t_thres, then w_h"""
     prompt_weighting: bool = False
-    """Eq. 8: weight one random word of each prompt by w ~ U(prompt_weight_range)"""
+    """DiffExp Eq. 8: weight one random word of each prompt by w ~ U(prompt_weight_range)"""
     cfg_low: float = 1.0
-    """w_l of Eq. 7 (unpublished; 1.0 = no guidance, see deviation 1)"""
+    """w_l of DiffExp Eq. 7: unpublished ("extremely low"); 1.0 = no guidance"""
     t_thres: int = 900
-    """t_thres of Eq. 7 on the 0..1000 timestep scale"""
+    """t_thres of DiffExp Eq. 7 on the 0..1000 timestep scale"""
     prompt_weight_range: tuple[float, float] = (1.0, 1.2)
-    """range of the uniform prompt weight w_prompt of Eq. 8"""
+    """range of the uniform prompt weight w_prompt of DiffExp Eq. 8"""
     explore_fraction: float = 0.75
     """fraction of the epochs (the first ones) that explore"""
     # Method-specific arguments
     grad_steps: int = 1
     """K: the last K denoising steps keep their graph for the reward's gradient (truncated backpropagation)"""
     random_truncation: bool = False
-    """per trajectory, K = T - int(N(0.84 T, (0.1 T)^2)) as AlignProp's released code (N(42, 5^2) of 50); replaces --grad-steps"""
+    """per trajectory, K = T - int(N(0.84 T, (0.1 T)^2)) as AlignProp's released code (N(42, 5^2) of 50);
+    replaces --grad-steps"""
 
 
 # --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
@@ -211,6 +217,11 @@ SHAPES_PRESET = dict(
 )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 1. Setup
+# ----------------------------------------------------------------------------------------------------------
+
+
 def parse_args(argv=None):
     """Parse flags on top of the defaults, or of a preset (--tiny or --shapes) when one is given."""
     argv = sys.argv[1:] if argv is None else argv
@@ -233,7 +244,8 @@ def check_args(args, num_processes):
         check_reward_prompts(reward, prompts)
     if args.reward not in DIFFERENTIABLE_REWARDS:
         raise SystemExit(
-            f"error: reward '{args.reward}' is not differentiable; AlignProp backpropagates through the reward, choose one of {', '.join(DIFFERENTIABLE_REWARDS)}"
+            f"error: reward '{args.reward}' is not differentiable; AlignProp backpropagates through the reward, "
+            f"choose one of {', '.join(DIFFERENTIABLE_REWARDS)}"
         )
     problems = []
     if not 0 <= args.t_thres < 1000:
@@ -251,15 +263,18 @@ def check_args(args, num_processes):
         problems.append(f"--resolution {args.resolution} must be a multiple of 8")
     if args.samples_per_epoch % (args.train_batch_size * num_processes):
         problems.append(
-            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes"
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --train-batch-size "
+            f"{args.train_batch_size} x {num_processes} processes"
         )
     if args.samples_per_epoch % args.samples_per_update:
         problems.append(
-            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update {args.samples_per_update}"
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update "
+            f"{args.samples_per_update}"
         )
     if args.samples_per_update % (args.train_batch_size * num_processes):
         problems.append(
-            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes"
+            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size "
+            f"{args.train_batch_size} x {num_processes} processes"
         )
     if args.grad_steps > args.num_steps:
         problems.append(f"--grad-steps {args.grad_steps} must be <= --num-steps {args.num_steps}")
@@ -279,6 +294,58 @@ def check_args(args, num_processes):
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def last_checkpoint(run_dir):
+    folder = os.path.join(run_dir, "checkpoints")
+    names = (
+        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
+        if os.path.isdir(folder)
+        else []
+    )
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def keep_lines_before(path, epoch):
+    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 2. Sample
+# ----------------------------------------------------------------------------------------------------------
+
+
+def epoch_seed(seed, epoch, process_index):
+    """The seed of one (epoch, process): every draw is a function of --seed, so --resume redraws the same."""
+    return (seed * 100_003 + epoch) * 1_009 + process_index
+
+
+def exploration_settings(args, epoch):
+    """Which DiffExp strategies this epoch uses: only in the first explore_fraction of training."""
+    exploring = epoch < args.explore_fraction * args.epochs
+    return args.dynamic_cfg and exploring, args.prompt_weighting and exploring
+
+
+def truncation_starts(args, batch_size, generator):
+    """Per trajectory, the first denoising step (0-based) whose UNet output keeps its graph; (B,) long.
+
+    Fixed: T - K, so the last K steps of every trajectory carry the gradient. Randomised (AlignProp's released
+    code, N(42, 5^2) for T = 50, scaled here to T): start = int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1].
+    """
+    if not args.random_truncation:
+        return torch.full((batch_size,), args.num_steps - args.grad_steps, dtype=torch.long)
+    starts = []
+    for _ in range(batch_size):
+        start = -1
+        while not 1 <= start <= args.num_steps - 1:  # int() truncates toward 0, as in the released code
+            start = int(0.84 * args.num_steps + 0.1 * args.num_steps * torch.randn(1, generator=generator).item())
+        starts.append(start)
+    return torch.tensor(starts, dtype=torch.long)
 
 
 def ddim_step(scheduler, noise_pred, timestep, latents, eta, generator=None):
@@ -312,34 +379,6 @@ def ddim_step(scheduler, noise_pred, timestep, latents, eta, generator=None):
         return mean.to(latents.dtype)
     noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
     return (mean + std_dev * noise).to(latents.dtype)
-
-
-def truncation_starts(args, batch_size, generator):
-    """Per trajectory, the first denoising step (0-based) whose UNet output keeps its graph; (B,) long.
-
-    Fixed: T - K, so the last K steps of every trajectory carry the gradient. Randomised (AlignProp's released
-    code, N(42, 5^2) for T = 50, scaled here to T): start = int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1].
-    """
-    if not args.random_truncation:
-        return torch.full((batch_size,), args.num_steps - args.grad_steps, dtype=torch.long)
-    starts = []
-    for _ in range(batch_size):
-        start = -1
-        while not 1 <= start <= args.num_steps - 1:  # int() truncates toward 0, as in the released code
-            start = int(0.84 * args.num_steps + 0.1 * args.num_steps * torch.randn(1, generator=generator).item())
-        starts.append(start)
-    return torch.tensor(starts, dtype=torch.long)
-
-
-def exploration_settings(args, epoch):
-    """Which DiffExp strategies this epoch uses: only in the first explore_fraction of training."""
-    exploring = epoch < args.explore_fraction * args.epochs
-    return args.dynamic_cfg and exploring, args.prompt_weighting and exploring
-
-
-def epoch_seed(seed, epoch, process_index):
-    """The seed of one (epoch, process): every random draw of the run is a function of --seed (deviation 4)."""
-    return (seed * 100_003 + epoch) * 1_009 + process_index
 
 
 def sample_images(
@@ -378,12 +417,45 @@ def sample_images(
     return (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 3. Reward
+# ----------------------------------------------------------------------------------------------------------
+
+
+def stop_on_non_finite(accelerator, what, value):
+    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
+    if not math.isfinite(value):
+        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 6. Log, evaluate, checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch):
+    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
+    unet.eval()
+    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
+    for name, prompts in eval_sets.items():
+        mean, std, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape)
+        line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
+        if accelerator.is_main_process:
+            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
+    if accelerator.is_main_process:
+        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+
+
 @torch.no_grad()
 def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape):
     """Figures 4 / 6 protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h.
 
     The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
-    the numbers do not depend on the number of processes. Returns (mean, std, per-job rewards, first images).
+    the numbers do not depend on the number of processes. Returns (mean, std, grid): the reward's mean and std
+    over every image, and (prompt, reward, image) of each prompt's first image for the grid.
     """
     jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
     batch_size = args.sample_batch_size
@@ -443,47 +515,6 @@ def save_checkpoint(folder, unet, optimizer, state):
         os.path.join(temporary, "training_state.pt"),
     )
     os.replace(temporary, folder)
-
-
-def last_checkpoint(run_dir):
-    folder = os.path.join(run_dir, "checkpoints")
-    names = (
-        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
-        if os.path.isdir(folder)
-        else []
-    )
-    return os.path.join(folder, names[-1]) if names else None
-
-
-def keep_lines_before(path, epoch):
-    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
-        with open(path, "w") as f:
-            f.writelines(lines)
-
-
-def stop_on_non_finite(accelerator, what, value):
-    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
-    if not math.isfinite(value):
-        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
-        raise SystemExit(1)
-
-
-def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch):
-    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
-    unet.eval()
-    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
-    for name, prompts in eval_sets.items():
-        mean, std, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape)
-        line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
-        if accelerator.is_main_process:
-            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
-    if accelerator.is_main_process:
-        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
-        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
 
 
 def main(args):
@@ -547,6 +578,7 @@ def main(args):
     unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
     samples_per_process = args.samples_per_epoch // accelerator.num_processes
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+
     # Method-specific setup
     # none: AlignProp keeps no state besides the LoRA and the optimiser (no reward statistics, no value function)
 
@@ -566,12 +598,12 @@ def main(args):
             )
 
         # ==================================================================================================
-        # 2. Sample: trajectories with their graph through the last K steps; DiffExp exploration (Eq. 7, Eq. 8) lives here
+        # 2. Sample: trajectories with their graph through the last K steps; exploration (DiffExp Eqs. 7-8) lives here
         # ==================================================================================================
         use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
         # CPU: same draws on any device
         generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
-        # Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
+        # DiffExp Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
         step_scales = torch.tensor(
             [
                 dynamic_cfg_scale(t, args.cfg_low, args.cfg_high, args.t_thres) if use_dynamic_cfg else args.cfg_high
@@ -590,7 +622,7 @@ def main(args):
             prompt_indices = torch.randint(len(train_prompts), (args.train_batch_size,), generator=generator)
             prompts = [train_prompts[i] for i in prompt_indices]
             prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)  # c, (B, L, D)
-            if use_prompt_weighting:  # Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
+            if use_prompt_weighting:  # DiffExp Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
                 token_mask = random_word_token_mask(pipeline.tokenizer, prompts, generator)  # (B, L)
                 low, high = args.prompt_weight_range
                 prompt_weights = low + (high - low) * torch.rand(args.train_batch_size, generator=generator)  # (B,)
@@ -625,12 +657,12 @@ def main(args):
                 batch_rewards = reward_fn(images, prompts)  # (B,)
 
                 # ==========================================================================================
-                # 4. Advantage and loss: no advantage, the reward's own gradient is the signal; loss = -mean r (Eq. 5)
+                # 4. Advantage and loss: none, the reward's own gradient is the signal; loss = -mean r (DiffExp Eq. 5)
                 # ==========================================================================================
                 loss = -batch_rewards.mean()
 
                 # ==========================================================================================
-                # 5. Update: backprop r -> VAE decoder -> last K steps; one optimiser step per samples_per_update samples
+                # 5. Update: backprop r -> VAE decoder -> last K steps; one optimiser step per samples_per_update
                 # ==========================================================================================
                 # the step's gradient is the mean over the update's samples: -(1 / N) sum_i d r(x_0^i, c^i) / d theta
                 accelerator.backward(loss / micro_batches_per_update)
@@ -672,7 +704,8 @@ def main(args):
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             tqdm.write(
-                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, loss {loss_mean:.3g}, K {grad_steps_mean:.3g}, grad norm {grad_norm_mean:.3g}"
+                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, "
+                f"loss {loss_mean:.3g}, K {grad_steps_mean:.3g}, grad norm {grad_norm_mean:.3g}"
             )
         last_epoch = epoch + 1 == args.epochs
         if last_epoch:

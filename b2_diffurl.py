@@ -113,42 +113,50 @@ class Args:
     # Shared arguments (the same, in the same order, in every script)
     model: str = "CompVis/stable-diffusion-v1-4"
     """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
+    # --tiny trains on template 2's prompts (prompts/color_fruit_train.txt): 55 evaluation prompts, not 270
     tiny: bool = False
-    """preset for CPU: tiny model and rewards, 32 px, 8 steps, small batches, template 2's prompts (explicit flags still win)"""
+    """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
     reward: str = "clipscore"
-    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
+    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility,
+    jpeg_incompressibility, shapes, shapes_learned"""
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animal_activities"
-    """training prompts: animals, animal_activities, unseen_animals, unseen_activities, shapes, unseen_shapes, or a .txt file (from the cwd or this folder)"""
+    """training prompts: a named set (animals, animal_activities, unseen_animals, unseen_activities, shapes,
+    unseen_shapes) or a .txt file with one prompt a line (from the cwd, else from this folder)"""
     eval_unseen_prompts: Optional[str] = None
-    """unseen prompt set for evaluation (default: the training set's unseen twin, if it has one; X_test.txt for X_train.txt)"""
+    """unseen prompt set for evaluation (default: the training set's unseen twin if it has one: a named set's,
+    or X_test.txt beside X_train.txt)"""
     run_name: Optional[str] = None
     """folder name under output_dir (default: <script>_<reward>_seed<seed>)"""
     output_dir: str = "runs"
     """where runs are written"""
     seed: int = 0
     """seed of every random draw"""
+    # the paper's stages (sample, reward, select, update); BPT's interval grows over them (deviation 1)
     epochs: int = 100
-    """number of epochs, the paper's stages (sample, reward, select, update); BPT's interval grows over them"""
+    """number of epochs (sample, reward, update)"""
     num_steps: int = 20
     """DDIM sampling steps T"""
     eta: float = 1.0
-    """DDIM eta; the policy needs eta > 0 (sigma_t > 0) for its log-probability"""
+    """DDIM eta: 0 is deterministic DDIM; a policy's log-probability (the DDPO family) needs eta > 0"""
     cfg_high: float = 5.0
-    """classifier-free guidance scale w (w_h of Eq. 7): the only scale without dynamic CFG, and in evaluation"""
+    """classifier-free guidance scale w (w_h of DiffExp Eq. 7): the only scale without dynamic CFG, and in evaluation"""
     resolution: int = 512
     """image height and width in pixels"""
+    # every branch counts as a reward query (deviation 8)
     samples_per_epoch: int = 1280
-    """images sampled (reward queries) per epoch, over all processes; every branch counts"""
+    """images sampled (reward queries) per epoch, over all processes"""
+    # whole branch groups: a multiple of --num-branches
     sample_batch_size: int = 10
-    """images per sampling batch, per process (whole branch groups: a multiple of num_branches)"""
+    """images per sampling batch, per process"""
     train_batch_size: int = 2
     """samples per training forward / backward, per process"""
+    # kept samples and padding (deviation 4)
     samples_per_update: int = 128
-    """samples whose gradients one optimiser step accumulates, over all processes (kept samples and padding)"""
+    """samples whose gradients one optimiser step accumulates, over all processes"""
     learning_rate: float = 1e-4
     """AdamW learning rate"""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -233,6 +241,11 @@ SHAPES_PRESET = dict(
 )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 1. Setup
+# ----------------------------------------------------------------------------------------------------------
+
+
 def parse_args(argv=None):
     """Parse flags on top of the defaults, or of a preset (--tiny or --shapes) when one is given."""
     argv = sys.argv[1:] if argv is None else argv
@@ -256,7 +269,8 @@ def check_args(args, num_processes):
         problems.append(f"--first-interval-fraction {args.first_interval_fraction} must be in (0, 1]")
     if args.negative_threshold > args.positive_threshold:
         problems.append(
-            f"--negative-threshold {args.negative_threshold} must not exceed --positive-threshold {args.positive_threshold}"
+            f"--negative-threshold {args.negative_threshold} must not exceed --positive-threshold "
+            f"{args.positive_threshold}"
         )
     if not args.no_branch and args.num_branches < 2:
         problems.append(f"--num-branches {args.num_branches} must be >= 2 to compare branches (or pass --no-branch)")
@@ -274,11 +288,13 @@ def check_args(args, num_processes):
         problems.append(f"--resolution {args.resolution} must be a multiple of 8")
     if args.samples_per_epoch % (args.sample_batch_size * num_processes):
         problems.append(
-            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size {args.sample_batch_size} x {num_processes} processes"
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size "
+            f"{args.sample_batch_size} x {num_processes} processes"
         )
     if args.samples_per_update % (args.train_batch_size * num_processes):
         problems.append(
-            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes"
+            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size "
+            f"{args.train_batch_size} x {num_processes} processes"
         )
     for name in (
         "epochs",
@@ -294,6 +310,69 @@ def check_args(args, num_processes):
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def last_checkpoint(run_dir):
+    folder = os.path.join(run_dir, "checkpoints")
+    names = (
+        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
+        if os.path.isdir(folder)
+        else []
+    )
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def keep_lines_before(path, epoch):
+    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+def load_diversity_model(args, device, dtype):
+    """CLIP ViT-L/14 image tower with projection for the diversity metric; offline (--tiny, --shapes) a tiny one."""
+    from transformers import CLIPVisionModelWithProjection
+
+    if args.tiny or args.shapes:
+        model = clip_vision_model(projection_dim=32, seed=3)  # tiny_world.py: the same random weights every run
+    else:
+        try:
+            model = CLIPVisionModelWithProjection.from_pretrained(DIVERSITY_CLIP)
+        except Exception as exception:
+            raise hub_error(DIVERSITY_CLIP, exception)
+    return freeze(model, device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 2. Sample
+# ----------------------------------------------------------------------------------------------------------
+
+
+def epoch_seed(seed, epoch, process_index):
+    """The seed of one (epoch, process): every draw is a function of --seed, so --resume redraws the same."""
+    return (seed * 100_003 + epoch) * 1_009 + process_index
+
+
+def first_interval_steps(num_steps, fraction):
+    """tau_0, the number of last steps the first stage trains: round(fraction T), at least 1 (14 for T = 20)."""
+    return min(num_steps, max(1, round(fraction * num_steps)))
+
+
+def split_step(stage, num_stages, num_steps, first_interval):
+    """Eq. 4's tau at `stage`: the number of last denoising steps trained (BPT), first_interval .. T.
+
+    The released code (T = 20, 100 stages, first 14): 14 + floor(stage * 7 / 100), each of the M = 7 lengths
+    14..20 for an equal block of stages. With fewer stages than lengths, the lengths are spread evenly; either
+    way the last stage trains all T steps (deviation 1).
+    """
+    lengths = num_steps - first_interval + 1  # M: the interval lengths first_interval, ..., T
+    if num_stages >= lengths:
+        return first_interval + stage * lengths // num_stages
+    if num_stages == 1:
+        return num_steps
+    return first_interval + stage * (lengths - 1) // (num_stages - 1)
 
 
 def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_sample=None, generator=None):
@@ -327,47 +406,58 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_s
         noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
         prev_sample = mean + std_dev * noise
     prev_sample = prev_sample.to(latents.dtype)
-    # 7. Gaussian log-density, averaged over the C*H*W latent elements (DDPO's convention, see deviation 2)
+    # 7. Gaussian log-density, averaged over the C*H*W latent elements (DDPO's code: a sum overflows the ratio)
     log_prob = (
         -((prev_sample.float() - mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev) - math.log(math.sqrt(2 * math.pi))
     )
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
-def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantage_clip):
-    """DDPO-IS / PPO clipped surrogate for one timestep of a batch; returns (loss, approx_kl, clipfrac).
+@torch.no_grad()
+def sample_trajectories(
+    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, branch_step=0, num_branches=1
+):
+    """Run the policy from x_T to x_0, keeping every latent and log-prob; branch-based sampling (Eq. 5-6).
 
-    ratio = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c) = exp(log_prob - log_prob_old)
-    loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), A = clip(advantage, -5, 5)
+    prompt_embeds (G, L, D); guidance_scales (G, T), the scale that samples each step; latents x_T (G, 4, h, w).
+    The G trajectories run alone for the first `branch_step` steps (the prefix x_T .. x_tau); there each is
+    copied into num_branches branches, rows g N .. g N + N - 1, that share the prefix exactly and finish with
+    their own noise. num_branches = 1 is plain DDPO sampling.
+    Returns the trajectory (G N, T + 1, 4, h, w), log_probs (G N, T) and the decoded images (G N, 3, H, W) in [0, 1].
     """
-    advantages = advantages.clamp(-advantage_clip, advantage_clip)
-    ratio = torch.exp(log_prob - log_prob_old)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    approx_kl = 0.5 * ((log_prob - log_prob_old) ** 2).mean()
-    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
-    return loss, approx_kl.detach(), clipfrac.detach()
+    scheduler = pipeline.scheduler
+    trajectory, log_probs = [latents], []
+    for step, t in enumerate(scheduler.timesteps):
+        if step == branch_step:  # copy every prefix (latents, log-probs, conditioning) into its N branches
+            latents, prompt_embeds, guidance_scales = (
+                x.repeat_interleave(num_branches, dim=0) for x in (latents, prompt_embeds, guidance_scales)
+            )
+            trajectory = [x.repeat_interleave(num_branches, dim=0) for x in trajectory]
+            log_probs = [x.repeat_interleave(num_branches, dim=0) for x in log_probs]
+        noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
+        trajectory.append(latents)
+        log_probs.append(log_prob)
+    images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
+    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), images
 
 
-def first_interval_steps(num_steps, fraction):
-    """tau_0, the number of last steps the first stage trains: round(fraction T), at least 1 (14 for T = 20)."""
-    return min(num_steps, max(1, round(fraction * num_steps)))
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 3. Reward
+# ----------------------------------------------------------------------------------------------------------
 
 
-def split_step(stage, num_stages, num_steps, first_interval):
-    """Eq. 4's tau at `stage`: the number of last denoising steps trained (BPT), first_interval .. T.
+def stop_on_non_finite(accelerator, what, value):
+    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
+    if not math.isfinite(value):
+        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
+        raise SystemExit(1)
 
-    The released code (T = 20, 100 stages, first 14): 14 + floor(stage * 7 / 100), each of the M = 7 lengths
-    14..20 for an equal block of stages. With fewer stages than lengths, the lengths are spread evenly; either
-    way the last stage trains all T steps (deviation 1).
-    """
-    lengths = num_steps - first_interval + 1  # M: the interval lengths first_interval, ..., T
-    if num_stages >= lengths:
-        return first_interval + stage * lengths // num_stages
-    if num_stages == 1:
-        return num_steps
-    return first_interval + stage * (lengths - 1) // (num_stages - 1)
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 4. Advantage and loss
+# ----------------------------------------------------------------------------------------------------------
 
 
 def per_prompt_z_scores(prompts, rewards, history, history_stages):
@@ -405,6 +495,27 @@ def select_branches(z_scores, num_branches, positive_threshold, negative_thresho
     return torch.tensor(kept, dtype=torch.long)
 
 
+def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantage_clip):
+    """DDPO-IS / PPO clipped surrogate for one timestep of a batch; returns (loss, approx_kl, clipfrac).
+
+    ratio = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c) = exp(log_prob - log_prob_old)
+    loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), A = clip(advantage, -5, 5)
+    """
+    advantages = advantages.clamp(-advantage_clip, advantage_clip)
+    ratio = torch.exp(log_prob - log_prob_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * ((log_prob - log_prob_old) ** 2).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return loss, approx_kl.detach(), clipfrac.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 5. Update
+# ----------------------------------------------------------------------------------------------------------
+
+
 def kept_rows_in_update(kept_per_process, update_index, micro_batches_per_update, micro_batches, batch_size):
     """Kept (not padding) rows of one update over all processes; each process's kept rows come before its padding."""
     first = update_index * micro_batches_per_update * batch_size
@@ -412,60 +523,28 @@ def kept_rows_in_update(kept_per_process, update_index, micro_batches_per_update
     return sum(min(max(count - first, 0), last - first) for count in kept_per_process)
 
 
-def epoch_seed(seed, epoch, process_index):
-    """The seed of one (epoch, process): every random draw of the run is a function of --seed (deviation 4)."""
-    return (seed * 100_003 + epoch) * 1_009 + process_index
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 6. Log, evaluate, checkpoint
+# ----------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def sample_trajectories(
-    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, branch_step=0, num_branches=1
+def run_evaluation(
+    args, accelerator, pipeline, unet, reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch
 ):
-    """Run the policy from x_T to x_0, keeping every latent and log-prob; branch-based sampling (Eq. 5-6).
-
-    prompt_embeds (G, L, D); guidance_scales (G, T), the scale that samples each step; latents x_T (G, 4, h, w).
-    The G trajectories run alone for the first `branch_step` steps (the prefix x_T .. x_tau); there each is
-    copied into num_branches branches, rows g N .. g N + N - 1, that share the prefix exactly and finish with
-    their own noise. num_branches = 1 is plain DDPO sampling.
-    Returns the trajectory (G N, T + 1, 4, h, w), log_probs (G N, T) and the decoded images (G N, 3, H, W) in [0, 1].
-    """
-    scheduler = pipeline.scheduler
-    trajectory, log_probs = [latents], []
-    for step, t in enumerate(scheduler.timesteps):
-        if step == branch_step:  # copy every prefix (latents, log-probs, conditioning) into its N branches
-            latents, prompt_embeds, guidance_scales = (
-                x.repeat_interleave(num_branches, dim=0) for x in (latents, prompt_embeds, guidance_scales)
-            )
-            trajectory = [x.repeat_interleave(num_branches, dim=0) for x in trajectory]
-            log_probs = [x.repeat_interleave(num_branches, dim=0) for x in log_probs]
-        noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
-        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
-        trajectory.append(latents)
-        log_probs.append(log_prob)
-    images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample
-    images = (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
-    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), images
-
-
-def load_diversity_model(args, device, dtype):
-    """CLIP ViT-L/14 image tower with projection for the diversity metric; offline (--tiny, --shapes) a tiny one."""
-    from transformers import CLIPVisionModelWithProjection
-
-    if args.tiny or args.shapes:
-        model = clip_vision_model(projection_dim=32, seed=3)  # tiny_world.py: the same random weights every run
-    else:
-        try:
-            model = CLIPVisionModelWithProjection.from_pretrained(DIVERSITY_CLIP)
-        except Exception as exception:
-            raise hub_error(DIVERSITY_CLIP, exception)
-    return freeze(model, device, dtype)
-
-
-def mean_pairwise_distance(embeddings):
-    """Diversity of one prompt's M >= 2 images: mean over the pairs i < j of 1 - cos(e_i, e_j); embeddings (M, D)."""
-    unit = F.normalize(embeddings.float(), dim=-1)
-    first, second = torch.triu_indices(len(unit), len(unit), offset=1)
-    return float((1 - (unit[first] * unit[second]).sum(-1)).mean())
+    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
+    unet.eval()
+    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
+    for name, prompts in eval_sets.items():
+        mean, std, diversity, grid = evaluate(
+            args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape
+        )
+        line[f"{name}_reward_mean"], line[f"{name}_reward_std"], line[f"{name}_diversity"] = mean, std, diversity
+        if accelerator.is_main_process:
+            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
+    if accelerator.is_main_process:
+        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
 
 
 @torch.no_grad()
@@ -519,6 +598,13 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prom
     return float(values.mean()), float(values.std()), diversity, grid
 
 
+def mean_pairwise_distance(embeddings):
+    """Diversity of one prompt's M >= 2 images: mean over the pairs i < j of 1 - cos(e_i, e_j); embeddings (M, D)."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    first, second = torch.triu_indices(len(unit), len(unit), offset=1)
+    return float((1 - (unit[first] * unit[second]).sum(-1)).mean())
+
+
 def save_image_grid(path, entries, columns=8, cell=128):
     """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it."""
     rows = math.ceil(len(entries) / columns)
@@ -546,51 +632,6 @@ def save_checkpoint(folder, unet, optimizer, state):
         os.path.join(temporary, "training_state.pt"),
     )
     os.replace(temporary, folder)
-
-
-def last_checkpoint(run_dir):
-    folder = os.path.join(run_dir, "checkpoints")
-    names = (
-        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
-        if os.path.isdir(folder)
-        else []
-    )
-    return os.path.join(folder, names[-1]) if names else None
-
-
-def keep_lines_before(path, epoch):
-    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
-        with open(path, "w") as f:
-            f.writelines(lines)
-
-
-def stop_on_non_finite(accelerator, what, value):
-    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
-    if not math.isfinite(value):
-        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
-        raise SystemExit(1)
-
-
-def run_evaluation(
-    args, accelerator, pipeline, unet, reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch
-):
-    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
-    unet.eval()
-    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
-    for name, prompts in eval_sets.items():
-        mean, std, diversity, grid = evaluate(
-            args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape
-        )
-        line[f"{name}_reward_mean"], line[f"{name}_reward_std"], line[f"{name}_diversity"] = mean, std, diversity
-        if accelerator.is_main_process:
-            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
-    if accelerator.is_main_process:
-        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
-        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
 
 
 def main(args):
@@ -654,6 +695,7 @@ def main(args):
     unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
     samples_per_process = args.samples_per_epoch // accelerator.num_processes
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+
     # Method-specific setup
     # the rewards of the last history_stages stages, per prompt, for the z-scores (deviation 2), restored on resume
     reward_history = state.get("reward_history", [])
@@ -744,7 +786,8 @@ def main(args):
             key: torch.cat([batch[key] for batch in batches])
             for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "images")
         }
-        # samples: prompt_embeds (S, L, D), guidance_scales (S, T), trajectory (S, T+1, 4, h, w), log_probs (S, T); S = G N
+        # samples: prompt_embeds (S, L, D), guidance_scales (S, T), trajectory (S, T+1, 4, h, w), log_probs (S, T); S =
+        # G N
 
         # ==================================================================================================
         # 3. Reward: r(x_0, c) for every sample, gathered from all processes
@@ -889,7 +932,9 @@ def main(args):
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             tqdm.write(
-                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, interval {trained_steps}, kept {len(all_kept)}, loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}"
+                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, "
+                f"interval {trained_steps}, kept {len(all_kept)}, "
+                f"loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}"
             )
         last_epoch = epoch + 1 == args.epochs
         if last_epoch:

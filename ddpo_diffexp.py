@@ -11,11 +11,12 @@ What it implements
       x_{t-1} ~ N(mu, sigma_t^2 I),  mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps~
       sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
   - Classifier-free guidance inside the policy (Eq. 4): eps~ = eps(x_t, t) + w (eps(x_t, t, c) - eps(x_t, t)).
-  - The policy gradient of Eq. 6, sum_t grad log p(x_{t-1} | x_t, c) r(x_0, c), in DDPO's clipped
-    importance-sampling form (DDPO-IS): loss = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)).
+  - The objective of Eq. 5, max E_c E_{x_0 ~ p_theta(x_0 | c)} r(x_0, c), by its policy gradient (Eq. 6),
+    sum_t grad log p(x_{t-1} | x_t, c) r(x_0, c), in DDPO's clipped importance-sampling form (DDPO-IS):
+      loss = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)).
   - DiffExp exploration during the first 3/4 of training, never in evaluation:
-      Eq. 7 dynamic CFG: w(t) = w_l if t > t_thres else w_h;
-      Eq. 8 random prompt weighting: c[i] <- c_null + w_prompt (c[i] - c_null), w_prompt ~ U(1, 1.2), for all
+      DiffExp Eq. 7 dynamic CFG: w(t) = w_l if t > t_thres else w_h;
+      DiffExp Eq. 8 random prompt weighting: c[i] <- c_null + w_prompt (c[i] - c_null), w_prompt ~ U(1, 1.2), for all
       the tokens of one random word i.
 
 Deviations and assumptions
@@ -36,7 +37,8 @@ Commands
     python ddpo_diffexp.py --reward aesthetic --prompts animals --diffexp
   Tiny CPU run (offline, about a minute on 2 cores; the tiny aesthetic reward rises, jpeg_compressibility barely moves):
     python ddpo_diffexp.py --tiny --reward aesthetic
-  Shapes world (offline, about five minutes on 2 cores; the exact reward on the rare prompts rises, see README):
+  Shapes world (offline, about five minutes on 2 cores; the exact reward on the rare prompts rises; see
+  benchmarks/README.md):
     python ddpo_diffexp.py --shapes
 """
 
@@ -83,17 +85,20 @@ class Args:
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
     tiny: bool = False
-    """preset for CPU: tiny model and rewards, 32 px, 8 steps, small batches (explicit flags still win)"""
+    """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
     reward: str = "aesthetic"
-    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
+    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility,
+    jpeg_incompressibility, shapes, shapes_learned"""
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"
-    """training prompts: animals, animal_activities, unseen_animals, unseen_activities, shapes, unseen_shapes, or a .txt file"""
+    """training prompts: a named set (animals, animal_activities, unseen_animals, unseen_activities, shapes,
+    unseen_shapes) or a .txt file with one prompt a line (from the cwd, else from this folder)"""
     eval_unseen_prompts: Optional[str] = None
-    """unseen prompt set for evaluation (default: the training set's unseen twin, if it has one)"""
+    """unseen prompt set for evaluation (default: the training set's unseen twin if it has one: a named set's,
+    or X_test.txt beside X_train.txt)"""
     run_name: Optional[str] = None
     """folder name under output_dir (default: <script>_<reward>_seed<seed>)"""
     output_dir: str = "runs"
@@ -105,9 +110,9 @@ class Args:
     num_steps: int = 50
     """DDIM sampling steps T"""
     eta: float = 1.0
-    """DDIM eta; the policy needs eta > 0 (sigma_t > 0) for its log-probability"""
+    """DDIM eta: 0 is deterministic DDIM; a policy's log-probability (the DDPO family) needs eta > 0"""
     cfg_high: float = 5.0
-    """classifier-free guidance scale w (w_h of Eq. 7): the only scale without dynamic CFG, and in evaluation"""
+    """classifier-free guidance scale w (w_h of DiffExp Eq. 7): the only scale without dynamic CFG, and in evaluation"""
     resolution: int = 512
     """image height and width in pixels"""
     samples_per_epoch: int = 64
@@ -142,15 +147,15 @@ class Args:
     diffexp: bool = False
     """turn on both DiffExp strategies (--dynamic-cfg and --prompt-weighting)"""
     dynamic_cfg: bool = False
-    """Eq. 7: guidance w_l while t > t_thres, then w_h"""
+    """DiffExp Eq. 7: guidance w_l while t > t_thres, then w_h"""
     prompt_weighting: bool = False
-    """Eq. 8: weight one random word of each prompt by w ~ U(prompt_weight_range)"""
+    """DiffExp Eq. 8: weight one random word of each prompt by w ~ U(prompt_weight_range)"""
     cfg_low: float = 1.0
-    """w_l of Eq. 7 (unpublished; 1.0 = no guidance, see deviation 1)"""
+    """w_l of DiffExp Eq. 7: unpublished ("extremely low"); 1.0 = no guidance"""
     t_thres: int = 900
-    """t_thres of Eq. 7 on the 0..1000 timestep scale"""
+    """t_thres of DiffExp Eq. 7 on the 0..1000 timestep scale"""
     prompt_weight_range: tuple[float, float] = (1.0, 1.2)
-    """range of the uniform prompt weight w_prompt of Eq. 8"""
+    """range of the uniform prompt weight w_prompt of DiffExp Eq. 8"""
     explore_fraction: float = 0.75
     """fraction of the epochs (the first ones) that explore"""
     # Method-specific arguments
@@ -207,6 +212,11 @@ SHAPES_PRESET = dict(
 )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 1. Setup
+# ----------------------------------------------------------------------------------------------------------
+
+
 def parse_args(argv=None):
     """Parse flags on top of the defaults, or of a preset (--tiny or --shapes) when one is given."""
     argv = sys.argv[1:] if argv is None else argv
@@ -243,15 +253,18 @@ def check_args(args, num_processes):
         problems.append(f"--resolution {args.resolution} must be a multiple of 8")
     if args.samples_per_epoch % (args.sample_batch_size * num_processes):
         problems.append(
-            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size {args.sample_batch_size} x {num_processes} processes"
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size "
+            f"{args.sample_batch_size} x {num_processes} processes"
         )
     if args.samples_per_epoch % args.samples_per_update:
         problems.append(
-            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update {args.samples_per_update}"
+            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update "
+            f"{args.samples_per_update}"
         )
     if args.samples_per_update % (args.train_batch_size * num_processes):
         problems.append(
-            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size {args.train_batch_size} x {num_processes} processes"
+            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size "
+            f"{args.train_batch_size} x {num_processes} processes"
         )
     if not 0 < args.timestep_fraction <= 1:
         problems.append(f"--timestep-fraction {args.timestep_fraction} must be in (0, 1]")
@@ -268,6 +281,41 @@ def check_args(args, num_processes):
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def last_checkpoint(run_dir):
+    folder = os.path.join(run_dir, "checkpoints")
+    names = (
+        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
+        if os.path.isdir(folder)
+        else []
+    )
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def keep_lines_before(path, epoch):
+    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 2. Sample
+# ----------------------------------------------------------------------------------------------------------
+
+
+def epoch_seed(seed, epoch, process_index):
+    """The seed of one (epoch, process): every draw is a function of --seed, so --resume redraws the same."""
+    return (seed * 100_003 + epoch) * 1_009 + process_index
+
+
+def exploration_settings(args, epoch):
+    """Which DiffExp strategies this epoch uses: only in the first explore_fraction of training."""
+    exploring = epoch < args.explore_fraction * args.epochs
+    return args.dynamic_cfg and exploring, args.prompt_weighting and exploring
 
 
 def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_sample=None, generator=None):
@@ -301,55 +349,11 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_s
         noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
         prev_sample = mean + std_dev * noise
     prev_sample = prev_sample.to(latents.dtype)
-    # 7. Gaussian log-density, averaged over the C*H*W latent elements (DDPO's convention, see deviation 2)
+    # 7. Gaussian log-density, averaged over the C*H*W latent elements (DDPO's code: a sum overflows the ratio)
     log_prob = (
         -((prev_sample.float() - mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev) - math.log(math.sqrt(2 * math.pi))
     )
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-
-
-def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantage_clip):
-    """DDPO-IS / PPO clipped surrogate for one timestep of a batch; returns (loss, approx_kl, clipfrac).
-
-    ratio = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c) = exp(log_prob - log_prob_old)
-    loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), A = clip(advantage, -5, 5)
-    """
-    advantages = advantages.clamp(-advantage_clip, advantage_clip)
-    ratio = torch.exp(log_prob - log_prob_old)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    approx_kl = 0.5 * ((log_prob - log_prob_old) ** 2).mean()
-    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
-    return loss, approx_kl.detach(), clipfrac.detach()
-
-
-def per_prompt_advantages(prompts, rewards, history, buffer_size, min_count):
-    """DDPO's advantage: (r - mean_p) / (std_p + 1e-6) with each prompt's last `buffer_size` rewards.
-
-    `history` (prompt -> deque of rewards) is updated in place; until a prompt has `min_count` rewards, the
-    whole batch's mean and std stand in for its own.
-    """
-    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
-    advantages = np.empty_like(rewards)
-    for prompt in np.unique(prompts):
-        selected = prompts == prompt
-        buffer = history.setdefault(str(prompt), deque(maxlen=buffer_size))
-        buffer.extend(rewards[selected].tolist())
-        source = np.array(buffer) if len(buffer) >= min_count else rewards
-        advantages[selected] = (rewards[selected] - source.mean()) / (source.std() + 1e-6)
-    return advantages
-
-
-def exploration_settings(args, epoch):
-    """Which DiffExp strategies this epoch uses: only in the first explore_fraction of training."""
-    exploring = epoch < args.explore_fraction * args.epochs
-    return args.dynamic_cfg and exploring, args.prompt_weighting and exploring
-
-
-def epoch_seed(seed, epoch, process_index):
-    """The seed of one (epoch, process): every random draw of the run is a function of --seed (deviation 4)."""
-    return (seed * 100_003 + epoch) * 1_009 + process_index
 
 
 @torch.no_grad()
@@ -371,12 +375,83 @@ def sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_sca
     return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), images
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 3. Reward
+# ----------------------------------------------------------------------------------------------------------
+
+
+def stop_on_non_finite(accelerator, what, value):
+    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
+    if not math.isfinite(value):
+        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 4. Advantage and loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def per_prompt_advantages(prompts, rewards, history, buffer_size, min_count):
+    """DDPO's advantage: (r - mean_p) / (std_p + 1e-6) with each prompt's last `buffer_size` rewards.
+
+    `history` (prompt -> deque of rewards) is updated in place; until a prompt has `min_count` rewards, the
+    whole batch's mean and std stand in for its own.
+    """
+    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
+    advantages = np.empty_like(rewards)
+    for prompt in np.unique(prompts):
+        selected = prompts == prompt
+        buffer = history.setdefault(str(prompt), deque(maxlen=buffer_size))
+        buffer.extend(rewards[selected].tolist())
+        source = np.array(buffer) if len(buffer) >= min_count else rewards
+        advantages[selected] = (rewards[selected] - source.mean()) / (source.std() + 1e-6)
+    return advantages
+
+
+def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantage_clip):
+    """DDPO-IS / PPO clipped surrogate for one timestep of a batch; returns (loss, approx_kl, clipfrac).
+
+    ratio = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c) = exp(log_prob - log_prob_old)
+    loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), A = clip(advantage, -5, 5)
+    """
+    advantages = advantages.clamp(-advantage_clip, advantage_clip)
+    ratio = torch.exp(log_prob - log_prob_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * ((log_prob - log_prob_old) ** 2).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return loss, approx_kl.detach(), clipfrac.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 6. Log, evaluate, checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch):
+    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
+    unet.eval()
+    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
+    for name, prompts in eval_sets.items():
+        mean, std, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape)
+        line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
+        if accelerator.is_main_process:
+            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
+    if accelerator.is_main_process:
+        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+
+
 @torch.no_grad()
 def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape):
     """Figures 4 / 6 protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h.
 
     The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
-    the numbers do not depend on the number of processes. Returns (mean, std, per-job rewards, first images).
+    the numbers do not depend on the number of processes. Returns (mean, std, grid): the reward's mean and std
+    over every image, and (prompt, reward, image) of each prompt's first image for the grid.
     """
     jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
     batch_size = args.sample_batch_size
@@ -436,47 +511,6 @@ def save_checkpoint(folder, unet, optimizer, state):
         os.path.join(temporary, "training_state.pt"),
     )
     os.replace(temporary, folder)
-
-
-def last_checkpoint(run_dir):
-    folder = os.path.join(run_dir, "checkpoints")
-    names = (
-        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
-        if os.path.isdir(folder)
-        else []
-    )
-    return os.path.join(folder, names[-1]) if names else None
-
-
-def keep_lines_before(path, epoch):
-    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
-        with open(path, "w") as f:
-            f.writelines(lines)
-
-
-def stop_on_non_finite(accelerator, what, value):
-    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
-    if not math.isfinite(value):
-        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
-        raise SystemExit(1)
-
-
-def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch):
-    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
-    unet.eval()
-    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
-    for name, prompts in eval_sets.items():
-        mean, std, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape)
-        line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
-        if accelerator.is_main_process:
-            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
-    if accelerator.is_main_process:
-        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
-        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
 
 
 def main(args):
@@ -540,6 +574,7 @@ def main(args):
     unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
     samples_per_process = args.samples_per_epoch // accelerator.num_processes
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+
     # Method-specific setup
     # per-prompt reward buffers of the advantage normalisation (deviation 3), restored on resume
     reward_history = {p: deque(r, maxlen=args.stat_buffer_size) for p, r in state.get("reward_history", {}).items()}
@@ -561,12 +596,12 @@ def main(args):
             )
 
         # ==================================================================================================
-        # 2. Sample: trajectories with per-step log-probs; DiffExp exploration (Eq. 7, Eq. 8) lives here
+        # 2. Sample: trajectories with per-step log-probs; exploration (DiffExp Eqs. 7-8) lives here
         # ==================================================================================================
         use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
         # CPU: same draws on any device
         generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
-        # Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
+        # DiffExp Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
         step_scales = torch.tensor(
             [
                 dynamic_cfg_scale(t, args.cfg_low, args.cfg_high, args.t_thres) if use_dynamic_cfg else args.cfg_high
@@ -584,7 +619,7 @@ def main(args):
             prompt_indices = torch.randint(len(train_prompts), (args.sample_batch_size,), generator=generator)
             prompts = [train_prompts[i] for i in prompt_indices]
             prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)  # c, (B, L, D)
-            if use_prompt_weighting:  # Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
+            if use_prompt_weighting:  # DiffExp Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
                 token_mask = random_word_token_mask(pipeline.tokenizer, prompts, generator)  # (B, L)
                 low, high = args.prompt_weight_range
                 prompt_weights = low + (high - low) * torch.rand(args.sample_batch_size, generator=generator)  # (B,)
@@ -643,7 +678,7 @@ def main(args):
         ]
 
         # ==================================================================================================
-        # 5. Update: DDPO-IS over the sampled timesteps, one optimiser step per samples_per_update samples
+        # 5. Update: DDPO-IS (DiffExp Eq. 6) over the sampled timesteps, one optimiser step per samples_per_update
         # ==================================================================================================
         unet.train()
         losses, approx_kls, clipfracs, grad_norms = [], [], [], []
@@ -685,7 +720,8 @@ def main(args):
                         loss, approx_kl, clipfrac = clipped_policy_loss(
                             log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip
                         )
-                        # the step's gradient is the mean over the update's samples and trained timesteps
+                        # DiffExp Eq. 6: d loss = -A d ratio = -A ratio d log p (ratio ~ 1); the update's gradient is
+                        # the mean over its samples and trained timesteps
                         accelerator.backward(loss / (micro_batches_per_update * trained_steps))
                         losses.append(loss.item())
                         approx_kls.append(approx_kl.item())
@@ -726,7 +762,8 @@ def main(args):
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             tqdm.write(
-                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}"
+                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, "
+                f"loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}"
             )
         last_epoch = epoch + 1 == args.epochs
         if last_epoch:

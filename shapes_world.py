@@ -36,7 +36,8 @@ Deviations from how Stable Diffusion was trained (all for CPU time)
   3. A few thousand steps on procedurally rendered images, not billions of web images.
 
 Commands
-  Train the world's models from scratch (about 25 minutes on 2 CPU cores: VAE 2.5, UNet 15-20, reward 3; committed in world/):
+  Train the world's models from scratch (about 25 minutes on 2 CPU cores: VAE 2.5, UNet 15-20, reward 3;
+  committed in world/):
     python shapes_world.py
   Fine-tune on it:
     python ddpo_diffexp.py --shapes
@@ -61,7 +62,7 @@ class Args:
     seed: int = 0
     """seed of every random draw"""
     stages: tuple[str, ...] = ("vae", "unet", "reward")
-    """stages to run; a stage not run loads its result from output_dir (e.g. --stages reward retrains the reward only)"""
+    """stages to run; a stage not run loads its result from output_dir (--stages reward retrains the reward only)"""
     vae_steps: int = 800
     """AdamW steps of the VAE"""
     vae_batch_size: int = 32
@@ -471,7 +472,7 @@ def build_models(seed):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tiny_world import build_tiny_tokenizer
+    from tiny_world import build_tiny_tokenizer, text_config
 
     # 16 token positions, not CLIP's 77: the longest caption is 12 tokens with BOS / EOS, and the UNet's cross-attention
     # and the text encoder cost grow with the length
@@ -502,17 +503,7 @@ def build_models(seed):
         norm_num_groups=8,
     )
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CONTEXT_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        CLIPTextConfig(**text_config(tokenizer, hidden_size=64, intermediate_size=128, max_positions=CONTEXT_LENGTH))
     )
     return tokenizer, vae, unet, text_encoder
 
@@ -551,7 +542,7 @@ def encode_dataset(vae, captions, generator, batch_size=256):
 def train_unet(
     unet, text_encoder, tokenizer, scheduler, latent_means, latent_stds, captions, scaling_factor, args, log
 ):
-    """The denoising loss ||eps - eps_theta(sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t, c)||^2, text encoder trained too.
+    """The denoising loss ||eps - eps_theta(sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t, c)||^2, text encoder too.
 
     Captions are replaced by "" with probability caption_dropout, so one network also gives eps(x_t, t, "") for CFG.
     """
@@ -561,9 +552,12 @@ def train_unet(
         optimizer, lambda step: min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
     )
     alphas_cumprod = scheduler.alphas_cumprod
-    tokenize = lambda texts: (
-        tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    )
+
+    def tokenize(texts):
+        return tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
+
     caption_ids, null_ids = tokenize(captions), tokenize([""])  # (N, 16), (1, 16): tokenised once
     unet.train(), text_encoder.train()
     for step in range(args.unet_steps):
@@ -657,7 +651,8 @@ def main(args):
     initial_torch_state = torch.get_rng_state()
     scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     log(
-        f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
+        f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, UNet "
+        f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
         f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M parameters"
     )
 
@@ -713,7 +708,8 @@ def main(args):
         generated_captions = sample_captions(1024, generator)
         generated_images = generate(pipeline, generated_captions, args.seed)
         log(
-            f"pretrained model: exact reward {exact_scores(generated_images, generated_captions).mean():.3f} on its own caption distribution"
+            f"pretrained model: exact reward {exact_scores(generated_images, generated_captions).mean():.3f} on its "
+            "own caption distribution"
         )
         reward_model = LearnedShapesReward()
         train_learned_reward(reward_model, generated_images, generated_captions, args, generator, log)

@@ -62,7 +62,7 @@ def build_tiny_tokenizer(words=(), model_max_length=77):
     tokens), then one token per word of `words` with the BPE merges that build it ("r e", "re d</w>"). With no
     words (the tiny model) every word is split into its characters: "dog" -> "d", "o", "g</w>", which keeps the
     real tokenizer's behaviour (lower-casing, punctuation split, BOS/EOS, padding with EOS to 77) and makes
-    multi-token words the normal case, which is what Eq. 8's word masking must handle.
+    multi-token words the normal case, which is what DiffExp Eq. 8's word masking must handle.
     """
     from transformers import CLIPTokenizer
 
@@ -91,6 +91,21 @@ def build_tiny_tokenizer(words=(), model_max_length=77):
         with open(os.path.join(folder, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "".join(merge + "\n" for merge in dict.fromkeys(merges)))
         return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def text_config(tokenizer, hidden_size=32, intermediate_size=37, max_positions=77):
+    """A CLIPTextConfig's arguments for a small 2-layer, 4-head text tower over `tokenizer`'s vocabulary."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 TINY_PRETRAIN_STEPS = 150  # about 30 s on 2 CPU cores, once: the result is cached (see `pipeline_folder`)
@@ -160,19 +175,7 @@ def _build_tiny_pipeline():
             # a latent channel, leaving a decoder that barely responds to what the UNet changes
             norm_num_groups=8,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     with torch.random.fork_rng(devices=[]):
         _pretrain_tiny_unet(unet, scheduler, encode_prompts(tokenizer, text_encoder, [""]))
@@ -223,21 +226,10 @@ def _tiny_clip_model():
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer = build_tiny_tokenizer()
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         return CLIPModel(
-            CLIPConfig(text_config=text_config, vision_config=TINY_CLIP_VISION, projection_dim=32)
+            CLIPConfig(text_config=text_config(tokenizer), vision_config=TINY_CLIP_VISION, projection_dim=32)
         ), tokenizer
 
 

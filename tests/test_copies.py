@@ -1,6 +1,12 @@
-"""Helpers that several scripts need but the design keeps out of common.py are verbatim copies: keep them so."""
+"""The four method scripts diff as methods: every block they share is a text-identical copy, comments included.
+
+One table, SHARED_BLOCKS, names each shared block (a function, a section of main, the Args docstrings of the
+shared flags, an import line) and the scripts that must hold it. A block that drifts in one script fails with a
+unified diff against the first script of its row, so the fix is to copy the block back, verbatim.
+"""
 
 import ast
+import difflib
 import os
 
 import pytest
@@ -8,65 +14,127 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["ddpo_diffexp.py", "alignprop_diffexp.py", "b2_diffurl.py", "ddpo_coca.py"]
-DDPO_FAMILY = ["ddpo_diffexp.py", "b2_diffurl.py", "ddpo_coca.py"]
-# helper -> the scripts that must define it (identically)
-COPIES = {
-    "ddim_step_with_logprob": DDPO_FAMILY,
-    "clipped_policy_loss": DDPO_FAMILY,
-    "save_image_grid": SCRIPTS,
-    "save_checkpoint": SCRIPTS,
-    "last_checkpoint": SCRIPTS,
-    "keep_lines_before": SCRIPTS,
-    "stop_on_non_finite": SCRIPTS,
-    "epoch_seed": SCRIPTS,
-}
+DDPO_FAMILY = ["ddpo_diffexp.py", "b2_diffurl.py", "ddpo_coca.py"]  # policy gradient: DDIM log-prob, clipped loss
+DIFFEXP = ["ddpo_diffexp.py", "alignprop_diffexp.py", "ddpo_coca.py"]  # the scripts with DiffExp's flags
+DDPO_ADVANTAGES = ["ddpo_diffexp.py", "ddpo_coca.py"]  # DDPO's per-prompt advantages
+
+# (kind, name, scripts): kind "function" is a top-level def with its decorators; "section" the text from a
+# banner of main to the next marker; "args" the docstrings of a group of Args fields; "import" one import line.
+SHARED_BLOCKS = [
+    ("import", "from worlds import", SCRIPTS),
+    ("args", "shared", SCRIPTS),
+    ("args", "DiffExp", DIFFEXP),
+    ("function", "parse_args", DIFFEXP),
+    ("function", "ddim_step_with_logprob", DDPO_FAMILY),
+    ("function", "clipped_policy_loss", DDPO_FAMILY),
+    ("function", "per_prompt_advantages", DDPO_ADVANTAGES),
+    ("function", "exploration_settings", DIFFEXP),
+    ("function", "epoch_seed", SCRIPTS),
+    ("function", "save_image_grid", SCRIPTS),
+    ("function", "save_checkpoint", SCRIPTS),
+    ("function", "last_checkpoint", SCRIPTS),
+    ("function", "keep_lines_before", SCRIPTS),
+    ("function", "stop_on_non_finite", SCRIPTS),
+    ("function", "run_evaluation", DIFFEXP),
+    ("section", "1. Setup", SCRIPTS),
+]
+SHARED_ARGS_END = "resume"  # the shared Args fields run from the first field to this one
+DIFFEXP_ARGS = ("diffexp", "dynamic_cfg", "prompt_weighting", "cfg_low", "t_thres", "prompt_weight_range")
+DIFFEXP_ARGS += ("explore_fraction",)
+BANNERS = ["1. Setup", "2. Sample", "3. Reward", "4. Advantage and loss", "5. Update", "6. Log, evaluate, checkpoint"]
 
 
-def functions(script):
+def read(script):
     with open(os.path.join(ROOT, script)) as f:
-        tree = ast.parse(f.read())
-    return {node.name: ast.dump(node) for node in tree.body if isinstance(node, ast.FunctionDef)}
+        return f.read()
 
 
-@pytest.mark.parametrize("helper", sorted(COPIES))
-def test_helper_copies_are_identical(helper):
-    definitions = {script: functions(script).get(helper) for script in COPIES[helper]}
-    missing = [script for script, body in definitions.items() if body is None]
-    assert not missing, f"{helper} is missing from {missing}"
-    reference = definitions[COPIES[helper][0]]
-    drifted = [script for script, body in definitions.items() if body != reference]
-    assert not drifted, f"{helper} in {drifted} differs from {COPIES[helper][0]}: copy it verbatim"
+def args_fields(source):
+    """[(field name, source text of its docstring)] of the Args dataclass, in order."""
+    tree = ast.parse(source)
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args").body
+    fields = []
+    for node, following in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign):
+            has_docstring = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            fields.append((node.target.id, ast.get_source_segment(source, following) if has_docstring else None))
+    return fields
 
 
-def test_scripts_share_args_order_and_section_banners():
-    """The shared Args fields come first, in the same order, and the six banners appear in the same order."""
+def block(script, kind, name):
+    """The text of one shared block in `script`, or None if the script does not have it."""
+    source = read(script)
+    lines = source.splitlines(keepends=True)
+    if kind == "function":
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.FunctionDef) and node.name == name:
+                first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
+                return "".join(lines[first - 1 : node.end_lineno])
+        return None
+    if kind == "section":  # from the banner's title line to "# Method-specific setup"
+        start = next((i for i, line in enumerate(lines) if line.strip().startswith(f"# {name}:")), None)
+        end = next((i for i, line in enumerate(lines) if line.strip() == "# Method-specific setup"), None)
+        return None if start is None or end is None else "".join(lines[start:end])
+    if kind == "import":
+        found = [line for line in lines if line.startswith(name)]
+        return found[0] if found else None
+    fields = args_fields(source)  # kind == "args"
+    names = [field for field, _ in fields]
+    if name == "shared":
+        selected = fields[: names.index(SHARED_ARGS_END) + 1]
+    else:
+        selected = [(field, doc) for field, doc in fields if field in DIFFEXP_ARGS]
+        if [field for field, _ in selected] != list(DIFFEXP_ARGS):
+            return None
+    return "".join(f"{field}: {doc}\n" for field, doc in selected)
 
-    def shared_fields(script):
-        with open(os.path.join(ROOT, script)) as f:
-            tree = ast.parse(f.read())
-        args = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args")
-        return [node.target.id for node in args.body if isinstance(node, ast.AnnAssign)]
 
+@pytest.mark.parametrize("kind, name, scripts", SHARED_BLOCKS, ids=[f"{k}:{n}" for k, n, _ in SHARED_BLOCKS])
+def test_shared_block_is_text_identical(kind, name, scripts):
+    texts = {script: block(script, kind, name) for script in scripts}
+    missing = [script for script, text in texts.items() if text is None]
+    assert not missing, f"{kind} {name!r} is missing from {missing}"
+    reference = scripts[0]
+    for script in scripts[1:]:
+        if texts[script] != texts[reference]:
+            diff = "".join(
+                difflib.unified_diff(
+                    texts[reference].splitlines(keepends=True),
+                    texts[script].splitlines(keepends=True),
+                    fromfile=reference,
+                    tofile=script,
+                )
+            )
+            pytest.fail(f"{kind} {name!r} in {script} drifted from {reference}; copy it back verbatim:\n{diff}")
+
+
+def test_the_table_would_catch_a_drifted_comment(tmp_path, monkeypatch):
+    """The comparison is of text: a changed comment or docstring inside a shared function is a difference."""
+    for script in SCRIPTS[:2]:
+        text = read(script)
+        if script == SCRIPTS[1]:
+            text = text.replace('    """The seed of one (epoch, process)', '    """The seed of an (epoch, process)', 1)
+        (tmp_path / script).write_text(text)
+    monkeypatch.setitem(globals(), "ROOT", str(tmp_path))
+    assert block(SCRIPTS[0], "function", "epoch_seed") != block(SCRIPTS[1], "function", "epoch_seed")
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)drifted.*-    \"\"\"The seed of one"):
+        test_shared_block_is_text_identical("function", "epoch_seed", SCRIPTS[:2])
+
+
+def test_shared_args_come_first_in_the_same_order_and_banners_in_the_same_order():
     def banners(script):  # the title line under each "# ====" rule
-        with open(os.path.join(ROOT, script)) as f:
-            lines = [line.strip() for line in f]
+        lines = [line.strip() for line in read(script).splitlines()]
         return [
             below.lstrip("# ").split(":")[0]
             for rule, below in zip(lines, lines[1:])
             if rule.startswith("# ====") and below.startswith("# ") and below[2:3].isdigit()
         ]
 
-    reference_fields = shared_fields("ddpo_diffexp.py")
-    shared = reference_fields[: reference_fields.index("resume") + 1]
-    reference_banners = banners("ddpo_diffexp.py")
-    assert reference_banners == [
-        "1. Setup",
-        "2. Sample",
-        "3. Reward",
-        "4. Advantage and loss",
-        "5. Update",
-        "6. Log, evaluate, checkpoint",
-    ]
-    for script in SCRIPTS[1:]:
-        assert shared_fields(script)[: len(shared)] == shared, script
-        assert banners(script) == reference_banners, script
+    reference = [field for field, _ in args_fields(read(SCRIPTS[0]))]
+    shared = reference[: reference.index(SHARED_ARGS_END) + 1]
+    for script in SCRIPTS:
+        fields = [field for field, _ in args_fields(read(script))]
+        assert fields[: len(shared)] == shared, script
+        assert all(doc for _, doc in args_fields(read(script))), f"{script}: every Args field has a docstring"
+        assert banners(script) == BANNERS, script
+        assert "    # Method-specific arguments\n" in read(script) and "    # Method-specific setup\n" in read(script)
