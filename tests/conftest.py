@@ -1,4 +1,5 @@
-"""Shared test fixtures: the project root on sys.path, a tiny pipeline, and a runner for the scripts."""
+"""Shared test fixtures: the project root on sys.path, a tiny pipeline, a runner for the scripts, and one short
+finished run of each script that every test file reads (a run costs seconds; each script runs it once)."""
 
 import json
 import os
@@ -14,31 +15,62 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_ASSETS = os.path.join(os.path.dirname(ROOT), "shared", "assets")
 sys.path.insert(0, ROOT)
 
+SCRIPTS = ["ddpo_diffexp.py", "alignprop_diffexp.py", "b2_diffurl.py", "ddpo_coca.py"]
+
 # The smallest run that still exercises every part of a script: 4 steps, 2 batches of 4, evaluation and a
 # checkpoint every epoch.
-MICRO_FLAGS = [
-    "--tiny",
-    "--num-steps",
-    "4",
-    "--samples-per-epoch",
-    "8",
-    "--sample-batch-size",
-    "4",
-    "--train-batch-size",
-    "4",
-    "--samples-per-update",
-    "4",
-    "--eval-every",
-    "1",
-    "--eval-images-per-prompt",
-    "1",
-    "--save-every",
-    "1",
-    "--prompts",
-    "unseen_animals",
-    "--eval-unseen-prompts",
-    "unseen_animals",
-]
+MICRO_FLAGS = (
+    "--tiny --num-steps 4 --samples-per-epoch 8 --sample-batch-size 4 --train-batch-size 4 --samples-per-update 4 "
+    "--eval-every 1 --eval-images-per-prompt 1 --save-every 1 --prompts unseen_animals "
+    "--eval-unseen-prompts unseen_animals"
+).split()
+
+
+def with_values(flags, **values):
+    """`flags` with the values of some flags replaced: with_values(MICRO_FLAGS, eval_every="2")."""
+    flags = list(flags)
+    for name, value in values.items():
+        flags[flags.index("--" + name.replace("_", "-")) + 1] = value
+    return flags
+
+
+def b2_flags(prompt_file):
+    """B2-DiffuRL's micro run: 2 prompts without an unseen twin, one sampling batch of 2 groups x 4 branches, 2
+    evaluation images per prompt (for the diversity), evaluation first and last only."""
+    flags = with_values(MICRO_FLAGS, prompts=prompt_file, sample_batch_size="8", eval_images_per_prompt="2")
+    flags = with_values(flags, eval_every="100")
+    del flags[flags.index("--eval-unseen-prompts") : flags.index("--eval-unseen-prompts") + 2]
+    return [*flags, "--num-branches", "4"]
+
+
+@pytest.fixture(scope="session")
+def run_flags(tmp_path_factory):
+    """Per script, the flags of its shared 2-epoch run. DiffExp explores in the first half: epoch 0, not 1."""
+    prompt_file = tmp_path_factory.mktemp("prompts") / "two.txt"
+    prompt_file.write_text("red apple\na cat on a sofa\n")
+    diffexp = ["--diffexp", "--explore-fraction", "0.5", "--epochs", "2"]
+    return {
+        "ddpo_diffexp.py": [*MICRO_FLAGS, *diffexp],
+        "alignprop_diffexp.py": [*MICRO_FLAGS, *diffexp],  # tiny aesthetic reward, K = 1
+        "b2_diffurl.py": [*b2_flags(str(prompt_file)), "--epochs", "2"],  # T = 4: intervals of 3, then 4 steps
+        # two CoCA windows of 2 steps; evaluated before the first and after the last epoch only (the later flag wins)
+        "ddpo_coca.py": [*MICRO_FLAGS, "--similarity-window", "2", "--eval-every", "100", *diffexp],
+    }
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory, run_flags):
+    """finished_runs(script) -> the folder of its uninterrupted run with `run_flags[script]` (run on first use)."""
+    folders = {}
+
+    def finished_run(script):
+        if script not in folders:
+            output = tmp_path_factory.mktemp("runs")
+            run_script(script, [*run_flags[script], "--run-name", "full"], output)
+            folders[script] = output / "full"
+        return folders[script]
+
+    return finished_run
 
 
 @pytest.fixture(scope="session")
@@ -48,21 +80,22 @@ def tiny_pipeline():
     return load_pipeline("tiny", "cpu", torch.float32)
 
 
+def script_environment(processes=1):
+    """Offline, with a fixed number of OpenMP threads: the thread count changes the order of float sums, so a run
+    and its resumed twin must use the same one. Several processes get one thread each, since 2 processes of 2
+    threads on 2 cores spin-wait for each other (on a loaded machine a tiny run took 135 s with 2 threads, 28 s
+    with 1)."""
+    threads = 1 if processes > 1 else min(2, os.cpu_count() or 1)
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
+
+
 def run_script(script, flags, tmp_path, launcher=(), check=True, timeout=600):
     """Run a method script as a user would; returns the CompletedProcess."""
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1" if launcher else os.environ.get("OMP_NUM_THREADS", ""),
-    )
-    if not env["OMP_NUM_THREADS"]:
-        del env["OMP_NUM_THREADS"]
     command = [*launcher, os.path.join(ROOT, script)] if launcher else [sys.executable, os.path.join(ROOT, script)]
     result = subprocess.run(
         [*command, "--output-dir", str(tmp_path), *flags],
         cwd=ROOT,
-        env=env,
+        env=script_environment(processes=2 if launcher else 1),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -91,11 +124,10 @@ def kill_after_first_checkpoint(script, flags, tmp_path, run_name="full"):
 
     Returns the names of the checkpoints it left.
     """
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *flags],
         cwd=ROOT,
-        env=env,
+        env=script_environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -1,6 +1,5 @@
-"""b2_diffurl.py: BPT schedule, branch sampling, normalisation and selection, prompt files, and the script end to end."""
+"""b2_diffurl.py: BPT schedule, branch sampling, normalisation and selection, prompt files, the script end to end."""
 
-import inspect
 import json
 import os
 
@@ -10,43 +9,7 @@ import torch
 
 import b2_diffurl
 import ddpo_diffexp
-from conftest import MICRO_FLAGS, ROOT, kill_after_first_checkpoint, lora_tensors, read_jsonl, run_script
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One OpenMP thread for this module's runs and tensors: on 2 cores shared with other jobs, 2 threads spin-wait
-    for each other (a 2-stage tiny run, load average 8: 135 s with 2 threads, 28 s with 1); the tiny model gains nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # read by run_script and passed on by the resume test's Popen
-        yield
-    torch.set_num_threads(threads)
-
-
-# ---------------------------------------------------------------------------------------------- copies
-@pytest.mark.parametrize(
-    "name",
-    [
-        "ddim_step_with_logprob",
-        "clipped_policy_loss",
-        "epoch_seed",
-        "save_image_grid",
-        "save_checkpoint",
-        "last_checkpoint",
-        "keep_lines_before",
-        "stop_on_non_finite",
-    ],
-)
-def test_shared_helpers_are_verbatim_copies_of_the_template(name):
-    assert inspect.getsource(getattr(b2_diffurl, name)) == inspect.getsource(getattr(ddpo_diffexp, name))
-
-
-def test_shared_arguments_keep_the_template_order():
-    template_fields = list(ddpo_diffexp.Args.__dataclass_fields__)
-    shared = template_fields[: template_fields.index("resume") + 1]
-    assert list(b2_diffurl.Args.__dataclass_fields__)[: len(shared)] == shared
+from conftest import ROOT, read_jsonl, run_script, with_values
 
 
 # ---------------------------------------------------------------------------------------------- BPT schedule
@@ -135,7 +98,7 @@ def test_one_branch_is_ddpo_sampling(tiny_pipeline):
         assert torch.equal(a, b)
 
 
-# ---------------------------------------------------------------------------------------------- normalisation, selection
+# ----------------------------------------------------------------------------------- normalisation, selection
 def test_z_scores_pool_this_stage_with_the_last_history_stages():
     history = []
     for stage in range(10):  # prompt "a" scores stage, stage + 1; "b" scores 5, 5 + stage
@@ -188,7 +151,10 @@ def test_mean_pairwise_distance():
 # ---------------------------------------------------------------------------------------------- prompts, flags
 def test_prompt_files_follow_the_paper_templates():
     folder = os.path.join(ROOT, "prompts")
-    load = lambda name: b2_diffurl.load_prompts(os.path.join(folder, name))
+
+    def load(name):
+        return b2_diffurl.load_prompts(os.path.join(folder, name))
+
     color_train, color_test = load("color_fruit_train.txt"), load("color_fruit_test.txt")
     spatial_train, spatial_test = load("spatial_train.txt"), load("spatial_test.txt")
     assert len(color_train) == len(set(color_train)) == 40 and len(spatial_train) == len(set(spatial_train)) == 40
@@ -225,53 +191,11 @@ def test_bad_method_flags_are_rejected(flags, message):
     assert str(error.value).startswith("error: " + message), error.value
 
 
-def test_bad_input_is_one_line_before_any_model_loads(tmp_path):
-    result = run_script("b2_diffurl.py", ["--model", "no-such/model", "--num-branches", "1"], tmp_path, check=False)
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert result.returncode != 0 and lines == [lines[-1]] and lines[-1].startswith("error: --num-branches 1"), (
-        result.stderr
-    )
-
-
 # ---------------------------------------------------------------------------------------------- end to end
-def run_flags(prompt_file, *extra, **values):
-    """MICRO_FLAGS with 2 prompts, one sampling batch of 2 groups x 4 branches, 2 eval images per prompt (for the
-    diversity), evaluation first and last only, no unseen set: the fewest UNet calls (CPU time is the test's cost)."""
-    flags = list(MICRO_FLAGS)
-    del flags[flags.index("--eval-unseen-prompts") : flags.index("--eval-unseen-prompts") + 2]
-    values = {
-        "prompts": prompt_file,
-        "sample_batch_size": "8",
-        "eval_images_per_prompt": "2",
-        "eval_every": "100",
-        **values,
-    }
-    for name, value in values.items():
-        flags[flags.index("--" + name.replace("_", "-")) + 1] = value
-    return [*flags, "--num-branches", "4", *extra]
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "two.txt"
-    path.write_text("red apple\na cat on a sofa\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, prompt_file):
-    """One uninterrupted 2-stage run (T = 4: intervals 3 then 4 steps), shared by the end-to-end tests."""
-    output = tmp_path_factory.mktemp("runs")
-    run_script("b2_diffurl.py", [*run_flags(prompt_file), "--epochs", "2", "--run-name", "full"], output)
-    return output / "full"
-
-
-def test_run_trains_only_the_interval_steps_and_logs_finite_metrics(finished_run):
-    metrics = read_jsonl(finished_run / "metrics.jsonl")
-    assert [m["epoch"] for m in metrics] == [0, 1] and [m["reward_queries"] for m in metrics] == [8, 16]
-    for m in metrics:
-        for key in ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "seconds"):
-            assert np.isfinite(m[key]), (key, m)
+def test_shared_run_trains_only_the_interval_steps(finished_runs):
+    """The shared 2-stage run (conftest.run_flags), T = 4: stage 0 trains the last 3 steps, stage 1 all 4."""
+    run = finished_runs("b2_diffurl.py")
+    metrics = read_jsonl(run / "metrics.jsonl")
     first = b2_diffurl.first_interval_steps(4, 0.7)
     for stage, m in enumerate(metrics):
         tau = b2_diffurl.split_step(stage, 2, 4, first)
@@ -279,82 +203,22 @@ def test_run_trains_only_the_interval_steps_and_logs_finite_metrics(finished_run
         assert 0 <= m["kept_samples"] <= 4  # 2 groups of 4 branches: at most 2 each
         # the step indices the update actually fed to the UNet: exactly the interval T - tau .. T - 1
         assert m["trained_step_indices"] == (list(range(4 - tau, 4)) if m["kept_samples"] else [])
+        assert 0 <= m["clipfrac"] <= 1 and m["approx_kl"] >= 0
     assert [m["interval_steps"] for m in metrics] == [3, 4]
     assert sum(m["kept_samples"] for m in metrics) > 0
-    evaluations = read_jsonl(finished_run / "eval.jsonl")
+    evaluations = read_jsonl(run / "eval.jsonl")
     assert [e["epoch"] for e in evaluations] == [0, 2]
     for e in evaluations:
-        assert np.isfinite(e["seen_reward_mean"]) and "unseen_reward_mean" not in e  # two.txt has no twin
-        assert 0 <= e["seen_diversity"] <= 2 and e["seen_diversity"] > 0  # 1 - cos over distinct images
-    assert (finished_run / "samples" / "eval_seen_epoch_0002.png").exists()
-    assert json.load(open(finished_run / "args.json"))["num_branches"] == 4
-    assert sorted(os.listdir(finished_run / "checkpoints")) == ["epoch_0001", "epoch_0002"]
+        assert "unseen_reward_mean" not in e  # two.txt has no test twin
+        assert 0 < e["seen_diversity"] <= 2  # 1 - cos over distinct images
+    assert json.load(open(run / "args.json"))["num_branches"] == 4
 
 
-def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run, tiny_pipeline):
-    def generate():
-        return tiny_pipeline(
-            ["red apple"],
-            num_inference_steps=4,
-            guidance_scale=5.0,
-            height=32,
-            width=32,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        ).images
-
-    before = generate()
-    tiny_pipeline.load_lora_weights(str(finished_run / "checkpoints" / "epoch_0002"))
-    try:
-        assert (generate() - before).abs().max() > 1e-4
-    finally:  # the pipeline is shared by the session's tests: give it back without the LoRA
-        tiny_pipeline.unload_lora_weights()
-    assert torch.equal(generate(), before)
-
-
-def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, prompt_file, tmp_path):
-    flags = [*run_flags(prompt_file), "--epochs", "2", "--run-name", "full"]
-    left = kill_after_first_checkpoint("b2_diffurl.py", flags, tmp_path)
-    checkpoints = tmp_path / "full" / "checkpoints"
-    assert "epoch_0002" not in left and "epoch_0001" in left, left  # really interrupted mid-run
-    run_script("b2_diffurl.py", [*flags, "--resume"], tmp_path)
-    resumed, uninterrupted = (
-        lora_tensors(checkpoints / "epoch_0002"),
-        lora_tensors(finished_run / "checkpoints" / "epoch_0002"),
+def test_both_ablations_train_every_sample_on_every_step(run_flags, tmp_path):
+    flags = with_values(run_flags["b2_diffurl.py"], epochs="1", train_batch_size="8", samples_per_update="8")
+    run_script(
+        "b2_diffurl.py", [*flags, "--no-bpt", "--no-branch", "--inner-epochs", "1", "--run-name", "ddpo"], tmp_path
     )
-    assert resumed.keys() == uninterrupted.keys()
-    for key in resumed:
-        assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
-    resumed_metrics, full_metrics = (
-        read_jsonl(tmp_path / "full" / "metrics.jsonl"),
-        read_jsonl(finished_run / "metrics.jsonl"),
-    )
-    assert [m["epoch"] for m in resumed_metrics] == [0, 1]  # every stage logged once
-    for key in ("reward_mean", "kept_samples", "loss"):  # the reward history came back with the checkpoint
-        assert np.allclose([m[key] for m in resumed_metrics], [m[key] for m in full_metrics], atol=1e-6), key
-    assert [e["epoch"] for e in read_jsonl(tmp_path / "full" / "eval.jsonl")] == [0, 2]
-
-
-def test_existing_run_needs_resume(finished_run, prompt_file):
-    result = run_script(
-        "b2_diffurl.py", [*run_flags(prompt_file), "--run-name", "full"], finished_run.parent, check=False
-    )
-    assert result.returncode != 0 and "pass --resume" in result.stderr.strip().splitlines()[-1]
-
-
-def test_both_ablations_train_every_sample_on_every_step(prompt_file, tmp_path):
-    flags = run_flags(
-        prompt_file,
-        "--no-bpt",
-        "--no-branch",
-        "--epochs",
-        "1",
-        "--inner-epochs",
-        "1",
-        train_batch_size="8",
-        samples_per_update="8",
-    )
-    run_script("b2_diffurl.py", [*flags, "--run-name", "ddpo"], tmp_path)
     (m,) = read_jsonl(tmp_path / "ddpo" / "metrics.jsonl")
     assert m["kept_samples"] == 8 and m["branch_step"] is None  # DDPO: no branching, no selection
     assert m["interval_steps"] == 4 and m["trained_step_indices"] == [0, 1, 2, 3]

@@ -73,9 +73,8 @@ def test_random_truncation_start_distribution():
     batch_minima = starts.view(-1, 4).min(dim=1).values
     assert batch_minima.mean().item() == pytest.approx(call_counts.expected_min_start(50, 4), abs=0.15)
     assert call_counts.expected_min_start(50, 1) == pytest.approx(50 - mean_k)
-    assert call_counts.expected_min_start(50, 4) < call_counts.expected_min_start(
-        50, 1
-    )  # a batch pays for its largest K
+    # a batch pays for its largest K
+    assert call_counts.expected_min_start(50, 4) < call_counts.expected_min_start(50, 1)
 
 
 def test_tensor_memory_meter_counts_live_storages_once():
@@ -105,3 +104,22 @@ def test_readme_section_is_replaced_between_its_markers_only(tmp_path):
     readme.write_text(readme.read_text() + "\n## Later section\n")
     write_readme(f"{START}\nsecond\n{END}", readme)
     assert readme.read_text() == f"# Title\n\ntext\n\n{START}\nsecond\n{END}\n\n## Later section\n"
+
+
+def test_readme_option_writes_benchmarks_readme_with_paths_relative_to_the_root(tmp_path, monkeypatch):
+    import iteration_cost
+    from iteration_cost import END, START
+
+    assert iteration_cost.README == os.path.join(ROOT, "benchmarks", "README.md")
+    assert iteration_cost.write_readme.__defaults__ == (iteration_cost.README,)
+    with open(iteration_cost.README) as f:
+        text = f.read()
+    assert START in text and END in text  # --readme replaces the section there instead of appending one
+    monkeypatch.chdir(tmp_path)  # absolute paths, and paths relative to another working directory
+    world = os.path.join(ROOT, "world", "sd-shapes")
+    command = iteration_cost.command_line(["--model", world, "--readme", f"--json={ROOT}/benchmarks/cost.json"])
+    assert command == "python benchmarks/iteration_cost.py --model world/sd-shapes --readme --json=benchmarks/cost.json"
+    monkeypatch.chdir(os.path.join(ROOT, "benchmarks"))
+    assert iteration_cost.command_line(["--model", "../world/sd-shapes", "--steps", "8"]) == (
+        "python benchmarks/iteration_cost.py --model world/sd-shapes --steps 8"
+    )

@@ -1,53 +1,13 @@
 """ddpo_coca.py: CoCA's similarities, step weights and shaped advantages, bad input, and the script end to end."""
 
-import inspect
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import ddpo_coca
-import ddpo_diffexp
-from conftest import MICRO_FLAGS, kill_after_first_checkpoint, lora_tensors, read_jsonl, run_script
-
-# T = 4 steps in MICRO_FLAGS: two windows of 2 steps. 2 epochs, evaluated before the first and after the last
-# only (the later flag wins), to keep this file fast; DiffExp composes with CoCA and explores in epoch 0 only.
-RUN_FLAGS = [
-    *MICRO_FLAGS,
-    "--similarity-window",
-    "2",
-    "--epochs",
-    "2",
-    "--eval-every",
-    "100",
-    "--diffexp",
-    "--explore-fraction",
-    "0.5",
-]
-
-
-# ---------------------------------------------------------------------------------------------- copies
-@pytest.mark.parametrize(
-    "name",
-    [
-        "ddim_step_with_logprob",
-        "clipped_policy_loss",
-        "per_prompt_advantages",
-        "exploration_settings",
-        "epoch_seed",
-        "save_image_grid",
-        "save_checkpoint",
-        "last_checkpoint",
-        "keep_lines_before",
-        "stop_on_non_finite",
-        "run_evaluation",
-        "parse_args",
-    ],
-)
-def test_shared_helpers_are_verbatim_copies(name):
-    assert inspect.getsource(getattr(ddpo_coca, name)) == inspect.getsource(getattr(ddpo_diffexp, name))
+from conftest import read_jsonl
 
 
 # ---------------------------------------------------------------------------------------------- similarities
@@ -180,71 +140,19 @@ def test_defaults_and_tiny_preset():
         (["--shaping-alpha", "1.5"], "error: --shaping-alpha 1.5 must be in [0, 1]"),
     ],
 )
-def test_bad_input_is_one_line_before_any_model_loads(tmp_path, flags, message):
-    result = run_script("ddpo_coca.py", ["--model", "no-such/model", *flags], tmp_path, check=False)
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert result.returncode != 0 and lines == [message], result.stderr  # one line, no traceback
+def test_bad_input_is_one_error_line(flags, message):
+    with pytest.raises(SystemExit) as stop:
+        ddpo_coca.check_args(ddpo_coca.parse_args(["--model", "no-such/model", *flags]), 1)
+    assert str(stop.value) == message
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """One uninterrupted 2-epoch run, CoCA with DiffExp on, shared by the end-to-end tests."""
-    output = tmp_path_factory.mktemp("runs")
-    run_script("ddpo_coca.py", [*RUN_FLAGS, "--run-name", "full"], output)
-    return output / "full"
-
-
-def test_run_writes_finite_metrics_and_checkpoints(finished_run):
-    metrics = read_jsonl(finished_run / "metrics.jsonl")
-    assert [m["epoch"] for m in metrics] == [0, 1]
-    for m in metrics:
-        for key in ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "grad_norm"):
-            assert np.isfinite(m[key]), (key, m)
-    assert [m["dynamic_cfg"] for m in metrics] == [True, False]  # DiffExp composes with CoCA
-    evaluations = read_jsonl(finished_run / "eval.jsonl")
-    assert [e["epoch"] for e in evaluations] == [0, 2] and all(np.isfinite(e["seen_reward_mean"]) for e in evaluations)
-    assert json.load(open(finished_run / "args.json"))["similarity_window"] == 2
-    assert sorted(os.listdir(finished_run / "checkpoints")) == ["epoch_0001", "epoch_0002"]
-
-
-def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(finished_run):
-    from worlds import load_pipeline
-
-    pipeline = load_pipeline("tiny", "cpu", torch.float32)
-
-    def generate():
-        return pipeline(
-            ["snail"],
-            num_inference_steps=4,
-            guidance_scale=5.0,
-            height=32,
-            width=32,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        ).images
-
-    before = generate()
-    pipeline.load_lora_weights(str(finished_run / "checkpoints" / "epoch_0002"))
-    assert (generate() - before).abs().max() > 1e-4
-
-
-def test_resume_after_interruption_matches_an_uninterrupted_run(finished_run, tmp_path):
-    flags = [*RUN_FLAGS, "--run-name", "full"]
-    left = kill_after_first_checkpoint("ddpo_coca.py", flags, tmp_path)
-    checkpoints = tmp_path / "full" / "checkpoints"
-    assert left == ["epoch_0001"], left  # really interrupted mid-run
-    run_script("ddpo_coca.py", [*flags, "--resume"], tmp_path)
-    resumed, uninterrupted = (
-        lora_tensors(checkpoints / "epoch_0002"),
-        lora_tensors(finished_run / "checkpoints" / "epoch_0002"),
-    )
-    assert resumed.keys() == uninterrupted.keys()
-    for key in resumed:
-        assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
-    resumed_metrics, full_metrics = (
-        read_jsonl(tmp_path / "full" / "metrics.jsonl"),
-        read_jsonl(finished_run / "metrics.jsonl"),
-    )
-    assert [m["epoch"] for m in resumed_metrics] == [0, 1]  # every epoch logged once
-    assert np.allclose([m["reward_mean"] for m in resumed_metrics], [m["reward_mean"] for m in full_metrics], atol=1e-6)
+def test_shared_run_composes_with_diffexp(finished_runs):
+    """The shared 2-epoch run (conftest.run_flags): CoCA with windows of 2 steps, DiffExp exploring in epoch 0."""
+    run = finished_runs("ddpo_coca.py")
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["dynamic_cfg"] for m in metrics] == [True, False]
+    assert [m["prompt_weighting"] for m in metrics] == [True, False]
+    assert all(0 <= m["clipfrac"] <= 1 and m["approx_kl"] >= 0 for m in metrics)
+    assert [e["epoch"] for e in read_jsonl(run / "eval.jsonl")] == [0, 2]
+    assert json.load(open(run / "args.json"))["similarity_window"] == 2

@@ -1,0 +1,114 @@
+"""What every method script promises, tested on each of the four through one parametrisation.
+
+Each script's shared 2-epoch run (conftest.finished_runs) must write finite metrics, grids and checkpoints whose
+LoRA loads into a diffusers pipeline; a run killed after its first checkpoint and resumed must end with the
+same LoRA as the uninterrupted one; a bad flag must stop the script with one error line before any model loads;
+and two processes must hold identical LoRA after their all-reduced updates. Method-specific checks of the same
+runs live in each script's own test file.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MICRO_FLAGS, SCRIPTS, kill_after_first_checkpoint, lora_tensors, read_jsonl, run_script
+
+EPOCHS = 2  # of every shared run (conftest.run_flags)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_run_writes_finite_metrics_grids_and_checkpoints(script, finished_runs):
+    run = finished_runs(script)
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == list(range(EPOCHS))
+    assert [m["reward_queries"] for m in metrics] == [8 * (epoch + 1) for epoch in range(EPOCHS)]
+    for m in metrics:
+        for key in ("reward_mean", "reward_std", "loss", "grad_norm", "seconds"):
+            assert np.isfinite(m[key]), (key, m)
+    evaluations = read_jsonl(run / "eval.jsonl")
+    assert evaluations[0]["epoch"] == 0 and evaluations[-1]["epoch"] == EPOCHS  # before training and after it
+    assert all(np.isfinite(e["seen_reward_mean"]) for e in evaluations)
+    assert [e["reward_queries"] for e in evaluations] == [8 * e["epoch"] for e in evaluations]
+    assert (run / "samples" / f"eval_seen_epoch_{EPOCHS:04d}.png").exists()
+    assert json.load(open(run / "args.json"))["epochs"] == EPOCHS
+    assert sorted(os.listdir(run / "checkpoints")) == [f"epoch_{epoch:04d}" for epoch in range(1, EPOCHS + 1)]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(script, finished_runs, tiny_pipeline):
+    def generate():
+        return tiny_pipeline(
+            ["red apple"], num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+
+    before = generate()
+    tiny_pipeline.load_lora_weights(str(finished_runs(script) / "checkpoints" / f"epoch_{EPOCHS:04d}"))
+    try:
+        assert (generate() - before).abs().max() > 1e-4
+    finally:  # the pipeline is shared by the session's tests: give it back without the LoRA
+        tiny_pipeline.unload_lora_weights()
+    assert torch.equal(generate(), before)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_after_interruption_matches_an_uninterrupted_run(script, finished_runs, run_flags, tmp_path):
+    flags = [*run_flags[script], "--run-name", "full"]
+    left = kill_after_first_checkpoint(script, flags, tmp_path)
+    assert left == ["epoch_0001"], left  # really interrupted mid-run
+    run_script(script, [*flags, "--resume"], tmp_path)
+    last = f"epoch_{EPOCHS:04d}"
+    resumed = lora_tensors(tmp_path / "full" / "checkpoints" / last)
+    uninterrupted = lora_tensors(finished_runs(script) / "checkpoints" / last)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
+    resumed_metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    full_metrics = read_jsonl(finished_runs(script) / "metrics.jsonl")
+    assert [m["epoch"] for m in resumed_metrics] == list(range(EPOCHS))  # every epoch logged once
+    for key in ("reward_mean", "loss"):  # the method's state (reward statistics) came back with the checkpoint
+        assert np.allclose([m[key] for m in resumed_metrics], [m[key] for m in full_metrics], atol=1e-6), key
+    resumed_evaluations = read_jsonl(tmp_path / "full" / "eval.jsonl")
+    assert [e["epoch"] for e in resumed_evaluations] == [
+        e["epoch"] for e in read_jsonl(finished_runs(script) / "eval.jsonl")
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_existing_run_needs_resume(script, finished_runs, run_flags):
+    run = finished_runs(script)
+    result = run_script(script, [*run_flags[script], "--run-name", "full"], run.parent, check=False)
+    assert result.returncode != 0 and "pass --resume" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_is_one_line_before_any_model_loads(script, tmp_path):
+    result = run_script(script, ["--model", "no-such/model", "--reward", "beauty"], tmp_path, check=False)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: unknown reward 'beauty'; choose one of aesthetic"), lines
+    assert not os.listdir(tmp_path)  # not even the run folder
+
+
+# the scripts whose updates accumulate over several micro-batches with accelerate's no_sync; B2-DiffuRL's padding
+# and CoCA's per-step advantages change nothing in the all-reduce, and each 2-process run costs 8 s
+@pytest.mark.parametrize("script", ["ddpo_diffexp.py", "alignprop_diffexp.py"])
+def test_two_processes_keep_identical_lora(script, tmp_path):
+    # accelerate's --cpu launcher starts one process; --multi_gpu starts 2 (torchrun), which run on CPU via gloo
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # per process and update: 2 micro-batches of 2, the first backward without all-reduce (no_sync), then with it
+    flags = [*MICRO_FLAGS, "--diffexp", "--epochs", "2", "--train-batch-size", "2", "--samples-per-update", "8"]
+    if script == "alignprop_diffexp.py":
+        flags.append("--random-truncation")  # K drawn per trajectory: the processes' graphs differ in length
+    run_script(script, [*flags, "--run-name", "ddp"], tmp_path, launcher=launcher)
+    metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
+    for m in metrics:
+        rank0, rank1 = m["lora_sum_per_process"]
+        assert rank0 == rank1, m  # bit-identical replicas after the all-reduced updates
+    assert metrics[0]["lora_sum_per_process"] != metrics[1]["lora_sum_per_process"]  # and they did train
+    assert metrics[-1]["reward_queries"] == 16  # 8 samples per epoch over 2 processes, not per process
