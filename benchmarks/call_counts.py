@@ -106,9 +106,15 @@ def alignprop_epoch(args, batch_starts=None):
 
 
 def truncation_start_distribution(num_steps):
-    """P(start = j), j = 0 .. T - 1, of `truncation_starts` with --random-truncation: int(N(0.84 T, (0.1 T)^2)) kept in [1, T - 1]."""
+    """P(start = j), j = 0 .. T - 1, of `truncation_starts` with --random-truncation.
+
+    start = int(N(0.84 T, (0.1 T)^2)), redrawn until it is in [1, T - 1].
+    """
     mean, std = 0.84 * num_steps, 0.1 * num_steps
-    cdf = lambda x: 0.5 * (1 + math.erf((x - mean) / (std * math.sqrt(2))))
+
+    def cdf(x):
+        return 0.5 * (1 + math.erf((x - mean) / (std * math.sqrt(2))))
+
     weights = [0.0] + [cdf(j + 1) - cdf(j) for j in range(1, num_steps)]  # int() = floor for x >= 1
     total = sum(weights)
     return [w / total for w in weights]
@@ -117,7 +123,10 @@ def truncation_start_distribution(num_steps):
 def expected_min_start(num_steps, batch_size):
     """E[min of batch_size independent truncation starts]: the first checkpointed step of a batch."""
     probabilities = truncation_start_distribution(num_steps)
-    survival = lambda j: sum(probabilities[j:])  # P(start >= j)
+
+    def survival(j):
+        return sum(probabilities[j:])  # P(start >= j)
+
     return sum(survival(j) ** batch_size for j in range(1, num_steps))  # E[min] = sum_{j >= 1} P(min >= j)
 
 
@@ -261,32 +270,12 @@ def count_calls(module):
 # The check: each script's main() on a micro configuration, counted, against the formulas
 # ----------------------------------------------------------------------------------------------------------
 
-# tests/conftest.py's MICRO_FLAGS (4 steps, 8 samples in batches of 4, 6 prompts), one epoch
-MICRO_FLAGS = [
-    "--tiny",
-    "--num-steps",
-    "4",
-    "--samples-per-epoch",
-    "8",
-    "--sample-batch-size",
-    "4",
-    "--train-batch-size",
-    "4",
-    "--samples-per-update",
-    "4",
-    "--eval-every",
-    "1",
-    "--eval-images-per-prompt",
-    "1",
-    "--save-every",
-    "1",
-    "--prompts",
-    "unseen_animals",
-    "--eval-unseen-prompts",
-    "unseen_animals",
-    "--epochs",
-    "1",
-]
+# one epoch of tests/conftest.py's micro run: 4 steps, 8 samples in batches of 4, 6 prompts, 1 image each
+MICRO_FLAGS = (
+    "--tiny --num-steps 4 --samples-per-epoch 8 --sample-batch-size 4 --train-batch-size 4 --samples-per-update 4 "
+    "--eval-every 1 --eval-images-per-prompt 1 --save-every 1 --prompts unseen_animals "
+    "--eval-unseen-prompts unseen_animals --epochs 1"
+).split()
 MICRO_CASES = {
     "ddpo_diffexp": ("ddpo_diffexp", ["--diffexp"]),
     "alignprop_diffexp": ("alignprop_diffexp", ["--reward", "aesthetic", "--grad-steps", "2", "--diffexp"]),
@@ -416,7 +405,8 @@ def paper_table():
         "`alignprop_diffexp.py`",
         "--random-truncation (expected)",
         Counter({k: round(v, 1) for k, v in expected.items()}),
-        f"mean K per trajectory {mean_k:.2f}, but a batch checkpoints from its earliest start: E[T - min of {args.train_batch_size}] = {args.num_steps - starts:.2f}",
+        f"mean K per trajectory {mean_k:.2f}, but a batch checkpoints from its earliest start: E[T - min of "
+        f"{args.train_batch_size}] = {args.num_steps - starts:.2f}",
     )
     row(
         "`alignprop_diffexp.py`",
@@ -433,7 +423,8 @@ def paper_table():
             "`b2_diffurl.py`",
             f"stage {stage} (tau {tau}), at most kept ({2 * groups})",
             b2_stage(args, stage, 2 * groups),
-            f"{args.samples_per_epoch // args.sample_batch_size} batches x T calls; training {args.inner_epochs} x ceil(kept/b) x tau calls (kept is data-dependent, 0..{2 * groups})",
+            f"{args.samples_per_epoch // args.sample_batch_size} batches x T calls; training {args.inner_epochs} x "
+            f"ceil(kept/b) x tau calls (kept is data-dependent, 0..{2 * groups})",
         )
     total = sum((b2_stage(args, s, 2 * groups) for s in range(args.epochs)), Counter())
     row(
@@ -456,13 +447,16 @@ def format_table(rows):
         return f"{value:,.1f}" if isinstance(value, float) and value != int(value) else f"{int(value):,}"
 
     lines = [
-        "| script | setting | UNet calls (rows) | sample evals | UNet backward | VAE decode (backward) | reward calls (backward) | text encoder | how |",
+        "| script | setting | UNet calls (rows) | sample evals | UNet backward | VAE decode (backward) | reward "
+        "calls (backward) | text encoder | how |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for script, setting, c, note in rows:
         lines.append(
-            f"| {script} | {setting} | {number(c['unet_calls'])} ({number(c['unet_rows'])}) | {number(c['sample_evals'])} | {number(c['unet_backward'])} | "
-            f"{number(c['vae_decode'])} ({number(c['vae_backward'])}) | {number(c['reward_calls'])} ({number(c['reward_backward'])}) | {number(c['text_encoder_calls'])} | {note} |"
+            f"| {script} | {setting} | {number(c['unet_calls'])} ({number(c['unet_rows'])}) | "
+            f"{number(c['sample_evals'])} | {number(c['unet_backward'])} | "
+            f"{number(c['vae_decode'])} ({number(c['vae_backward'])}) | {number(c['reward_calls'])} "
+            f"({number(c['reward_backward'])}) | {number(c['text_encoder_calls'])} | {note} |"
         )
     return "\n".join(lines)
 

@@ -9,14 +9,16 @@ reward on fixed noise, seen and unseen prompts) it writes
                 --target (the DiffExp paper's claim: about 20% fewer with exploration), diversity;
   curves.png    mean and spread (min-max over seeds) of the exact reward against reward queries, seen and
                 unseen prompts (needs matplotlib: pip install matplotlib);
-  and prints the summary as a Markdown table (the README's table is this output).
+  and prints the summary as a Markdown table (benchmarks/README.md's tables are this output).
 
 Diversity: mean pairwise RMS pixel distance between the 8 images (8 noises) of each unseen prompt from the
 final LoRA, averaged over prompts; lower means the method collapsed onto fewer layouts.
 
-Commands (the README's tables and plots; the second reuses the first's seed-0 runs):
-    python benchmarks/compare_methods.py --methods ddpo ddpo_diffexp --seeds 0 1 --reward-queries 960 --evaluations 3 --output-dir benchmarks/results/diffexp
-    python benchmarks/compare_methods.py --seeds 0 --reward-queries 960 --evaluations 3 --output-dir benchmarks/results/methods
+Commands (the tables and plots of benchmarks/README.md; the second reuses the first's seed-0 runs):
+    python benchmarks/compare_methods.py --methods ddpo ddpo_diffexp --seeds 0 1 --reward-queries 960 \
+        --evaluations 3 --output-dir benchmarks/results/diffexp
+    python benchmarks/compare_methods.py --seeds 0 --reward-queries 960 --evaluations 3 \
+        --output-dir benchmarks/results/methods
 All six methods over three seeds (about 1.5 hours on 2 CPU cores):
     python benchmarks/compare_methods.py
 """
@@ -60,7 +62,8 @@ class Args:
     evaluations: int = 5
     """evaluations per run, evenly spaced, plus the one before training"""
     target: float = 0.0
-    """exact reward to reach for the queries-to-target column (0: halfway from the pretrained model to the best final mean)"""
+    """exact reward to reach for the queries-to-target column (0: halfway from the pretrained model to the best
+    final mean)"""
     output_dir: str = "benchmarks/results"
     """where results.csv, summary.csv and curves.png go"""
     runs_dir: str = "benchmarks/results/runs"
@@ -158,9 +161,8 @@ def plot(path, curves, methods):
     for axis, split in zip(axes, ("seen", "unseen")):
         for method in methods:
             queries = np.array([line["reward_queries"] for line in curves[method][0]])
-            values = np.array(
-                [[line[f"{split}_reward_mean"] for line in lines] for lines in curves[method]]
-            )  # (seeds, evals)
+            # (seeds, evals)
+            values = np.array([[line[f"{split}_reward_mean"] for line in lines] for lines in curves[method]])
             axis.plot(queries, values.mean(0), marker="o", markersize=3, label=method)
             axis.fill_between(queries, values.min(0), values.max(0), alpha=0.15)
         axis.set_title(f"{split} prompts")
@@ -180,7 +182,8 @@ def main(args):
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if args.reward_queries % args.samples_per_epoch:
         raise SystemExit(
-            f"error: --reward-queries {args.reward_queries} is not a multiple of --samples-per-epoch {args.samples_per_epoch}"
+            f"error: --reward-queries {args.reward_queries} is not a multiple of --samples-per-epoch "
+            f"{args.samples_per_epoch}"
         )
     epochs = args.reward_queries // args.samples_per_epoch
     eval_every = max(1, epochs // args.evaluations)
@@ -238,7 +241,8 @@ def main(args):
     plot(os.path.join(args.output_dir, "curves.png"), curves, args.methods)
 
     print(
-        f"\nseeds {' '.join(map(str, args.seeds))}, {args.reward_queries} reward queries per run, target exact reward {target:.3f}\n"
+        f"\nseeds {' '.join(map(str, args.seeds))}, {args.reward_queries} reward queries per run, target exact "
+        f"reward {target:.3f}\n"
     )
     print("| method | seen: start -> final | unseen: final | queries to target (runs that reached it) | diversity |")
     print("| --- | --- | --- | --- | --- |")

@@ -21,7 +21,10 @@ in a rotating order; a ratio is the median over rounds of the within-round ratio
 other jobs on it) cancels. Memory: `TensorMemory` below (CPU torch keeps no allocator statistics).
 
     python benchmarks/iteration_cost.py                       # tiny (+ world/sd-shapes if present); prints
-    python benchmarks/iteration_cost.py --model path/to/sd --readme   # + another local pipeline; rewrite README
+    python benchmarks/iteration_cost.py --model path/to/sd --readme   # + another local pipeline; rewrite the
+                                                                      # section in benchmarks/README.md
+
+Paths in the written section are relative to the project root (`world/sd-shapes`), never absolute.
 """
 
 import argparse
@@ -30,6 +33,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -47,7 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 WORLD_MODEL = os.path.join(ROOT, "world", "sd-shapes")
-README = os.path.join(ROOT, "README.md")
+README = os.path.join(BENCHMARKS, "README.md")  # --readme rewrites the section between START and END here
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 
 
@@ -135,6 +139,7 @@ def prompts_for(batch):
 
 def load(model):
     import common
+    import worlds
 
     pipeline = worlds.load_pipeline(model, "cpu", torch.float32)
     common.add_lora(pipeline.unet, 4)  # every script trains LoRA rank 4: the UNet calls below all go through it
@@ -324,6 +329,7 @@ def alignprop_step(pipeline, reward_fn, batch, steps, grad_steps, prompt_embeds,
 
 def bench_alignprop(pipeline, resolution, opts):
     import common
+    import worlds
 
     unet = pipeline.unet
     reward_fn = worlds.load_reward("aesthetic", "cpu", torch.float32, tiny=True)
@@ -341,9 +347,8 @@ def bench_alignprop(pipeline, resolution, opts):
 
     memory = {(k, t): measure(t, k) for k in opts.grad_steps for t in opts.memory_steps}
     checkpoint = torch.utils.checkpoint.checkpoint
-    torch.utils.checkpoint.checkpoint = lambda function, *args, use_reentrant=None: function(
-        *args
-    )  # what checkpointing saves
+    # what checkpointing saves
+    torch.utils.checkpoint.checkpoint = lambda function, *args, use_reentrant=None: function(*args)
     try:
         unchecked = {k: measure(opts.memory_steps[0], k) for k in opts.grad_steps}
     finally:
@@ -451,7 +456,7 @@ def bench_b2_against_ddpo(model, opts):
 
 def bench_model(model, opts):
     label = "tiny" if model == "tiny" else os.path.basename(os.path.normpath(model))
-    print(f"\n== {label} ({model})", flush=True)
+    print(f"\n== {label} ({model if model == 'tiny' else root_relative(model)})", flush=True)
     pipeline, resolution = load(model)
     result = dict(model=label, resolution=resolution)
     result["sampling"] = bench_sampling(pipeline, resolution, opts)
@@ -474,11 +479,13 @@ def bench_model(model, opts):
 def print_sampling(s):
     t = s["times"]
     print(
-        f"sampling, batch {s['batch']}, T {s['steps']}, {s['resolution']} px: ours {t['ours']:.3f} s, diffusers pipeline {t['pipeline']:.3f} s, "
-        f"floor (T bare UNet calls) {t['floor']:.3f} s, VAE decode {t['vae_decode']:.3f} s, text encoder {t['text_encoder']:.4f} s"
+        f"sampling, batch {s['batch']}, T {s['steps']}, {s['resolution']} px: ours {t['ours']:.3f} s, "
+        f"diffusers pipeline {t['pipeline']:.3f} s, floor (T bare UNet calls) {t['floor']:.3f} s, "
+        f"VAE decode {t['vae_decode']:.3f} s, text encoder {t['text_encoder']:.4f} s"
     )
     print(
-        f"  ours / pipeline {s['ours_vs_pipeline']:.3f}; ours / UNet floor {s['ours_vs_floor']:.3f}; ours / (UNet + VAE + text) {s['ours_vs_all_calls']:.3f}; "
+        f"  ours / pipeline {s['ours_vs_pipeline']:.3f}; ours / UNet floor {s['ours_vs_floor']:.3f}; "
+        f"ours / (UNet + VAE + text) {s['ours_vs_all_calls']:.3f}; "
         f"pipeline / UNet floor {s['pipeline_vs_floor']:.3f}",
         flush=True,
     )
@@ -486,7 +493,8 @@ def print_sampling(s):
 
 def print_ddpo(d):
     print(
-        f"DDPO training, batch {d['batch']}, T {d['steps']}: {1e3 * d['seconds_per_pair']:.2f} ms per (sample, timestep), "
+        f"DDPO training, batch {d['batch']}, T {d['steps']}: "
+        f"{1e3 * d['seconds_per_pair']:.2f} ms per (sample, timestep), "
         f"floor {1e3 * d['floor_seconds_per_pair']:.2f} ms; ours / floor {d['ours_vs_floor']:.3f}",
         flush=True,
     )
@@ -505,7 +513,8 @@ def print_alignprop(a, opts):
 
 def print_b2(b):
     print(
-        f"B2-DiffuRL, {b['stages']} stages of 32 queries, T {b['steps']}: {b['seconds']['b2_diffurl']:.2f} s per stage, "
+        f"B2-DiffuRL, {b['stages']} stages of 32 queries, T {b['steps']}: "
+        f"{b['seconds']['b2_diffurl']:.2f} s per stage, "
         f"DDPO {b['seconds']['ddpo_diffexp']:.2f} s per epoch; B2 / DDPO {b['b2_vs_ddpo']:.3f}"
     )
     for line in b2_lines(b):
@@ -517,8 +526,9 @@ def b2_lines(b):
     for name, c in b["counts"].items():
         kept = f"; kept per stage {c['kept']} of 32" if "kept" in c else ""
         lines.append(
-            f"{name}: {b['seconds'][name]:.2f} s per stage ({b['sampling_seconds'][name]:.2f} s sampling), {c.get('unet_calls', 0):.0f} UNet calls, "
-            f"{c.get('sample_evals', 0):.0f} sample evals, {c.get('unet_backward', 0):.0f} backward passes per stage{kept}"
+            f"{name}: {b['seconds'][name]:.2f} s per stage ({b['sampling_seconds'][name]:.2f} s sampling), "
+            f"{c.get('unet_calls', 0):.0f} UNet calls, {c.get('sample_evals', 0):.0f} sample evals, "
+            f"{c.get('unet_backward', 0):.0f} backward passes per stage{kept}"
         )
     return lines
 
@@ -535,44 +545,54 @@ def readme_section(results, opts, command, seconds):
         START,
         "## Performance",
         "",
-        "What an iteration costs, measured on CPU by `benchmarks/iteration_cost.py` against diffusers and against the bare",
+        "What an iteration costs, measured on CPU by `benchmarks/iteration_cost.py` against diffusers and against the "
+        "bare",
         "network calls. Ratios come from one run, the compared variants interleaved (median of the per-round ratios).",
-        f"This table: `{command}` on {platform.machine()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''}), "
+        f"This table: `{command}` on {platform.machine()} ({os.cpu_count()} cores, "
+        f"{threads} torch thread{'s' if threads > 1 else ''}), "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min, "
         "while other jobs shared the machine (expect a few % of noise). Regenerate this section with",
-        "`python benchmarks/iteration_cost.py --readme` (the toy world model is measured when `world/sd-shapes` exists; `--model` adds",
+        "`python benchmarks/iteration_cost.py --readme` (the toy world model is measured when `world/sd-shapes` "
+        "exists; `--model` adds",
         "any local pipeline folder).",
         "",
-        "| model | sampling: ours / diffusers pipeline | ours / UNet floor | ours / (UNet + VAE + text encoder) | DDPO step / floor | AlignProp step / sampling | B2 stage / DDPO epoch |",
+        "| model | sampling: ours / diffusers pipeline | ours / UNet floor | ours / (UNet + VAE + text encoder) | "
+        "DDPO step / floor | AlignProp step / sampling | B2 stage / DDPO epoch |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, d, a, b = r["sampling"], r["ddpo"], r["alignprop"], r.get("b2")
         b2 = f"{b['b2_vs_ddpo']:.2f}" if b else "-"
         lines.append(
-            f"| {r['model']} ({r['resolution']} px) | {s['ours_vs_pipeline']:.3f} | {s['ours_vs_floor']:.3f} | {s['ours_vs_all_calls']:.3f} | "
+            f"| {r['model']} ({r['resolution']} px) | {s['ours_vs_pipeline']:.3f} | {s['ours_vs_floor']:.3f} | "
+            f"{s['ours_vs_all_calls']:.3f} | "
             f"{d['ours_vs_floor']:.3f} | {a['step_vs_sampling']:.2f} | {b2} |"
         )
     lines += ["", "Absolute times (medians, seconds):", ""]
     for r in results:
         t, d, a = r["sampling"]["times"], r["ddpo"], r["alignprop"]["times"]
         lines.append(
-            f"- {r['model']}: sampling a batch: ours {t['ours']:.3f}, diffusers {t['pipeline']:.3f}, UNet floor {t['floor']:.3f}, VAE decode "
-            f"{t['vae_decode']:.3f}, text encoder {t['text_encoder']:.4f}; DDPO per (sample, timestep) {d['seconds_per_pair']:.4f} (floor "
-            f"{d['floor_seconds_per_pair']:.4f}); AlignProp step {a['training_step']:.3f}, sampling alone {a['sampling']:.3f}."
+            f"- {r['model']}: sampling a batch: ours {t['ours']:.3f}, diffusers {t['pipeline']:.3f}, "
+            f"UNet floor {t['floor']:.3f}, VAE decode {t['vae_decode']:.3f}, text encoder {t['text_encoder']:.4f}; "
+            f"DDPO per (sample, timestep) {d['seconds_per_pair']:.4f} (floor {d['floor_seconds_per_pair']:.4f}); "
+            f"AlignProp step {a['training_step']:.3f}, sampling alone {a['sampling']:.3f}."
         )
         if r.get("b2"):
             lines += [f"  - {line}" for line in b2_lines(r["b2"])]
     lines += [
         "",
-        f"Settings: sampling and DDPO batch {opts.batch}, T = {opts.steps}, CFG 5, eta 1, LoRA rank 4 on the UNet (as in training); "
-        f"AlignProp batch {opts.alignprop_batch}, K = 1; B2 and DDPO: {opts.stages} stages / epochs of 32 reward queries, "
+        f"Settings: sampling and DDPO batch {opts.batch}, T = {opts.steps}, CFG 5, eta 1, "
+        "LoRA rank 4 on the UNet (as in training); "
+        f"AlignProp batch {opts.alignprop_batch}, K = 1; "
+        f"B2 and DDPO: {opts.stages} stages / epochs of 32 reward queries, "
         "sampling batch 16, train batch 8, clipscore, evaluation off.",
         "",
     ]
     lines += [
-        "AlignProp, peak tensor memory of one training step in MB (`TensorMemory`: every storage that torch ops allocate",
-        "inside the step, forward, backward and checkpoint recomputation included, counted while alive; weights and inputs",
+        "AlignProp, peak tensor memory of one training step in MB (`TensorMemory`: every storage that torch ops "
+        "allocate",
+        "inside the step, forward, backward and checkpoint recomputation included, counted while alive; weights and "
+        "inputs",
         "excluded):",
         "",
         "| model | K | "
@@ -603,16 +623,23 @@ def readme_section(results, opts, command, seconds):
         per_k_unchecked = (a["unchecked"][str(opts.grad_steps[-1])] - a["unchecked"][str(opts.grad_steps[0])]) / (
             opts.grad_steps[-1] - opts.grad_steps[0]
         )
+        reach_t = math.ceil((s["vae_share"] + s["text_share"]) * s["steps"] / 0.05)
         lines += [
             f"- **{r['model']}**",
-            f"  - sampling within 5% of the bare-UNet floor: {target(s['ours_vs_floor'] <= 1.05)} ({s['ours_vs_floor']:.3f}). The floor leaves out "
-            f"two calls the loop must make: one VAE decode ({100 * s['vae_share']:.1f}% of the floor here) and one text-encoder call "
-            f"({100 * s['text_share']:.1f}%), fixed costs per batch, so the 5% is reached from T = {math.ceil((s['vae_share'] + s['text_share']) * s['steps'] / 0.05)} "
-            f"on. Against all of its network calls the loop is at {s['ours_vs_all_calls']:.3f}: its own work (DDIM step and log-probability, "
+            f"  - sampling within 5% of the bare-UNet floor: {target(s['ours_vs_floor'] <= 1.05)} "
+            f"({s['ours_vs_floor']:.3f}). The floor leaves out "
+            f"two calls the loop must make: one VAE decode ({100 * s['vae_share']:.1f}% of the floor here) "
+            f"and one text-encoder call ({100 * s['text_share']:.1f}%), fixed costs per batch, "
+            f"so the 5% is reached from T = {reach_t} on. "
+            f"Against all of its network calls the loop is at {s['ours_vs_all_calls']:.3f}: "
+            "its own work (DDIM step and log-probability, "
             "guidance arithmetic, concatenations, Eq. 8's word masking) is within the noise.",
-            f"  - no slower than diffusers' pipeline: {target(s['ours_vs_pipeline'] <= 1.0)} ({s['ours_vs_pipeline']:.3f}).",
-            f"  - DDPO training step within 15% of its floor: {target(d['ours_vs_floor'] <= 1.15)} ({d['ours_vs_floor']:.3f}).",
-            f"  - AlignProp memory flat in T: {target(flat <= 0.02)} (largest change from T = {opts.memory_steps[0]}: {100 * flat:.1f}%); it grows by "
+            f"  - no slower than diffusers' pipeline: {target(s['ours_vs_pipeline'] <= 1.0)} "
+            f"({s['ours_vs_pipeline']:.3f}).",
+            f"  - DDPO training step within 15% of its floor: {target(d['ours_vs_floor'] <= 1.15)} "
+            f"({d['ours_vs_floor']:.3f}).",
+            f"  - AlignProp memory flat in T: {target(flat <= 0.02)} "
+            f"(largest change from T = {opts.memory_steps[0]}: {100 * flat:.1f}%); it grows by "
             f"{per_k / 2**10:.0f} KB per step of K with checkpointing, {per_k_unchecked / 2**20:.2f} MB without.",
         ]
     lines += [
@@ -621,9 +648,12 @@ def readme_section(results, opts, command, seconds):
         "",
         "### Network calls per epoch at the paper settings",
         "",
-        "Counted from the code (`benchmarks/call_counts.py`, formulas checked against counted runs of every script's `main()` in",
-        "`tests/test_benchmarks.py`), for one epoch (B2: one stage) without evaluation, over all processes. A guided prediction",
-        'is one UNet call on a doubled batch: "rows" counts the rows of all UNet calls, "sample evals" the (sample, step)',
+        "Counted from the code (`benchmarks/call_counts.py`, formulas checked against counted runs of every script's "
+        "`main()` in",
+        "`tests/test_benchmarks.py`), for one epoch (B2: one stage) without evaluation, over all processes. "
+        "A guided prediction",
+        'is one UNet call on a doubled batch: "rows" counts the rows of all UNet calls, "sample evals" the '
+        "(sample, step)",
         "predictions (half the rows). Training forwards are included in the UNet calls.",
         "",
         call_counts.format_table(call_counts.paper_table()),
@@ -665,6 +695,32 @@ WHY = """Why:
   over tau of the T steps; the kept count is data-dependent, so the ratio moves with it (listed above)."""
 
 
+def root_relative(path):
+    """`path` as seen from the project root (`world/sd-shapes`), so that no absolute path reaches the README."""
+    try:
+        return os.path.relpath(os.path.abspath(path), ROOT)
+    except ValueError:  # another drive (Windows): no relative path exists, keep the folder's name
+        return os.path.basename(os.path.normpath(path))
+
+
+def command_line(argv):
+    """The command that reproduces this run from the project root: path arguments (absolute, or existing paths
+    relative to the working directory, as `--model x` or `--model=x`) rewritten relative to the root."""
+    words = []
+    for word in argv:
+        option, value = "", word
+        if word.startswith("-"):
+            if "=" not in word:  # an option name such as --model or --readme
+                words.append(word)
+                continue
+            option, value = word.split("=", 1)
+            option += "="
+        if os.path.isabs(value) or os.path.exists(value):
+            value = root_relative(value)
+        words.append(option + value)
+    return shlex.join(["python", "benchmarks/iteration_cost.py", *words])
+
+
 def write_readme(section, path=README):
     """Replace the text between the performance markers (the markers included), or append the section at the end."""
     with open(path) as f:
@@ -699,13 +755,18 @@ def main():
     )
     parser.add_argument("--b2-repeats", type=int, default=2, help="interleaved B2 / DDPO runs each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    parser.add_argument("--readme", action="store_true", help="rewrite the README's performance section with this run")
+    parser.add_argument(
+        "--readme", action="store_true", help="rewrite the performance section of benchmarks/README.md with this run"
+    )
     parser.add_argument("--json", help="also write the raw results here")
     opts = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(opts.threads)
     started = time.time()
-    models = ["tiny", WORLD_MODEL] + opts.model
+    models = []
+    for model in ["tiny", WORLD_MODEL] + opts.model:  # a folder named twice (`--model world/sd-shapes`) runs once
+        if os.path.abspath(model) not in map(os.path.abspath, models):
+            models.append(model)
     results = []
     for model in models:
         if model != "tiny" and not os.path.isfile(os.path.join(model, "model_index.json")):
@@ -718,11 +779,10 @@ def main():
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(results, f, indent=1)
-    command = "python benchmarks/iteration_cost.py " + " ".join(sys.argv[1:])
-    section = readme_section(results, opts, command.strip(), time.time() - started)
+    section = readme_section(results, opts, command_line(sys.argv[1:]), time.time() - started)
     if opts.readme:
         write_readme(section)
-        print(f"\nwrote the performance section of {README}")
+        print(f"\nwrote the performance section of {root_relative(README)}")
     else:
         print("\n" + section)
 
