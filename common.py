@@ -43,9 +43,14 @@ def freeze(module, device, dtype):
 
 def load_pipeline(model, device, dtype):
     """A StableDiffusionPipeline from a hub id or a local folder, with a DDIMScheduler, frozen, on `device`."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # importing the pipelines notes that torchvision is absent: noise
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
+    transformers_logging.set_verbosity(verbosity)
     if os.path.isdir(model):
         diffusers_logging.disable_progress_bar()  # a local folder needs no loading bars
     try:

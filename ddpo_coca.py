@@ -63,6 +63,8 @@ Commands
     python ddpo_coca.py --shapes
 """
 
+import atexit
+import contextlib
 import json
 import math
 import os
@@ -71,7 +73,7 @@ import sys
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import numpy as np
@@ -208,7 +210,7 @@ TINY_PRESET = dict(
     resolution=32,
     samples_per_epoch=32,
     sample_batch_size=16,
-    train_batch_size=16,
+    train_batch_size=8,  # divides samples_per_update over 2 processes too
     samples_per_update=16,
     learning_rate=3e-3,
     mixed_precision="no",
@@ -227,7 +229,7 @@ SHAPES_PRESET = dict(
     resolution=32,
     samples_per_epoch=64,
     sample_batch_size=32,
-    train_batch_size=16,
+    train_batch_size=8,  # divides samples_per_update over 2 processes too
     samples_per_update=16,
     learning_rate=1e-2,
     clip_range=1e-3,
@@ -255,14 +257,67 @@ def parse_args(argv=None):
     return args
 
 
-def check_args(args, num_processes):
-    """One line and exit for bad input, before any model loads."""
+def flag(name):
+    """The command-line spelling of an Args field: samples_per_epoch -> --samples-per-epoch."""
+    return "--" + name.replace("_", "-")
+
+
+def divisibility_problem(args, name, divisor_name, num_processes=1):
+    """None if args.<name> is a multiple of args.<divisor_name> x num_processes, else the arithmetic, spelled out."""
+    value, divisor = getattr(args, name), getattr(args, divisor_name) * num_processes
+    if value % divisor == 0:
+        return None
+    per = f" x {num_processes} processes = {divisor}" if num_processes > 1 else ""
+    return (
+        f"{flag(name)} {value} is not a multiple of {flag(divisor_name)} {getattr(args, divisor_name)}{per} "
+        f"({value} = {value // divisor} x {divisor} + {value % divisor})"
+    )
+
+
+def shared_flag_problems(args, num_processes):
+    """The problems of the flags every script shares, and of any float flag that is NaN or infinite.
+
+    Rewards and prompt files are checked first and stop at once (each with its own error line): they are looked
+    up on disk, and a later check could not say anything useful about a run without them.
+    """
     rewards = (args.reward, args.eval_reward or args.reward)
     for reward in rewards:
         check_reward_name(reward)
     prompts = load_prompts(args.prompts) + (load_prompts(args.eval_unseen_prompts) if args.eval_unseen_prompts else [])
     for reward in rewards:
         check_reward_prompts(reward, prompts)
+    problems = []
+    for field in fields(args):
+        value = getattr(args, field.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
+            problems.append(f"{flag(field.name)} {value} must be finite")
+    counts = ("epochs", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size")
+    counts += ("samples_per_update", "eval_every", "save_every", "eval_images_per_prompt", "lora_rank")
+    problems += [f"{flag(name)} {getattr(args, name)} must be >= 1" for name in counts if getattr(args, name) < 1]
+    if problems:  # the checks below would divide by these, or compare NaN
+        return problems
+    if args.seed < 0:
+        problems.append(f"--seed {args.seed} must be >= 0")
+    if args.eta < 0:
+        problems.append(f"--eta {args.eta} must be >= 0")
+    if args.resolution % 8:
+        problems.append(f"--resolution {args.resolution} must be a multiple of 8")
+    if args.mixed_precision not in ("fp16", "bf16", "no"):
+        problems.append(f"--mixed-precision {args.mixed_precision} must be fp16, bf16 or no")
+    if args.learning_rate <= 0:
+        problems.append(f"--learning-rate {args.learning_rate} must be > 0")
+    if not all(0 <= beta < 1 for beta in args.adam_betas):
+        problems.append(f"--adam-betas {' '.join(map(str, args.adam_betas))} must both be in [0, 1)")
+    if args.weight_decay < 0:
+        problems.append(f"--weight-decay {args.weight_decay} must be >= 0")
+    if args.max_grad_norm <= 0:
+        problems.append(f"--max-grad-norm {args.max_grad_norm} must be > 0 (the norm the gradient is clipped to)")
+    problems.append(divisibility_problem(args, "samples_per_update", "train_batch_size", num_processes))
+    return [problem for problem in problems if problem]
+
+
+def diffexp_flag_problems(args):
+    """The problems of DiffExp's flags: DiffExp Eq. 7's threshold, DiffExp Eq. 8's range, the exploring fraction."""
     problems = []
     if not 0 <= args.t_thres < 1000:
         problems.append(f"--t-thres {args.t_thres} must be in [0, 1000)")
@@ -271,59 +326,127 @@ def check_args(args, num_processes):
         problems.append(f"--prompt-weight-range {low} {high} is inverted (low > high)")
     if not 0 <= args.explore_fraction <= 1:
         problems.append(f"--explore-fraction {args.explore_fraction} must be in [0, 1]")
+    return problems
+
+
+def method_flag_problems(args, num_processes):
+    """The problems of this script's own flags (the shared ones hold: no batch size is 0)."""
+    problems = diffexp_flag_problems(args)
     if args.eta <= 0:
-        problems.append("--eta must be > 0: the policy's log-probability needs sigma_t > 0")
-    if args.mixed_precision not in ("fp16", "bf16", "no"):
-        problems.append(f"--mixed-precision {args.mixed_precision} must be fp16, bf16 or no")
-    if args.resolution % 8:
-        problems.append(f"--resolution {args.resolution} must be a multiple of 8")
-    if args.samples_per_epoch % (args.sample_batch_size * num_processes):
-        problems.append(
-            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --sample-batch-size "
-            f"{args.sample_batch_size} x {num_processes} processes"
-        )
-    if args.samples_per_epoch % args.samples_per_update:
-        problems.append(
-            f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of --samples-per-update "
-            f"{args.samples_per_update}"
-        )
-    if args.samples_per_update % (args.train_batch_size * num_processes):
-        problems.append(
-            f"--samples-per-update {args.samples_per_update} is not a multiple of --train-batch-size "
-            f"{args.train_batch_size} x {num_processes} processes"
-        )
+        problems.append(f"--eta {args.eta} must be > 0: the policy's log-probability needs sigma_t > 0")
+    problems.append(divisibility_problem(args, "samples_per_epoch", "sample_batch_size", num_processes))
+    problems.append(divisibility_problem(args, "samples_per_epoch", "samples_per_update"))
     if not 0 < args.timestep_fraction <= 1:
         problems.append(f"--timestep-fraction {args.timestep_fraction} must be in (0, 1]")
+    if args.clip_range <= 0:
+        problems.append(f"--clip-range {args.clip_range} must be > 0")
+    if args.advantage_clip <= 0:
+        problems.append(f"--advantage-clip {args.advantage_clip} must be > 0")
+    counts = ("inner_epochs", "stat_buffer_size", "stat_min_count", "similarity_window")
+    problems += [f"{flag(name)} {getattr(args, name)} must be >= 1" for name in counts if getattr(args, name) < 1]
     if args.similarity_window >= 1 and args.num_steps % args.similarity_window:
         problems.append(
             f"--num-steps {args.num_steps} is not a multiple of --similarity-window {args.similarity_window}"
         )
     if not 0 <= args.shaping_alpha <= 1:
         problems.append(f"--shaping-alpha {args.shaping_alpha} must be in [0, 1]")
-    for name in (
-        "epochs",
-        "num_steps",
-        "eval_every",
-        "save_every",
-        "eval_images_per_prompt",
-        "inner_epochs",
-        "lora_rank",
-        "similarity_window",
-    ):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    return [problem for problem in problems if problem]
+
+
+def check_args(args, num_processes):
+    """One line and exit for bad input, before any model loads: the shared flags' problems, then the method's."""
+    problems = shared_flag_problems(args, num_processes)
+    problems = problems or method_flag_problems(args, num_processes)  # the method's checks assume the shared ones
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
 
-def last_checkpoint(run_dir):
+# flags that may change when a run is resumed: how long it runs and how often it logs; every other flag defines
+# the experiment, and a resumed run that changed one would silently continue a different one
+SAFE_TO_CHANGE_ON_RESUME = ("epochs", "eval_every", "save_every", "resume", "output_dir", "run_name")
+
+
+def checkpoint_folders(run_dir):
+    """The run's complete checkpoint folders, oldest first (a `.tmp` folder is a write that did not finish)."""
     folder = os.path.join(run_dir, "checkpoints")
-    names = (
-        sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
-        if os.path.isdir(folder)
-        else []
-    )
-    return os.path.join(folder, names[-1]) if names else None
+    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch_")) if os.path.isdir(folder) else []
+    return [os.path.join(folder, name) for name in names if not name.endswith(".tmp")]
+
+
+def load_last_checkpoint(run_dir, accelerator):
+    """(folder, training state) of the newest checkpoint that loads, or (None, {}) if none does.
+
+    A checkpoint that does not load (a truncated or corrupt file) is skipped, with a warning, for the one before it.
+    """
+    from safetensors.torch import load_file
+
+    for folder in reversed(checkpoint_folders(run_dir)):
+        try:
+            state = torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=False)
+            load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))  # what load_lora_weights reads
+            return folder, state
+        except Exception as error:  # EOFError, UnpicklingError, RuntimeError, SafetensorError, OSError
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            accelerator.print(f"warning: checkpoint {folder} does not load ({message}); trying the one before it")
+    return None, {}
+
+
+def check_resume(args, run_dir, checkpoint):
+    """--resume needs a checkpoint, and the flags that define the run must be the ones it was started with."""
+    if checkpoint is None:
+        raise SystemExit(f"error: --resume: no checkpoint that loads in {run_dir}")
+    with open(os.path.join(run_dir, "args.json")) as f:
+        saved = json.load(f)
+    given = json.loads(json.dumps(asdict(args)))  # tuples as lists, as they were saved
+    changed = [
+        f"{flag(name)} {given.get(name)} (was {saved.get(name)})"
+        for name in sorted(set(saved) | set(given))
+        if name not in SAFE_TO_CHANGE_ON_RESUME and saved.get(name) != given.get(name)
+    ]
+    if changed:
+        safe = ", ".join(flag(name) for name in SAFE_TO_CHANGE_ON_RESUME[:3])
+        raise SystemExit(
+            f"error: --resume with other flags than {run_dir}: {'; '.join(changed)} (only {safe} may change)"
+        )
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def lock_run(path):
+    """Hold the lock file `path` (created atomically, holding this pid) until this process exits.
+
+    A live holder stops this run with one line; a lock whose process is gone (killed with -9) is taken over.
+    """
+    for _ in range(3):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = int(f.read().strip() or 0)
+            except (OSError, ValueError):  # being written this instant, or unreadable: look again
+                holder = 0
+            if holder and process_alive(holder):
+                raise SystemExit(f"error: {path} is held by process {holder}, which is running this folder already")
+            if holder:  # stale: its process is gone
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            else:
+                time.sleep(0.1)
+            continue
+        with os.fdopen(descriptor, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(path) and os.remove(path))
+        return
+    raise SystemExit(f"error: cannot take the lock {path}; remove it if no run of this folder is going on")
 
 
 def keep_lines_before(path, epoch):
@@ -333,6 +456,18 @@ def keep_lines_before(path, epoch):
             lines = [line for line in f if json.loads(line)["epoch"] < epoch]
         with open(path, "w") as f:
             f.writelines(lines)
+
+
+def append_jsonl(path, record):
+    """Append `record` as one line of JSON; a NaN or infinite number is written as null (bare NaN is not JSON)."""
+
+    def finite_or_none(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return [finite_or_none(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    with open(path, "a") as f:
+        f.write(json.dumps({key: finite_or_none(value) for key, value in record.items()}, allow_nan=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,10 +573,15 @@ def sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_sca
 # ----------------------------------------------------------------------------------------------------------
 
 
-def stop_on_non_finite(accelerator, what, value):
-    """A NaN / inf reward or loss ends the run here, before it can be checkpointed."""
+def stop_on_non_finite(accelerator, epoch, what, value):
+    """A NaN / inf reward, loss, gradient norm or LoRA parameter ends the run here, before the update that made
+    it is applied or before it can be checkpointed: the last checkpoint on disk stays the last finite state."""
     if not math.isfinite(value):
-        accelerator.print(f"error: non-finite {what} ({value}); stopping. The last checkpoint is the last good state.")
+        if accelerator.is_main_process:
+            print(
+                f"error: epoch {epoch}: non-finite {what} ({value}); stopped, the last checkpoint is finite",
+                file=sys.stderr,
+            )
         raise SystemExit(1)
 
 
@@ -516,6 +656,26 @@ def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantag
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Helpers of 5. Update
+# ----------------------------------------------------------------------------------------------------------
+
+
+def optimizer_step(accelerator, optimizer, lora_parameters, max_grad_norm, epoch):
+    """Clip the accumulated gradient, step and zero it; returns the gradient norm before clipping.
+
+    A non-finite gradient norm stops the run before the step; a step that leaves a non-finite LoRA parameter (an
+    overflowing update, say) stops it before anything can save that parameter.
+    """
+    grad_norm = float(accelerator.clip_grad_norm_(lora_parameters, max_grad_norm))
+    stop_on_non_finite(accelerator, epoch, "gradient norm", grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    lora_sum = float(sum(parameter.detach().float().sum() for parameter in lora_parameters))
+    stop_on_non_finite(accelerator, epoch, "LoRA parameters after the update", lora_sum)
+    return grad_norm
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Helpers of 6. Log, evaluate, checkpoint
 # ----------------------------------------------------------------------------------------------------------
 
@@ -530,8 +690,7 @@ def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null
         if accelerator.is_main_process:
             save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
     if accelerator.is_main_process:
-        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_jsonl(os.path.join(run_dir, "eval.jsonl"), line)
         tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
 
 
@@ -589,18 +748,25 @@ def save_image_grid(path, entries, columns=8, cell=128):
 
 
 def save_checkpoint(folder, unet, optimizer, state):
-    """Write the LoRA (diffusers format) and the training state, atomically: a crash leaves the last one whole."""
-    temporary = folder + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(temporary)
-    save_lora(unet, temporary)
+    """Write the LoRA (diffusers format) and the training state, atomically: a crash or a full disk leaves the
+    previous checkpoint whole and no partial folder behind."""
     from peft.utils import get_peft_model_state_dict
 
-    torch.save(
-        dict(state, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict()),
-        os.path.join(temporary, "training_state.pt"),
-    )
-    os.replace(temporary, folder)
+    temporary = folder + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        os.makedirs(temporary)
+        save_lora(unet, temporary)
+        training_state = dict(state, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict())
+        torch.save(training_state, os.path.join(temporary, "training_state.pt"))
+        os.replace(temporary, folder)
+    except OSError as error:  # ENOSPC (disk full), EDQUOT, EIO, ...
+        shutil.rmtree(temporary, ignore_errors=True)
+        print(
+            f"error: cannot write {folder} ({error.strerror or error}); the previous checkpoint is intact",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
 
 
 def main(args):
@@ -613,16 +779,17 @@ def main(args):
     check_args(args, accelerator.num_processes)
     run_name = args.run_name or f"{os.path.splitext(os.path.basename(__file__))[0]}_{args.reward}_seed{args.seed}"
     run_dir = os.path.join(args.output_dir, run_name)
-    checkpoint = last_checkpoint(run_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
-    if not args.resume and os.path.exists(run_dir):
-        raise SystemExit(f"error: {run_dir} exists; pass --resume to continue it or choose another --run-name")
-    accelerator.wait_for_everyone()  # every process has checked the folder before the main one creates it
-    if accelerator.is_main_process:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
+    # The run folder is only read until the models have loaded: a start that fails (a bad model id, no network)
+    # writes nothing, so its corrected rerun starts as if it had never happened.
+    checkpoint, state = load_last_checkpoint(run_dir, accelerator) if args.resume else (None, {})
+    if args.resume:
+        check_resume(args, run_dir, checkpoint)
+        if state["epoch"] >= args.epochs:  # a finished run resumes as a no-op and changes no file
+            accelerator.print(f"{run_dir} is complete ({state['epoch']} of {args.epochs} epochs); nothing to do")
+            return
+    elif checkpoint_folders(run_dir):
+        raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")
+    start_epoch = state.get("epoch", 0)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
     train_prompts = load_prompts(args.prompts)
@@ -637,6 +804,15 @@ def main(args):
         if eval_reward == args.reward
         else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
     )
+    accelerator.wait_for_everyone()  # every process has checked the folder and loaded its models
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        lock_run(os.path.join(run_dir, "run.lock"))  # one process writes this folder at a time
+        for log in ("metrics.jsonl", "eval.jsonl"):  # drop the epochs this run redoes (all, on a fresh start)
+            keep_lines_before(os.path.join(run_dir, log), start_epoch)
+        if not args.resume:
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=2)
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
     timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -648,17 +824,11 @@ def main(args):
     optimizer = torch.optim.AdamW(
         lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
     )
-    start_epoch, state = 0, {}  # state: what the last checkpoint saved, if resuming
     if checkpoint is not None:
         from peft.utils import set_peft_model_state_dict
 
-        state = torch.load(os.path.join(checkpoint, "training_state.pt"), map_location="cpu", weights_only=False)
         set_peft_model_state_dict(pipeline.unet, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"]
-        if accelerator.is_main_process:
-            keep_lines_before(os.path.join(run_dir, "metrics.jsonl"), start_epoch)
-            keep_lines_before(os.path.join(run_dir, "eval.jsonl"), start_epoch)
         accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
     # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
     unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
@@ -756,7 +926,7 @@ def main(args):
         all_prompts = (
             [p for part in gather_object([prompts]) for p in part] if accelerator.num_processes > 1 else prompts
         )
-        stop_on_non_finite(accelerator, "reward", float(all_rewards.sum()))
+        stop_on_non_finite(accelerator, epoch, "reward", float(all_rewards.sum()))
 
         # ==================================================================================================
         # 4. Advantage and loss: A per prompt, spread over the steps by CoCA (s_j, G_j, r_j); clipped_policy_loss
@@ -829,9 +999,9 @@ def main(args):
                         approx_kls.append(approx_kl.item())
                         clipfracs.append(clipfrac.item())
                 if last_of_update:
-                    grad_norms.append(float(accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)))
-                    optimizer.step()
-                    optimizer.zero_grad()
+                    grad_norms.append(
+                        optimizer_step(accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch)
+                    )
 
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint
@@ -842,7 +1012,7 @@ def main(args):
         loss_mean, approx_kl_mean, clipfrac_mean, grad_norm_mean = (
             accelerator.gather(statistics).view(-1, 4).mean(0).tolist()
         )
-        stop_on_non_finite(accelerator, "loss", loss_mean)
+        stop_on_non_finite(accelerator, epoch, "loss", loss_mean)
         metrics = dict(
             epoch=epoch,
             reward_queries=(epoch + 1) * args.samples_per_epoch,
@@ -861,8 +1031,7 @@ def main(args):
                 torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]
             ).tolist()
         if accelerator.is_main_process:
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
             tqdm.write(
                 f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, "
                 f"loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}"
@@ -895,4 +1064,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except SystemExit as stop:  # bad input, or a model or folder that cannot be used: one "error:" line, code 2
+        if not isinstance(stop.code, str):
+            raise
+        print(stop.code, file=sys.stderr)
+        sys.exit(2)

@@ -265,7 +265,7 @@ def test_tiny_preset_and_paper_defaults():
         (["--reward", "imagereward"], "error: reward 'imagereward' is not differentiable"),
         (["--reward", "beauty"], "error: unknown reward 'beauty'"),
         (["--grad-steps", "51"], "error: --grad-steps 51 must be <= --num-steps 50"),
-        (["--grad-steps", "0"], "error: --grad-steps must be >= 1"),
+        (["--grad-steps", "0"], "error: --grad-steps 0 must be >= 1"),
         (["--num-steps", "1", "--random-truncation"], "error: --random-truncation needs --num-steps >= 2"),
         (["--eta", "-1"], "error: --eta -1.0 must be >= 0"),
         (["--samples-per-epoch", "30"], "error: --samples-per-epoch 30 is not a multiple of --train-batch-size"),

@@ -163,18 +163,6 @@ def test_tiny_preset_and_explicit_flags():
     assert ddpo_diffexp.parse_args([]).model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-def test_non_finite_values_stop_the_run(capsys):
-    class Printer:
-        print = staticmethod(print)
-
-    ddpo_diffexp.stop_on_non_finite(Printer, "loss", 0.5)  # finite: nothing happens
-    for value in (float("nan"), float("inf")):
-        with pytest.raises(SystemExit) as stop:
-            ddpo_diffexp.stop_on_non_finite(Printer, "reward", value)
-        assert stop.value.code == 1
-        assert "error: non-finite reward" in capsys.readouterr().out
-
-
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "flags, message",

@@ -82,14 +82,14 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(script, finished
 def test_existing_run_needs_resume(script, finished_runs, run_flags):
     run = finished_runs(script)
     result = run_script(script, [*run_flags[script], "--run-name", "full"], run.parent, check=False)
-    assert result.returncode != 0 and "pass --resume" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "pass --resume" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_input_is_one_line_before_any_model_loads(script, tmp_path):
     result = run_script(script, ["--model", "no-such/model", "--reward", "beauty"], tmp_path, check=False)
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert result.returncode == 2 and len(lines) == 1, result.stderr  # exit code 2: bad input, as tyro's
     assert lines[0].startswith("error: unknown reward 'beauty'; choose one of aesthetic"), lines
     assert not os.listdir(tmp_path)  # not even the run folder
 
