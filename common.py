@@ -60,9 +60,10 @@ def load_pipeline(model, device, dtype):
     except Exception as exception:  # OSError for a missing repo or no network, ValueError for bad folders
         raise hub_error(f"the model '{model}'", exception)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-    pipeline.to(device)
+    pipeline.to(device)  # loaded in `dtype` already (a second cast would make diffusers warn about fp32 modules)
     for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-        freeze(module, device, dtype)
+        module.requires_grad_(False)
+        module.eval()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -363,8 +363,11 @@ def check_resume(args, run_dir, checkpoint):
     """--resume needs a checkpoint, and the flags that define the run must be the ones it was started with."""
     if checkpoint is None:
         raise SystemExit(f"error: --resume: no checkpoint that loads in {run_dir}")
-    with open(os.path.join(run_dir, "args.json")) as f:
-        saved = json.load(f)
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --resume: cannot read {run_dir}/args.json ({error}), the flags the run started with")
     given = json.loads(json.dumps(asdict(args)))  # tuples as lists, as they were saved
     changed = [
         f"{flag(name)} {given.get(name)} (was {saved.get(name)})"

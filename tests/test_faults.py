@@ -201,6 +201,9 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(script, finished
     assert module.load_last_checkpoint(str(run), MainProcess) == (None, {})
     with pytest.raises(SystemExit, match="^error: --resume: no checkpoint that loads in "):
         module.check_resume(module.parse_args(MICRO_FLAGS), str(run), None)
+    (run / "args.json").unlink()
+    with pytest.raises(SystemExit, match="^error: --resume: cannot read .*args.json"):
+        module.check_resume(module.parse_args(MICRO_FLAGS), str(run), str(run / "checkpoints" / "epoch_0001"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
