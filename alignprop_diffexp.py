@@ -13,13 +13,18 @@ What it implements
       sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
   - Classifier-free guidance (Eq. 4): eps~ = eps(x_t, t) + w (eps(x_t, t, c) - eps(x_t, t)), one batched UNet call.
   - Direct reward backpropagation for Eq. 5, max E[r(x_0, c)]: loss = -mean r(x_0, c), with x_0 the VAE decoding of
-    the sampled latent, in [0, 1]. The gradient flows from the reward model through the VAE decoder into the last K
-    denoising steps (truncated backpropagation); the UNet outputs of the earlier steps are constants (no grad).
-    Every UNet call that keeps its graph is gradient-checkpointed: memory grows with K by a few latents per
-    step, and not at all with T.
-  - Randomised truncation (--random-truncation), as AlignProp's released code: per trajectory, the first step
-    that keeps its graph is int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1] (N(42, 5^2) for T = 50, so
-    K = T - start is about 9 on average).
+    the sampled latent, in [0, 1]. The gradient flows from the reward model through the VAE decoder into the
+    denoising steps whose UNet output keeps its graph (truncated backpropagation); the UNet outputs of the other
+    steps are constants (no grad), while the latent chain itself always carries the gradient. Every UNet call
+    that keeps its graph is gradient-checkpointed: memory grows by a few latents per kept step.
+  - Which steps keep their graph (--truncation):
+      per_step (the default; AlignProp's release as of mihirp1998/AlignProp@a831a5f:main.py, configs aesthetic
+        and hps of config/align_prop.py): at every step j = 0..T-1 (0 = the noisiest) one draw
+        d_j = randint(0, T), inclusive, for the whole batch; step j keeps its graph iff j >= d_j, so with
+        probability (j + 1) / (T + 1): about T / 2 steps, the later ones more often;
+      fixed: the last K = --grad-steps steps (the release's aesthetic_k1 / hps_k1 configs: K = 1);
+      gaussian (the Oct-2024 rewrite of AlignProp): per trajectory, the first kept step is
+        int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1] (N(42, 5^2) for T = 50: K about 9).
   - DiffExp exploration during the first 3/4 of training, never in evaluation:
       DiffExp Eq. 7 dynamic CFG: w(t) = w_l if t > t_thres else w_h;
       DiffExp Eq. 8 random prompt weighting: c[i] <- c_null + w_prompt (c[i] - c_null), w_prompt ~ U(1, 1.2), for all
@@ -29,16 +34,22 @@ Deviations and assumptions
   1. w_l (--cfg-low) is not published ("extremely low"). Default 1.0: the plain conditional prediction, i.e.
      no guidance, the lowest scale that still follows the prompt on the early steps (w < 1 moves toward the
      unconditional model). With t_thres = 900 it applies to the first 5 of 50 steps.
-  2. K (--grad-steps) defaults to 1, the memory-light setting AlignProp's README recommends; the released code's
-     default is the randomised truncation (--random-truncation). The DiffExp paper does not say which it used.
+  2. --truncation defaults to per_step, the release that DiffExp's experiments (AAAI 2025, "based on the
+     implementation of the respective baseline") most likely ran; the paper does not say which truncation it
+     used. A batch whose draws keep no step at all keeps its last one, so that every batch has a gradient (the
+     release would fail there; the chance is 1e-21 for T = 50, 4% for the tests' T = 4). Memory, an estimate:
+     checkpointing stores only a kept step's inputs (its latent and the 2 x 77 x 768 prompt embeddings, about
+     0.3 MB per sample in fp16 at 512 px), so the ~25 kept steps add ~30 MB for a batch of 4 over K = 1; the
+     peak stays one UNet recomputation plus the VAE decoder's backward (the per-step growth is measured by
+     tests/test_alignprop_diffexp.py at tiny size, not on a GPU).
   3. The loss is -mean reward. The released code minimises 0.01 |r - 10| for aesthetic (= -0.01 r + const while
      r < 10) and 1 - r for HPS; with AdamW a constant factor only changes the gradient clipping threshold.
   4. Random numbers come from generators seeded by (seed, epoch, process), so a resumed run draws exactly what
      an uninterrupted one draws, without saving RNG states.
   5. Evaluation (Figures 4 and 6) samples 10 images per prompt with fixed noise, plain CFG w_h, the training eta
      (0: deterministic DDIM), and reports the mean reward against the number of training reward queries.
-  6. The randomised truncation point is drawn per trajectory; the released code draws one per sampling call, i.e.
-     per batch of 1-4 trajectories on a GPU.
+  6. The gaussian truncation point is drawn per trajectory; the rewrite draws one per sampling call, i.e. per
+     batch of 1-4 trajectories on a GPU. per_step draws per batch, as its release does.
   7. Weight decay 1e-4 and gradient clipping at norm 1.0 (the AlignProp trainer's defaults): DiffExp publishes
      neither; the released AlignProp aesthetic config used 0.1 and 5.0 (on its 0.01-scaled loss).
 
@@ -106,8 +117,9 @@ class Args:
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"
-    """training prompts: a named set (animals, animal_activities, unseen_animals, unseen_activities, shapes,
-    unseen_shapes) or a .txt file with one prompt a line (from the cwd, else from this folder)"""
+    """training prompts: a named set (animals, animal_activities, unseen_animals, unseen_activities,
+    b2_template1..3 and their _test lists, shapes, unseen_shapes; prompts/README.md) or a .txt file with one
+    prompt a line (from the cwd, else from this folder)"""
     eval_unseen_prompts: Optional[str] = None
     """unseen prompt set for evaluation (default: the training set's unseen twin if it has one: a named set's,
     or X_test.txt beside X_train.txt)"""
@@ -173,11 +185,11 @@ class Args:
     explore_fraction: float = 0.75
     """fraction of the epochs (the first ones) that explore"""
     # Method-specific arguments
+    truncation: str = "per_step"
+    """which steps' UNet outputs keep their graph: per_step (AlignProp@a831a5f: step j with probability
+    (j + 1) / (T + 1)), fixed (the last --grad-steps) or gaussian (the Oct-2024 rewrite); see the docstring"""
     grad_steps: int = 1
-    """K: the last K denoising steps keep their graph for the reward's gradient (truncated backpropagation)"""
-    random_truncation: bool = False
-    """per trajectory, K = T - int(N(0.84 T, (0.1 T)^2)) as AlignProp's released code (N(42, 5^2) of 50);
-    replaces --grad-steps"""
+    """K of --truncation fixed: the last K denoising steps keep their graph (1: the release's *_k1 configs)"""
 
 
 # --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
@@ -323,8 +335,10 @@ def method_flag_problems(args, num_processes):
         problems.append(f"--grad-steps {args.grad_steps} must be >= 1")
     if args.grad_steps > args.num_steps:
         problems.append(f"--grad-steps {args.grad_steps} must be <= --num-steps {args.num_steps}")
-    if args.random_truncation and args.num_steps < 2:
-        problems.append("--random-truncation needs --num-steps >= 2 (the truncation point is drawn in [1, T - 1])")
+    if args.truncation not in ("per_step", "fixed", "gaussian"):
+        problems.append(f"--truncation {args.truncation} must be per_step, fixed or gaussian")
+    if args.truncation == "gaussian" and args.num_steps < 2:
+        problems.append("--truncation gaussian needs --num-steps >= 2 (the truncation point is drawn in [1, T - 1])")
     return [problem for problem in problems if problem]
 
 
@@ -465,12 +479,12 @@ def exploration_settings(args, epoch):
 
 
 def truncation_starts(args, batch_size, generator):
-    """Per trajectory, the first denoising step (0-based) whose UNet output keeps its graph; (B,) long.
+    """--truncation fixed / gaussian: per trajectory, the first step (0-based) that keeps its graph; (B,) long.
 
-    Fixed: T - K, so the last K steps of every trajectory carry the gradient. Randomised (AlignProp's released
-    code, N(42, 5^2) for T = 50, scaled here to T): start = int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1].
+    fixed: T - K, so the last K steps of every trajectory carry the gradient. gaussian (AlignProp's Oct-2024
+    rewrite, N(42, 5^2) for T = 50, scaled here to T): start = int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1].
     """
-    if not args.random_truncation:
+    if args.truncation == "fixed":
         return torch.full((batch_size,), args.num_steps - args.grad_steps, dtype=torch.long)
     starts = []
     for _ in range(batch_size):
@@ -479,6 +493,22 @@ def truncation_starts(args, batch_size, generator):
             start = int(0.84 * args.num_steps + 0.1 * args.num_steps * torch.randn(1, generator=generator).item())
         starts.append(start)
     return torch.tensor(starts, dtype=torch.long)
+
+
+def truncation_mask(args, batch_size, generator):
+    """Which UNet outputs keep their graph: (B, T) bool, step j = 0 the noisiest (see --truncation).
+
+    per_step (mihirp1998/AlignProp@a831a5f:main.py, `timestep = random.randint(0, 50)` and `if i < timestep:
+    detach` at every step i): one draw d_j = randint(0, T) per step for the whole batch, kept iff j >= d_j, that
+    is with probability (j + 1) / (T + 1). A batch left with no kept step keeps its last one (deviation 2).
+    """
+    steps = torch.arange(args.num_steps)  # (T,)
+    if args.truncation == "per_step":
+        draws = torch.randint(0, args.num_steps + 1, (args.num_steps,), generator=generator)  # d_j in 0..T
+        keeps = steps >= draws  # (T,)
+        keeps[-1] |= not keeps.any()
+        return keeps.expand(batch_size, -1).clone()
+    return steps[None, :] >= truncation_starts(args, batch_size, generator)[:, None]  # (B, T)
 
 
 def ddim_step(scheduler, noise_pred, timestep, latents, eta, generator=None):
@@ -514,19 +544,17 @@ def ddim_step(scheduler, noise_pred, timestep, latents, eta, generator=None):
     return (mean + std_dev * noise).to(latents.dtype)
 
 
-def sample_images(
-    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, grad_starts=None
-):
-    """Run the sampler from x_T to x_0 and decode; the reward's gradient can flow back into the last steps.
+def sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, grad_mask=None):
+    """Run the sampler from x_T to x_0 and decode; the reward's gradient can flow back into the kept steps.
 
     prompt_embeds (B, L, D); guidance_scales (B, T), the scale of each step; latents x_T (B, 4, h, w);
-    grad_starts (B,): for each trajectory the first step whose UNet output keeps its graph (None: no step, as in
+    grad_mask (B, T) bool: the steps whose UNet output keeps its graph (truncation_mask; None: no step, as in
     evaluation). Returns the decoded images (B, 3, H, W) in [0, 1], differentiable if any step kept its graph.
     """
     scheduler = pipeline.scheduler
     for step, t in enumerate(scheduler.timesteps):
-        keeps_graph = None if grad_starts is None else (grad_starts <= step).to(latents.device)  # (B,) bool
-        if keeps_graph is None or not keeps_graph.any():  # a step before every trajectory's truncation point
+        keeps_graph = None if grad_mask is None else grad_mask[:, step].to(latents.device)  # (B,) bool
+        if keeps_graph is None or not keeps_graph.any():  # no trajectory keeps this step's graph
             with torch.no_grad():
                 noise_pred = guided_noise_prediction(
                     unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step]
@@ -543,7 +571,7 @@ def sample_images(
                 guidance_scales[:, step],
                 use_reentrant=False,
             )
-            # a trajectory whose truncation point is later uses this step's eps~ as a constant
+            # a trajectory that does not keep this step uses its eps~ as a constant
             noise_pred = torch.where(keeps_graph.view(-1, 1, 1, 1), noise_pred, noise_pred.detach())
         latents = ddim_step(scheduler, noise_pred, t, latents, eta, generator)
     images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample  # with grad: r -> x_0 -> z_0
@@ -802,21 +830,13 @@ def main(args):
                 accelerator.device, weight_dtype
             )
             # (B,): steps grad_start..T-1 keep their graph
-            grad_starts = truncation_starts(args, args.train_batch_size, generator)
-            grad_steps.extend((args.num_steps - grad_starts).tolist())  # K of each trajectory
+            grad_mask = truncation_mask(args, args.train_batch_size, generator)  # (B, T): the steps with graph
+            grad_steps.extend(grad_mask.sum(1).tolist())  # K of each trajectory
             last_of_update = (micro_index + 1) % micro_batches_per_update == 0
             # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
             with nullcontext() if last_of_update else accelerator.no_sync(unet):
                 images = sample_images(
-                    pipeline,
-                    unet,
-                    prompt_embeds,
-                    null_embeds,
-                    guidance_scales,
-                    latents,
-                    args.eta,
-                    generator,
-                    grad_starts,
+                    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator, grad_mask
                 )
 
                 # ==========================================================================================

@@ -46,8 +46,10 @@ Deviations and assumptions (facts the paper leaves to its appendix are taken fro
   6. Diversity: the paper reports the Inception Score; we log the mean over prompts of the mean pairwise
      cosine distance 1 - cos between CLIP ViT-L/14 image embeddings (a tiny random CLIP on --tiny) of the
      eval_images_per_prompt images of each prompt (null if fewer than 2 images per prompt).
-  7. Prompt lists: the paper's lists are in its Appendix H, not available; prompts/ holds our own lists for
-     templates 2 and 3, written from Section 4.1's description, and a held-out test list for each.
+  7. Prompt lists: the released train / test lists of the three templates (hu-zijing/B2-DiffuRL, MIT; see
+     prompts/README.md) are the named sets b2_template1..3, each evaluated on its _test twin as the unseen set.
+     Template 1 is the default. The --tiny preset trains on our own smaller template-2-style list
+     (prompts/color_fruit_train.txt, written from Section 4.1 before the released lists were at hand).
   8. reward_queries counts every image, branches included (1280 per stage: 32 batches of 8 prefixes x 5).
 
 Ablation flags
@@ -58,10 +60,10 @@ Ablation flags
 
 Commands
   Paper setting (SD 1.4, T = 20, CLIPScore), template 1 (1 GPU; `accelerate launch --num_processes 4 ...` for 4):
-    python b2_diffurl.py --prompts animal_activities
-  Templates 2 and 3 (the held-out *_test.txt next to a *_train.txt is the default unseen set):
-    python b2_diffurl.py --prompts prompts/color_fruit_train.txt
-    python b2_diffurl.py --prompts prompts/spatial_train.txt
+    python b2_diffurl.py --prompts b2_template1
+  Templates 2 and 3 (each evaluated on its released test list):
+    python b2_diffurl.py --prompts b2_template2
+    python b2_diffurl.py --prompts b2_template3
   Tiny CPU run (offline, a few minutes on 2 cores):
     python b2_diffurl.py --tiny --reward jpeg_compressibility
   Shapes world (offline; the exact reward on the rare prompts):
@@ -115,7 +117,7 @@ class Args:
     # Shared arguments (the same, in the same order, in every script)
     model: str = "CompVis/stable-diffusion-v1-4"
     """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
-    # --tiny trains on template 2's prompts (prompts/color_fruit_train.txt): 55 evaluation prompts, not 270
+    # --tiny trains on our template-2-style list (prompts/color_fruit_train.txt): 55 evaluation prompts, not 135
     tiny: bool = False
     """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
     shapes: bool = False
@@ -125,9 +127,10 @@ class Args:
     jpeg_incompressibility, shapes, shapes_learned"""
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
-    prompts: str = "animal_activities"
-    """training prompts: a named set (animals, animal_activities, unseen_animals, unseen_activities, shapes,
-    unseen_shapes) or a .txt file with one prompt a line (from the cwd, else from this folder)"""
+    prompts: str = "b2_template1"
+    """training prompts: a named set (animals, animal_activities, unseen_animals, unseen_activities,
+    b2_template1..3 and their _test lists, shapes, unseen_shapes; prompts/README.md) or a .txt file with one
+    prompt a line (from the cwd, else from this folder)"""
     eval_unseen_prompts: Optional[str] = None
     """unseen prompt set for evaluation (default: the training set's unseen twin if it has one: a named set's,
     or X_test.txt beside X_train.txt)"""
@@ -219,7 +222,7 @@ TINY_PRESET = dict(
     eval_images_per_prompt=2,
     save_every=3,
     num_branches=4,
-    prompts="prompts/color_fruit_train.txt",  # 55 eval prompts, not 270
+    prompts="prompts/color_fruit_train.txt",  # ours (deviation 7): 55 eval prompts, not 135
 )
 # --shapes: the shapes world (python shapes_world.py trains it; its weights are committed in world/).
 SHAPES_PRESET = dict(

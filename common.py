@@ -406,13 +406,24 @@ PROMPT_SETS = {
     "unseen_activities": [f"{_article(a)} {a} {activity}" for a in ANIMALS for activity in UNSEEN_ACTIVITIES],
 }
 # The unseen set each named training set is evaluated against (Figure 6 of DiffExp).
-UNSEEN_PROMPT_SET = {"animals": "unseen_animals", "animal_activities": "unseen_activities", "shapes": "unseen_shapes"}
+UNSEEN_PROMPT_SET = {
+    "animals": "unseen_animals",
+    "animal_activities": "unseen_activities",
+    "shapes": "unseen_shapes",
+    **{f"b2_template{t}": f"b2_template{t}_test" for t in (1, 2, 3)},  # B2-DiffuRL evaluates on its test lists
+}
 
 
 PROJECT_FOLDER = os.path.dirname(os.path.abspath(__file__))
 PROMPT_FOLDER = os.path.join(PROJECT_FOLDER, "prompts")
-# The shapes world's (shapes_world.py) named sets: rare colour-shape pairs, counts and relations; kept in files.
-PROMPT_SET_FILES = {"shapes": "shapes_train.txt", "unseen_shapes": "shapes_unseen.txt"}
+# Named sets kept in files (prompts/README.md): B2-DiffuRL's released train / test lists of its three templates,
+# and the shapes world's (shapes_world.py) rare colour-shape pairs, counts and relations.
+PROMPT_SET_FILES = {
+    **{f"b2_template{t}": f"b2_template{t}_train.txt" for t in (1, 2, 3)},
+    **{f"b2_template{t}_test": f"b2_template{t}_test.txt" for t in (1, 2, 3)},
+    "shapes": "shapes_train.txt",
+    "unseen_shapes": "shapes_unseen.txt",
+}
 
 
 def prompt_file_path(name_or_path):

@@ -77,19 +77,19 @@ def ddpo_epoch(args):
     )
 
 
-def alignprop_epoch(args, batch_starts=None):
+def alignprop_epoch(args, batch_grad_steps=None):
     """alignprop_diffexp.py, one epoch without evaluation (sections 2-5 of main(), batch by batch).
 
-    N / b batches of b trajectories. A batch runs its steps 0 .. m - 1 without grad and its steps m .. T - 1
-    gradient-checkpointed, m = the smallest truncation start of its trajectories (T - K for a fixed K): a
-    checkpointed UNet call runs forward once while sampling and once more in backward (recomputation), and has
-    one backward. Then one VAE decode and one reward call, both with a backward. `batch_starts` lists m per
-    batch for --random-truncation (data-dependent); see `expected_min_start` for its mean.
+    N / b batches of b trajectories. A batch runs a step without grad when none of its trajectories keeps that
+    step's graph, and gradient-checkpointed otherwise (K per batch: K for --truncation fixed): a checkpointed UNet
+    call runs forward once while sampling and once more in backward (recomputation), and has one backward. Then
+    one VAE decode and one reward call, both with a backward. `batch_grad_steps` lists the checkpointed steps of
+    each batch for --truncation per_step / gaussian (data-dependent; `expected_min_start` and T / 2 are means).
     """
     batches = args.samples_per_epoch // args.train_batch_size
-    if batch_starts is None:
-        batch_starts = [args.num_steps - args.grad_steps] * batches
-    grad_calls = sum(args.num_steps - m for m in batch_starts)  # checkpointed steps over all batches
+    if batch_grad_steps is None:
+        batch_grad_steps = [args.grad_steps] * batches
+    grad_calls = sum(batch_grad_steps)  # checkpointed steps over all batches
     calls = batches * args.num_steps + grad_calls  # + one recomputation per checkpointed step
     return _counts(
         unet_calls=calls,
@@ -106,7 +106,7 @@ def alignprop_epoch(args, batch_starts=None):
 
 
 def truncation_start_distribution(num_steps):
-    """P(start = j), j = 0 .. T - 1, of `truncation_starts` with --random-truncation.
+    """P(start = j), j = 0 .. T - 1, of `truncation_starts` with --truncation gaussian.
 
     start = int(N(0.84 T, (0.1 T)^2)), redrawn until it is in [1, T - 1].
     """
@@ -278,8 +278,15 @@ MICRO_FLAGS = (
 ).split()
 MICRO_CASES = {
     "ddpo_diffexp": ("ddpo_diffexp", ["--diffexp"]),
-    "alignprop_diffexp": ("alignprop_diffexp", ["--reward", "aesthetic", "--grad-steps", "2", "--diffexp"]),
-    "alignprop_diffexp --random-truncation": ("alignprop_diffexp", ["--reward", "aesthetic", "--random-truncation"]),
+    "alignprop_diffexp": ("alignprop_diffexp", ["--reward", "aesthetic", "--diffexp"]),  # --truncation per_step
+    "alignprop_diffexp --truncation fixed": (
+        "alignprop_diffexp",
+        ["--reward", "aesthetic", "--truncation", "fixed", "--grad-steps", "2", "--diffexp"],
+    ),
+    "alignprop_diffexp --truncation gaussian": (
+        "alignprop_diffexp",
+        ["--reward", "aesthetic", "--truncation", "gaussian"],
+    ),
     "b2_diffurl": (
         "b2_diffurl",
         ["--epochs", "2", "--eval-every", "2", "--train-batch-size", "2", "--samples-per-update", "2"],
@@ -288,7 +295,7 @@ MICRO_CASES = {
 }
 
 
-def predicted_run_counts(module, args, metrics, batch_starts):
+def predicted_run_counts(module, args, metrics, batch_grad_steps):
     """Formula counts of a whole run of `module` with `args`: {"train": ..., "eval": ...}."""
     from common import load_prompts
 
@@ -299,7 +306,7 @@ def predicted_run_counts(module, args, metrics, batch_starts):
         if module.__name__ == "alignprop_diffexp":
             batches = args.samples_per_epoch // args.train_batch_size
             train += alignprop_epoch(
-                args, batch_starts[epoch * batches : (epoch + 1) * batches] if args.random_truncation else None
+                args, batch_grad_steps[epoch * batches : (epoch + 1) * batches] if args.truncation != "fixed" else None
             )
         elif module.__name__ == "b2_diffurl":
             train += b2_stage(args, epoch, metrics[epoch]["kept_samples"])
@@ -319,21 +326,21 @@ def run_counted(name, flags, output_dir):
 
     module = importlib.import_module(name)
     args = module.parse_args(flags + ["--output-dir", output_dir, "--run-name", "counted"])
-    batch_starts = []
-    truncation_starts = getattr(module, "truncation_starts", None)
-    if truncation_starts is not None:  # record the data-dependent truncation points (first step with graph)
-        module.truncation_starts = lambda *a, **k: (
-            batch_starts.append(int((starts := truncation_starts(*a, **k)).min())) or starts
+    batch_grad_steps = []
+    truncation_mask = getattr(module, "truncation_mask", None)
+    if truncation_mask is not None:  # record the data-dependent truncation: the steps with graph of each batch
+        module.truncation_mask = lambda *a, **k: (
+            batch_grad_steps.append(int((mask := truncation_mask(*a, **k)).any(0).sum())) or mask
         )
     try:
         with count_calls(module) as counts:
             module.main(args)
     finally:
-        if truncation_starts is not None:
-            module.truncation_starts = truncation_starts
+        if truncation_mask is not None:
+            module.truncation_mask = truncation_mask
     with open(os.path.join(output_dir, "counted", "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
-    predicted = predicted_run_counts(module, args, metrics, batch_starts)
+    predicted = predicted_run_counts(module, args, metrics, batch_grad_steps)
     torch.set_grad_enabled(True)
     return {phase: dict(counts[phase]) for phase in counts}, {phase: dict(+predicted[phase]) for phase in predicted}
 
@@ -390,20 +397,27 @@ def paper_table():
             "no grad",
         )
     args = alignprop_diffexp.Args()
+    batches = args.samples_per_epoch // args.train_batch_size
+    kept = args.num_steps / 2  # per_step: sum_j (j + 1) / (T + 1), one draw per step for the whole batch
     row(
         "`alignprop_diffexp.py`",
-        f"K {args.grad_steps}, T {args.num_steps}, N {args.samples_per_epoch}, b {args.train_batch_size}",
+        f"--truncation per_step (expected), T {args.num_steps}, N {args.samples_per_epoch}, b {args.train_batch_size}",
+        Counter({k: round(v, 1) for k, v in alignprop_epoch(args, [kept] * batches).items()}),
+        "N/b x (T + K) forwards (K recomputed by checkpointing), N/b x K backwards; step j kept with P (j+1)/(T+1)",
+    )
+    row(
+        "`alignprop_diffexp.py`",
+        f"--truncation fixed, K {args.grad_steps}",
         alignprop_epoch(args),
-        "N/b x (T + K) forwards (K recomputed by checkpointing), N/b x K backwards",
+        "the memory-light setting (the release's *_k1 configs)",
     )
     starts = expected_min_start(args.num_steps, args.train_batch_size)
-    batches = args.samples_per_epoch // args.train_batch_size
-    expected = alignprop_epoch(args, [starts] * batches)
+    expected = alignprop_epoch(args, [args.num_steps - starts] * batches)
     probabilities = truncation_start_distribution(args.num_steps)
     mean_k = sum(p * (args.num_steps - j) for j, p in enumerate(probabilities) if p)
     row(
         "`alignprop_diffexp.py`",
-        "--random-truncation (expected)",
+        "--truncation gaussian (expected)",
         Counter({k: round(v, 1) for k, v in expected.items()}),
         f"mean K per trajectory {mean_k:.2f}, but a batch checkpoints from its earliest start: E[T - min of "
         f"{args.train_batch_size}] = {args.num_steps - starts:.2f}",

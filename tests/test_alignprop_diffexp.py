@@ -64,8 +64,14 @@ def lora_gradient(model, loss):
     return gradient
 
 
-def script_loss(model, num_steps, grad_starts, batch=slice(None)):
-    """-mean reward of the script's sampler (checkpointed steps from grad_starts (B,) on, the rest without grad)."""
+def as_mask(keep, num_steps):
+    """(B, T) bool: a mask as given, or the steps from each trajectory's first kept step (B,) on."""
+    keep = torch.as_tensor(keep)
+    return keep if keep.dtype == torch.bool else torch.arange(num_steps)[None, :] >= keep[:, None]
+
+
+def script_loss(model, num_steps, keep, batch=slice(None)):
+    """-mean reward of the script's sampler; `keep`: the steps that keep their graph, (B, T) or first steps (B,)."""
     model.pipeline.scheduler.set_timesteps(num_steps)
     latents, prompt_embeds, prompts = model.latents[batch], model.prompt_embeds[batch], model.prompts[batch]
     scales = torch.full((len(latents), num_steps), 7.5)
@@ -78,24 +84,24 @@ def script_loss(model, num_steps, grad_starts, batch=slice(None)):
         latents,
         0.0,
         None,
-        torch.as_tensor(grad_starts),
+        as_mask(keep, num_steps),
     )
     return -model.reward(images, prompts).mean()
 
 
-def reference_loss(model, num_steps, grad_starts):
+def reference_loss(model, num_steps, keep):
     """The same objective written plainly, one trajectory at a time: every UNet call with its full graph (no
-    checkpointing, no no_grad), and the UNet outputs of the steps before the trajectory's start detached by hand."""
+    checkpointing, no no_grad), and the UNet outputs of the steps that do not keep their graph detached by hand."""
     scheduler = model.pipeline.scheduler
     scheduler.set_timesteps(num_steps)
     losses = []
-    for row, start in enumerate(grad_starts):
+    for row, kept in enumerate(as_mask(keep, num_steps)):
         latents = model.latents[row : row + 1]
         for step, t in enumerate(scheduler.timesteps):
             noise_pred = guided_noise_prediction(
                 model.unet, latents, t, model.prompt_embeds[row : row + 1], model.null_embeds, torch.tensor([7.5])
             )
-            if step < start:
+            if not kept[step]:
                 noise_pred = noise_pred.detach()
             latents = alignprop.ddim_step(scheduler, noise_pred, t, latents, 0.0)
         images = (model.pipeline.vae.decode(latents / model.pipeline.vae.config.scaling_factor).sample / 2 + 0.5).clamp(
@@ -122,10 +128,27 @@ def test_ddim_step_is_diffusers_ddim_and_the_ddpo_policy_sample(model):
         assert torch.equal(sample, policy_sample)
 
 
-def test_fixed_and_random_truncation_points():
-    args = alignprop.parse_args(["--num-steps", "50", "--grad-steps", "3"])
+def test_per_step_truncation_keeps_step_j_with_probability_j_plus_1_over_T_plus_1():
+    """AlignProp@a831a5f: randint(0, 50) at every step i, detached if i < draw: step i kept with P = (i + 1) / 51."""
+    args = alignprop.parse_args(["--num-steps", "50"])
+    assert args.truncation == "per_step"  # the default
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.stack([alignprop.truncation_mask(args, 2, generator) for _ in range(4000)])  # (4000, 2, 50)
+    assert torch.equal(masks[:, 0], masks[:, 1])  # one draw per step for the whole batch, as the release
+    frequency = masks[:, 0].float().mean(0)  # (50,)
+    expected = (torch.arange(50) + 1) / 51
+    sampling_error = (expected * (1 - expected) / 4000).sqrt()  # binomial standard error per step
+    assert ((frequency - expected).abs() <= 4 * sampling_error + 1e-3).all(), (frequency - expected).abs().max()
+    assert abs(masks[:, 0].sum(1).float().mean() - 25.0) < 0.3  # about half the steps: sum (i + 1) / 51 = 25
+    short = alignprop.parse_args(["--num-steps", "4"])
+    assert all(alignprop.truncation_mask(short, 1, generator).any() for _ in range(300))  # never no step at all
+
+
+def test_fixed_and_gaussian_truncation_points():
+    args = alignprop.parse_args(["--num-steps", "50", "--truncation", "fixed", "--grad-steps", "3"])
     assert alignprop.truncation_starts(args, 4, torch.Generator()).tolist() == [47] * 4  # the last 3 of 50 steps
-    args = alignprop.parse_args(["--num-steps", "50", "--random-truncation"])
+    assert alignprop.truncation_mask(args, 4, torch.Generator()).sum(1).tolist() == [3] * 4
+    args = alignprop.parse_args(["--num-steps", "50", "--truncation", "gaussian"])
     starts = alignprop.truncation_starts(args, 4000, torch.Generator().manual_seed(0)).float()
     assert starts.min() >= 1 and starts.max() <= 49
     # start = int(x), x ~ N(42, 5^2), redrawn unless 1 <= start <= 49: P(start = k) is proportional to
@@ -137,7 +160,7 @@ def test_fixed_and_random_truncation_points():
     assert abs(starts.mean() - mean) < 0.3 and abs(starts.std() - std) < 0.3, (starts.mean(), mean, starts.std(), std)
     again = alignprop.truncation_starts(args, 4000, torch.Generator().manual_seed(0)).float()
     assert torch.equal(starts, again)  # drawn from the seeded generator only
-    short = alignprop.parse_args(["--num-steps", "4", "--random-truncation"])  # scaled to T, still in [1, T - 1]
+    short = alignprop.parse_args(["--num-steps", "4", "--truncation", "gaussian"])  # scaled to T, in [1, T - 1]
     assert set(alignprop.truncation_starts(short, 500, torch.Generator().manual_seed(1)).tolist()) <= {1, 2, 3}
 
 
@@ -164,6 +187,17 @@ def test_each_trajectory_truncates_at_its_own_step(model):
     assert torch.allclose(gradient, expected, rtol=1e-3, atol=1e-3 * expected.abs().max())
     swapped = lora_gradient(model, script_loss(model, 4, [1, 3]))
     assert (swapped - gradient).norm() > 0.1 * gradient.norm()
+
+
+def test_steps_that_do_not_keep_their_graph_carry_no_gradient(model):
+    """A per-step mask keeps steps 1 and 3 of 4, not 0 and 2: the script's gradient is the plain computation's with
+    exactly those UNet outputs detached, and it differs from keeping only step 3 (step 1 contributes)."""
+    keep = torch.tensor([[False, True, False, True]] * 2)
+    gradient = lora_gradient(model, script_loss(model, 4, keep))
+    expected = lora_gradient(model, reference_loss(model, 4, keep))
+    assert torch.allclose(gradient, expected, rtol=1e-3, atol=1e-3 * expected.abs().max())
+    last_only = lora_gradient(model, script_loss(model, 4, [3, 3]))
+    assert (gradient - last_only).norm() > 0.05 * gradient.norm()
 
 
 def test_early_steps_run_without_grad_and_graph_steps_are_checkpointed(model, monkeypatch):
@@ -242,7 +276,7 @@ def test_tiny_preset_and_paper_defaults():
         1e-3,
         (0.9, 0.99),
     )
-    assert paper.eta == 0.0 and paper.grad_steps == 1 and not paper.random_truncation
+    assert paper.eta == 0.0 and paper.truncation == "per_step" and paper.grad_steps == 1
     args = alignprop.parse_args(["--tiny", "--epochs", "3", "--diffexp"])
     assert (
         args.model == "tiny"
@@ -266,7 +300,8 @@ def test_tiny_preset_and_paper_defaults():
         (["--reward", "beauty"], "error: unknown reward 'beauty'"),
         (["--grad-steps", "51"], "error: --grad-steps 51 must be <= --num-steps 50"),
         (["--grad-steps", "0"], "error: --grad-steps 0 must be >= 1"),
-        (["--num-steps", "1", "--random-truncation"], "error: --random-truncation needs --num-steps >= 2"),
+        (["--num-steps", "1", "--truncation", "gaussian"], "error: --truncation gaussian needs --num-steps >= 2"),
+        (["--truncation", "random"], "error: --truncation random must be per_step, fixed or gaussian"),
         (["--eta", "-1"], "error: --eta -1.0 must be >= 0"),
         (["--samples-per-epoch", "30"], "error: --samples-per-epoch 30 is not a multiple of --train-batch-size"),
     ],
@@ -279,10 +314,12 @@ def test_bad_input_is_one_error_line(flags, message):
 
 # ---------------------------------------------------------------------------------------------- end to end
 def test_shared_run_logs_its_truncation_and_loss(finished_runs):
-    """The shared 2-epoch run (conftest.run_flags): K = 1, loss = -mean r, DiffExp explores in epoch 0 only."""
+    """The shared 2-epoch run (conftest.run_flags): per-step truncation, loss = -mean r, DiffExp in epoch 0 only."""
     metrics = read_jsonl(finished_runs("alignprop_diffexp.py") / "metrics.jsonl")
-    for m in metrics:
-        assert m["grad_norm"] > 0 and m["grad_steps"] == 1.0 and m["loss"] == pytest.approx(-m["reward_mean"], rel=1e-5)
+    for m in metrics:  # per_step truncation: 1 to 4 of the 4 steps keep their graph
+        assert (
+            m["grad_norm"] > 0 and 1 <= m["grad_steps"] <= 4 and m["loss"] == pytest.approx(-m["reward_mean"], rel=1e-5)
+        )
     assert [m["dynamic_cfg"] for m in metrics] == [True, False]
     assert [m["prompt_weighting"] for m in metrics] == [True, False]
 

@@ -172,7 +172,9 @@ def test_prompt_files_follow_the_paper_templates():
 
 
 def test_paper_defaults_and_tiny_preset():
-    assert b2_diffurl.parse_args([]).num_steps == 20 and b2_diffurl.parse_args(["--tiny", "--epochs", "3"]).epochs == 3
+    paper = b2_diffurl.parse_args([])
+    assert paper.num_steps == 20 and paper.prompts == "b2_template1"  # the released template-1 lists
+    assert b2_diffurl.parse_args(["--tiny", "--epochs", "3"]).epochs == 3
 
 
 @pytest.mark.parametrize(

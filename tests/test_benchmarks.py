@@ -60,14 +60,14 @@ def test_paper_table_has_every_script_and_sane_numbers():
     assert table.count("\n") == len(rows) + 1
 
 
-def test_random_truncation_start_distribution():
+def test_gaussian_truncation_start_distribution():
     probabilities = call_counts.truncation_start_distribution(50)
     assert probabilities[0] == 0 and abs(sum(probabilities) - 1) < 1e-12
     mean_k = sum(p * (50 - j) for j, p in enumerate(probabilities))
     assert 8.5 < mean_k < 9.5  # int(N(42, 5^2)) kept in [1, 49]: K = 50 - start is about 9 (README)
     import alignprop_diffexp
 
-    args = alignprop_diffexp.parse_args(["--num-steps", "50", "--random-truncation"])
+    args = alignprop_diffexp.parse_args(["--num-steps", "50", "--truncation", "gaussian"])
     starts = alignprop_diffexp.truncation_starts(args, 20_000, torch.Generator().manual_seed(0)).double()
     assert (50 - starts).mean().item() == pytest.approx(mean_k, abs=0.1)  # the script's own draws
     batch_minima = starts.view(-1, 4).min(dim=1).values

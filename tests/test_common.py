@@ -251,3 +251,19 @@ def test_prompt_paths_resolve_from_the_cwd_then_the_project_and_find_their_test_
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(SystemExit, match="^error: prompt file 'binary.txt' is not UTF-8 text$"):
         common.load_prompts("binary.txt")
+
+
+def test_b2_template_sets_are_the_released_lists_with_their_test_twins():
+    """The six files are B2-DiffuRL's released JSON lists, one prompt a line, in order (shared/papers/b2_prompts)."""
+    import json
+
+    from conftest import ROOT
+
+    released = os.path.join(os.path.dirname(ROOT), "shared", "papers", "b2_prompts")
+    for template in (1, 2, 3):
+        for split, name in (("train", f"b2_template{template}"), ("test", f"b2_template{template}_test")):
+            with open(os.path.join(released, f"b2_template{template}_{split}.json")) as f:
+                assert common.load_prompts(name) == json.load(f), name
+        assert common.unseen_twin(f"b2_template{template}") == f"b2_template{template}_test"
+    train, test = common.load_prompts("b2_template1"), common.load_prompts("b2_template1_test")
+    assert (len(train), len(test)) == (45, 90) and not set(train) & set(test)

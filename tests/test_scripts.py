@@ -104,7 +104,7 @@ def test_two_processes_keep_identical_lora(script, tmp_path):
     # per process and update: 2 micro-batches of 2, the first backward without all-reduce (no_sync), then with it
     flags = [*MICRO_FLAGS, "--diffexp", "--epochs", "2", "--train-batch-size", "2", "--samples-per-update", "8"]
     if script == "alignprop_diffexp.py":
-        flags.append("--random-truncation")  # K drawn per trajectory: the processes' graphs differ in length
+        flags += ["--truncation", "gaussian"]  # K drawn per trajectory: the processes' graphs differ in length
     run_script(script, [*flags, "--run-name", "ddp"], tmp_path, launcher=launcher)
     metrics = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     for m in metrics:
