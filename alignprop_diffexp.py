@@ -112,8 +112,8 @@ class Args:
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
     reward: str = "aesthetic"
-    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility,
-    jpeg_incompressibility, shapes, shapes_learned"""
+    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
+    jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"
@@ -161,6 +161,8 @@ class Args:
     """LoRA rank on the UNet attention projections"""
     mixed_precision: str = "fp16"
     """frozen weights on GPU: fp16, bf16 or no (fp32); always fp32 on CPU; LoRA params are fp32"""
+    half_precision_rewards: bool = False
+    """reward models in the frozen weights' half precision, to save GPU memory; by default fp32, as the references"""
     eval_every: int = 10
     """evaluate before every eval_every-th epoch and after the last"""
     eval_images_per_prompt: int = 10
@@ -737,12 +739,13 @@ def main(args):
     eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
 
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
-    reward_fn = load_reward(args.reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # the references score in fp32
+    reward_fn = load_reward(args.reward, accelerator.device, reward_dtype, tiny=args.tiny)
     eval_reward = args.eval_reward or args.reward
     eval_reward_fn = (
         reward_fn
         if eval_reward == args.reward
-        else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
+        else load_reward(eval_reward, accelerator.device, reward_dtype, tiny=args.tiny)
     )
     accelerator.wait_for_everyone()  # every process has checked the folder and loaded its models
     if accelerator.is_main_process:

@@ -2,7 +2,7 @@
 
 1. model loading: `load_pipeline` (Stable Diffusion from the hub or a local folder), LoRA on the UNet's
    attention projections and its diffusers-format save;
-2. reward wrappers: `load_reward` (aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_*), with
+2. reward wrappers: `load_reward` (aesthetic, pickscore, clipscore, imagereward, hpsv2(.1), jpeg_*), with
    differentiable tensor preprocessing for the CLIP-based ones;
 3. classifier-free guidance and prompt weighting: `encode_prompts`, `guided_noise_prediction` (Eq. 4),
    `dynamic_cfg_scale` (DiffExp Eq. 7), `random_word_token_mask` and `weight_prompt_embeds` (DiffExp Eq. 8);
@@ -108,6 +108,7 @@ REWARD_NAMES = (  # the rewards of real models (worlds.py adds the shapes world'
     "clipscore",
     "imagereward",
     "hpsv2",
+    "hpsv2.1",
     "jpeg_compressibility",
     "jpeg_incompressibility",
 )
@@ -243,6 +244,46 @@ class PackageReward(torch.nn.Module):
         return torch.tensor(scores, device=images.device)
 
 
+HPSV2_REPOSITORY = "xswu/HPSv2"
+HPSV2_CHECKPOINTS = {"hpsv2": "HPS_v2_compressed.pt", "hpsv2.1": "HPS_v2.1_compressed.pt"}  # v2.0, v2.1
+
+
+def hpsv2_model(checkpoint_file):
+    """(model, preprocess, tokenizer) of HPSv2: open_clip's ViT-H-14 from the hpsv2 package with the fine-tuned
+    checkpoint loaded once (the package's own `hpsv2.score` rebuilds the model on every call)."""
+    try:
+        from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
+    except Exception as exception:  # ImportError, or the package's broken wheel (a missing vocabulary file)
+        raise SystemExit(f"error: the hpsv2 reward needs a working hpsv2 package: pip install hpsv2 ({exception})")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(HPSV2_REPOSITORY, checkpoint_file)
+    except Exception as exception:
+        raise hub_error(f"{HPSV2_REPOSITORY}/{checkpoint_file}", exception)
+    model, _, preprocess = create_model_and_transforms(
+        "ViT-H-14", None, precision="fp32", device="cpu", jit=False, output_dict=True  # weights: the checkpoint's
+    )
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    return model, preprocess, get_tokenizer("ViT-H-14")
+
+
+class HPSv2Reward(torch.nn.Module):
+    """HPSv2 = cos(image features, text features) of its fine-tuned ViT-H-14 (no logit scale), on PIL images."""
+
+    differentiable = False
+
+    def __init__(self, model, preprocess, tokenizer):
+        super().__init__()
+        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer  # held: loaded once
+
+    def forward(self, images, prompts):
+        device = next(self.model.parameters()).device
+        pixels = torch.stack([self.preprocess(image) for image in images_to_pil(images)]).to(device)
+        outputs = self.model(pixels, self.tokenizer(list(prompts)).to(device))  # features are L2-normalised
+        return (outputs["image_features"] * outputs["text_features"]).sum(-1).float()
+
+
 def load_aesthetic_head(path):
     """The LAION aesthetic MLP from a local .pth state dict (keys layers.{0,2,4,6,7}), loaded strictly."""
     if not os.path.exists(path):
@@ -293,12 +334,8 @@ def load_reward(name, device, dtype, aesthetic_head_path=None):
             raise SystemExit("error: the imagereward reward needs its package: pip install image-reward")
         model = ImageReward.load("ImageReward-v1.0", device=device)
         reward = PackageReward(lambda image, prompt: model.score(prompt, image))
-    else:  # hpsv2
-        try:
-            import hpsv2
-        except ImportError:
-            raise SystemExit("error: the hpsv2 reward needs its package: pip install hpsv2")
-        reward = PackageReward(lambda image, prompt: hpsv2.score(image, prompt, hps_version="v2.1")[0])
+    else:  # hpsv2 (v2.0, the checkpoint AlignProp and CoCA trained with) or hpsv2.1
+        reward = HPSv2Reward(*hpsv2_model(HPSV2_CHECKPOINTS[name]))
     return freeze(reward, device, dtype)
 
 

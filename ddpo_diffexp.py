@@ -91,8 +91,8 @@ class Args:
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
     reward: str = "aesthetic"
-    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2, jpeg_compressibility,
-    jpeg_incompressibility, shapes, shapes_learned"""
+    """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
+    jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"
@@ -138,6 +138,8 @@ class Args:
     """LoRA rank on the UNet attention projections"""
     mixed_precision: str = "fp16"
     """frozen weights on GPU: fp16, bf16 or no (fp32); always fp32 on CPU; LoRA params are fp32"""
+    half_precision_rewards: bool = False
+    """reward models in the frozen weights' half precision, to save GPU memory; by default fp32, as the references"""
     eval_every: int = 10
     """evaluate before every eval_every-th epoch and after the last"""
     eval_images_per_prompt: int = 10
@@ -174,6 +176,10 @@ class Args:
     """per-prompt reward history for advantage normalisation"""
     stat_min_count: int = 16
     """below this many rewards of a prompt, normalise with the batch's mean / std"""
+    backward_passes_per_update: int = 0
+    """0: one optimiser step per --samples-per-update samples (all their trained timesteps), as DDPO; M > 0: one
+    per M backward passes of (micro-batch, timestep), the released CoCA / DDPO runs' "_100" schedule with
+    --train-batch-size 1 and M = 32 (Lil-Shake/CoCA scripts/train_coca.py: 100 optimiser steps per epoch)"""
 
 
 # --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
@@ -317,6 +323,20 @@ def method_flag_problems(args, num_processes):
         problems.append(f"--clip-range {args.clip_range} must be > 0")
     if args.advantage_clip <= 0:
         problems.append(f"--advantage-clip {args.advantage_clip} must be > 0")
+    if args.backward_passes_per_update < 0:
+        problems.append(f"--backward-passes-per-update {args.backward_passes_per_update} must be >= 0")
+    elif args.backward_passes_per_update and not any(problems):
+        # every optimiser step must see all processes' backward passes: the epoch's count must divide by M
+        per_epoch = (
+            args.samples_per_epoch
+            // (args.train_batch_size * num_processes)
+            * max(1, int(args.num_steps * args.timestep_fraction))
+        )
+        if per_epoch % args.backward_passes_per_update:
+            problems.append(
+                f"--backward-passes-per-update {args.backward_passes_per_update} does not divide the epoch's "
+                f"{per_epoch} backward passes per process (samples per process / --train-batch-size x trained steps)"
+            )
     counts = ("inner_epochs", "stat_buffer_size", "stat_min_count")
     problems += [f"{flag(name)} {getattr(args, name)} must be >= 1" for name in counts if getattr(args, name) < 1]
     return [problem for problem in problems if problem]
@@ -712,12 +732,13 @@ def main(args):
     eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
 
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
-    reward_fn = load_reward(args.reward, accelerator.device, weight_dtype, tiny=args.tiny)
+    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # the references score in fp32
+    reward_fn = load_reward(args.reward, accelerator.device, reward_dtype, tiny=args.tiny)
     eval_reward = args.eval_reward or args.reward
     eval_reward_fn = (
         reward_fn
         if eval_reward == args.reward
-        else load_reward(eval_reward, accelerator.device, weight_dtype, tiny=args.tiny)
+        else load_reward(eval_reward, accelerator.device, reward_dtype, tiny=args.tiny)
     )
     accelerator.wait_for_everyone()  # every process has checked the folder and loaded its models
     if accelerator.is_main_process:
@@ -853,12 +874,16 @@ def main(args):
         ]
 
         # ==================================================================================================
-        # 5. Update: DDPO-IS (DiffExp Eq. 6) over the sampled timesteps, one optimiser step per samples_per_update
+        # 5. Update: DDPO-IS (DiffExp Eq. 6) over the sampled timesteps, accumulated over samples_per_update
         # ==================================================================================================
         unet.train()
         losses, approx_kls, clipfracs, grad_norms = [], [], [], []
         micro_batches = samples_per_process // args.train_batch_size  # the same on every process
+        # backward passes (one per micro-batch and trained timestep) per optimiser step: by default those of
+        # samples_per_update samples; with --backward-passes-per-update M, M (the released CoCA runs' "_100")
+        backwards_per_update = args.backward_passes_per_update or micro_batches_per_update * trained_steps
         for inner_epoch in range(args.inner_epochs):
+            backward_index = 0
             order = torch.randperm(samples_per_process, generator=generator)  # (S,): this process's samples
             # each sample visits its timesteps in its own random order; training the first K of them
             step_orders = torch.stack(
@@ -877,10 +902,11 @@ def main(args):
                 prompt_embeds = samples["prompt_embeds"][rows]  # (b, L, D)
                 step_timesteps = timesteps[steps.to(timesteps.device)]  # (b, K)
                 row_advantages = advantages[rows].to(accelerator.device)  # A, one per sample: (b,)
-                last_of_update = (micro_index + 1) % micro_batches_per_update == 0
-                # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
-                with nullcontext() if last_of_update else accelerator.no_sync(unet):
-                    for k in range(trained_steps):
+                for k in range(trained_steps):
+                    backward_index += 1
+                    ends_update = backward_index % backwards_per_update == 0
+                    # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
+                    with nullcontext() if ends_update else accelerator.no_sync(unet):
                         noise_pred = guided_noise_prediction(
                             unet, x_t[:, k], step_timesteps[:, k], prompt_embeds, null_embeds, scales[:, k]
                         )
@@ -896,15 +922,15 @@ def main(args):
                             log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip
                         )
                         # DiffExp Eq. 6: d loss = -A d ratio = -A ratio d log p (ratio ~ 1); the update's gradient is
-                        # the mean over its samples and trained timesteps
-                        accelerator.backward(loss / (micro_batches_per_update * trained_steps))
-                        losses.append(loss.item())
-                        approx_kls.append(approx_kl.item())
-                        clipfracs.append(clipfrac.item())
-                if last_of_update:
-                    grad_norms.append(
-                        optimizer_step(accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch)
-                    )
+                        # the mean over its backward passes (its samples' trained timesteps)
+                        accelerator.backward(loss / backwards_per_update)
+                    losses.append(loss.item())
+                    approx_kls.append(approx_kl.item())
+                    clipfracs.append(clipfrac.item())
+                    if ends_update:
+                        grad_norms.append(
+                            optimizer_step(accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch)
+                        )
 
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint

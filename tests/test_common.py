@@ -4,6 +4,7 @@ import io
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -267,3 +268,38 @@ def test_b2_template_sets_are_the_released_lists_with_their_test_twins():
         assert common.unseen_twin(f"b2_template{template}") == f"b2_template{template}_test"
     train, test = common.load_prompts("b2_template1"), common.load_prompts("b2_template1_test")
     assert (len(train), len(test)) == (45, 90) and not set(train) & set(test)
+
+
+def test_hpsv2_defaults_to_v2_0_and_loads_its_model_once(monkeypatch):
+    """A stand-in for the hpsv2 package's ViT-H-14 counts the loads: one per load_reward, none per score."""
+    loads = []
+
+    class StandInModel(torch.nn.Module):  # open_clip's output_dict forward: L2-normalised features
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, pixels, tokens):
+            image = torch.nn.functional.normalize(pixels.flatten(1)[:, :4] * self.scale, dim=-1)
+            text = torch.nn.functional.normalize(tokens[:, :4].float() + 1, dim=-1)
+            return {"image_features": image, "text_features": text}
+
+    def stand_in(checkpoint_file):
+        loads.append(checkpoint_file)
+
+        def preprocess(image):
+            return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255
+
+        def tokenizer(prompts):
+            return torch.tensor([[len(p), 1, 2, 3, 0] for p in prompts])
+
+        return StandInModel(), preprocess, tokenizer
+
+    monkeypatch.setattr(common, "hpsv2_model", stand_in)
+    reward = common.load_reward("hpsv2", "cpu", torch.float32)
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    scores = [reward(images, ["a cat", "a dog riding a bike"]) for _ in range(3)]
+    assert loads == ["HPS_v2_compressed.pt"]  # v2.0, as AlignProp and CoCA; loaded once, scored three times
+    assert scores[0].shape == (2,) and torch.equal(scores[0], scores[2]) and (scores[0].abs() <= 1).all()
+    common.load_reward("hpsv2.1", "cpu", torch.float32)
+    assert loads == ["HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt"]

@@ -10,6 +10,7 @@ runs live in each script's own test file.
 import json
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -112,3 +113,64 @@ def test_two_processes_keep_identical_lora(script, tmp_path):
         assert rank0 == rank1, m  # bit-identical replicas after the all-reduced updates
     assert metrics[0]["lora_sum_per_process"] != metrics[1]["lora_sum_per_process"]  # and they did train
     assert metrics[-1]["reward_queries"] == 16  # 8 samples per epoch over 2 processes, not per process
+
+
+@pytest.mark.parametrize("script", ["ddpo_diffexp.py", "ddpo_coca.py"])
+def test_the_released_coca_schedule_steps_once_per_m_backward_passes(script, run_flags, tmp_path, monkeypatch):
+    """--backward-passes-per-update M: an optimiser step every M (micro-batch, timestep) backward passes, as the
+    released CoCA / DDPO runs named "_100" (M = 32 with batches of 1: 100 steps per epoch); 0 keeps DDPO's."""
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    steps = []
+    optimizer_step = module.optimizer_step
+    monkeypatch.setattr(module, "optimizer_step", lambda *a, **k: steps.append(1) or optimizer_step(*a, **k))
+
+    def optimiser_steps(flags, name):
+        steps.clear()
+        args = module.parse_args([*run_flags[script], "--epochs", "1", *flags, "--output-dir", str(tmp_path)])
+        module.main(replace(args, run_name=name, eval_every=100))
+        return len(steps), lora_tensors(tmp_path / name / "checkpoints" / "epoch_0001")
+
+    # 8 samples, batches of 1, T = 4 trained steps: 32 backward passes, an optimiser step every 4 of them
+    released, _ = optimiser_steps(["--train-batch-size", "1", "--backward-passes-per-update", "4"], "m4")
+    default, lora = optimiser_steps([], "default")  # 8 samples, 4 per update: 2 steps
+    same, same_lora = optimiser_steps(["--backward-passes-per-update", "4"], "m-default")  # 4 = 1 batch x 4 steps
+    assert (released, default, same) == (8, 2, 2)
+    assert all(torch.equal(lora[key], same_lora[key]) for key in lora)  # M = the default's count: the same run
+    with pytest.raises(SystemExit, match="--backward-passes-per-update 5 does not divide the epoch's 32 backward"):
+        module.check_args(
+            module.parse_args([*run_flags[script], "--train-batch-size", "1", "--backward-passes-per-update", "5"]), 1
+        )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_reward_models_stay_fp32_under_half_precision_weights(script, run_flags, tmp_path, monkeypatch):
+    """Frozen weights in bf16 (as --mixed-precision bf16 on a GPU): the rewards load in fp32 unless
+    --half-precision-rewards asks for the weights' precision."""
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+
+    class HalfPrecisionAccelerator(module.Accelerator):
+        @property
+        def mixed_precision(self):
+            return "bf16"
+
+    loaded = {}
+
+    def record_pipeline(model, device, dtype):
+        loaded["pipeline"] = dtype
+
+    def record_reward_and_stop(name, device, dtype, tiny=False):
+        loaded["reward"] = dtype
+        raise SystemExit("stop: both precisions are known")
+
+    monkeypatch.setattr(module, "Accelerator", HalfPrecisionAccelerator)
+    monkeypatch.setattr(module, "load_pipeline", record_pipeline)
+    monkeypatch.setattr(module, "load_reward", record_reward_and_stop)
+    for flags, reward_dtype in (([], torch.float32), (["--half-precision-rewards"], torch.bfloat16)):
+        args = module.parse_args([*run_flags[script], *flags, "--output-dir", str(tmp_path)])
+        with pytest.raises(SystemExit, match="^stop"):
+            module.main(args)
+        assert loaded == {"pipeline": torch.bfloat16, "reward": reward_dtype}, flags
