@@ -42,8 +42,9 @@ Deviations and assumptions
      0.3 MB per sample in fp16 at 512 px), so the ~25 kept steps add ~30 MB for a batch of 4 over K = 1; the
      peak stays one UNet recomputation plus the VAE decoder's backward (the per-step growth is measured by
      tests/test_alignprop_diffexp.py at tiny size, not on a GPU).
-  3. The loss is -mean reward. The released code minimises 0.01 |r - 10| for aesthetic (= -0.01 r + const while
-     r < 10) and 1 - r for HPS; with AdamW a constant factor only changes the gradient clipping threshold.
+  3. The loss is -mean reward by default. The release minimises 0.01 |r - 10| for aesthetic (= -0.01 r + const
+     while r < 10) and 0.01 (1 - r) for HPS; --loss-scale 0.01 --reward-target 10 is that loss (the presets that
+     follow the release set it). With AdamW a constant factor only changes the gradient clipping threshold.
   4. Random numbers come from generators seeded by (seed, epoch, process), so a resumed run draws exactly what
      an uninterrupted one draws, without saving RNG states.
   5. Evaluation (Figures 4 and 6) samples 10 images per prompt with fixed noise, plain CFG w_h, the training eta
@@ -55,7 +56,7 @@ Deviations and assumptions
 
 Commands
   Paper setting (1 GPU; `accelerate launch --num_processes 4 alignprop_diffexp.py ...` for 4):
-    python alignprop_diffexp.py --reward aesthetic --prompts animals --diffexp
+    python alignprop_diffexp.py --preset diffexp-fig4a   (Fig. 4 (a); PRESETS.md gives every value's source)
   Tiny CPU run (offline, about two minutes on 2 cores):
     python alignprop_diffexp.py --tiny --reward aesthetic
   Shapes world (offline; optimises the learned reward, evaluates with the exact one):
@@ -111,6 +112,8 @@ class Args:
     """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
+    preset: Optional[str] = None
+    """a named experiment's flags, from PRESETS at the top of the script (--help lists them; explicit flags win)"""
     reward: str = "aesthetic"
     """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
     jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
@@ -192,45 +195,83 @@ class Args:
     (j + 1) / (T + 1)), fixed (the last --grad-steps) or gaussian (the Oct-2024 rewrite); see the docstring"""
     grad_steps: int = 1
     """K of --truncation fixed: the last K denoising steps keep their graph (1: the release's *_k1 configs)"""
+    loss_scale: float = 1.0
+    """factor of the loss (the release's loss_coeff: 0.01; with AdamW it only moves the clipping threshold)"""
+    reward_target: Optional[float] = None
+    """None: loss = -mean r; a number: loss = mean |r - target|, as the release (10 for aesthetic)"""
 
 
-# --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
-TINY_PRESET = dict(
-    model=TINY_MODEL,
-    tiny=True,
-    epochs=12,
-    num_steps=8,
-    resolution=32,
-    samples_per_epoch=32,
-    sample_batch_size=16,
-    train_batch_size=8,  # divides samples_per_update over 2 processes too
-    samples_per_update=16,
-    learning_rate=1e-2,
-    mixed_precision="no",
-    eval_every=4,
-    eval_images_per_prompt=2,
-    save_every=4,
-)
-# --shapes: the shapes world (python shapes_world.py trains it; its weights are committed in world/).
-SHAPES_PRESET = dict(
-    model=SHAPES_MODEL,
-    shapes=True,
-    reward="shapes_learned",
-    eval_reward="shapes",
-    prompts="shapes",
-    epochs=25,
-    num_steps=10,
-    resolution=32,
-    samples_per_epoch=64,
-    sample_batch_size=32,
-    train_batch_size=16,  # divides samples_per_update over 2 processes too
-    samples_per_update=32,
-    learning_rate=1e-3,
-    mixed_precision="no",
-    eval_every=5,
-    eval_images_per_prompt=4,
-    save_every=10,
-)
+# Named presets (--preset NAME; --tiny and --shapes name the first two): each sets the flags of one experiment,
+# and every value says where it comes from. Flags given on the command line override a preset's.
+PRESETS = {
+    # ours: everything small enough for 2 CPU cores (the tiny world, tiny_world.py), the plumbing a user runs first
+    "tiny": dict(
+        model=TINY_MODEL,
+        tiny=True,
+        epochs=12,
+        num_steps=8,
+        resolution=32,
+        samples_per_epoch=32,
+        sample_batch_size=16,
+        train_batch_size=8,  # divides samples_per_update over 2 processes too
+        samples_per_update=16,
+        learning_rate=1e-2,
+        mixed_precision="no",
+        eval_every=4,
+        eval_images_per_prompt=2,
+        save_every=4,
+    ),
+    # ours: the shapes world (python shapes_world.py trains it; its weights are committed in world/)
+    "shapes": dict(
+        model=SHAPES_MODEL,
+        shapes=True,
+        reward="shapes_learned",
+        eval_reward="shapes",
+        prompts="shapes",
+        epochs=25,
+        num_steps=10,
+        resolution=32,
+        samples_per_epoch=64,
+        sample_batch_size=32,
+        train_batch_size=16,  # divides samples_per_update over 2 processes too
+        samples_per_update=32,
+        learning_rate=1e-3,
+        mixed_precision="no",
+        eval_every=5,
+        eval_images_per_prompt=4,
+        save_every=10,
+    ),
+    # DiffExp Figure 4 (a): AlignProp with DiffExp, Aesthetic on the 45 animals. DiffExp's text: 50 steps, CFG 7.5,
+    # 64 images per iteration, lr 1e-3, AdamW (0.9, 0.99) (the defaults); what it does not say comes from the
+    # release it most likely ran (mihirp1998/AlignProp@a831a5f config/align_prop.py:aesthetic)
+    "diffexp-fig4a": dict(
+        reward="aesthetic",
+        prompts="animals",  # prompt_fn simple_animals
+        diffexp=True,
+        truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
+        weight_decay=0.1,  # adam_weight_decay
+        max_grad_norm=5.0,  # max_grad_norm, on the 0.01-scaled loss below
+        loss_scale=0.01,  # loss_coeff
+        reward_target=10.0,  # aesthetic_target: loss = 0.01 |r - 10|
+    ),
+    # AlignProp's released aesthetic run itself (a831a5f config/align_prop.py:aesthetic, 4 GPUs), no DiffExp
+    "alignprop-aesthetic": dict(
+        reward="aesthetic",
+        prompts="animals",  # simple_animals
+        model="runwayml/stable-diffusion-v1-5",  # general(): pretrained.model
+        epochs=7,  # aesthetic: num_epochs = 7 (after a first assignment of 200)
+        samples_per_epoch=256,  # set_config_batch(total_samples_per_epoch=256, ...)
+        samples_per_update=128,  # total_batch_size=128
+        train_batch_size=4,  # per_gpu_capacity=4
+        truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
+        learning_rate=1e-3,
+        adam_betas=(0.9, 0.999),  # general(): adam_beta1, adam_beta2 (DiffExp's text: 0.99)
+        weight_decay=0.1,
+        max_grad_norm=5.0,
+        loss_scale=0.01,  # loss_coeff
+        reward_target=10.0,  # aesthetic_target
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,12 +280,18 @@ SHAPES_PRESET = dict(
 
 
 def parse_args(argv=None):
-    """Parse flags on top of the defaults, or of a preset (--tiny or --shapes) when one is given."""
+    """Parse flags on top of the defaults, or of the named preset (--preset NAME, --tiny, --shapes) if one is given."""
     argv = sys.argv[1:] if argv is None else argv
-    if "--tiny" in argv and "--shapes" in argv:
-        raise SystemExit("error: --tiny and --shapes are two presets; give one")
-    defaults = Args(**TINY_PRESET) if "--tiny" in argv else Args(**SHAPES_PRESET) if "--shapes" in argv else Args()
-    args = tyro.cli(Args, default=defaults, args=argv)
+    chosen = [word[2:] for word in argv if word in ("--tiny", "--shapes")]
+    chosen += [value for word, value in zip(argv, argv[1:]) if word == "--preset"]
+    chosen += [word.split("=", 1)[1] for word in argv if word.startswith("--preset=")]
+    if len(set(chosen)) > 1:
+        raise SystemExit(f"error: {' and '.join(sorted(set(chosen)))} are two presets; give one")
+    if chosen and chosen[0] not in PRESETS:
+        raise SystemExit(f"error: unknown preset '{chosen[0]}'; choose one of {', '.join(PRESETS)}")
+    defaults = replace(Args(**PRESETS[chosen[0]]), preset=chosen[0]) if chosen else Args()
+    description = f"{__doc__.splitlines()[0]}\n\nPresets (--preset NAME): {', '.join(PRESETS)}."
+    args = tyro.cli(Args, default=defaults, args=argv, description=description)
     if args.diffexp:
         args = replace(args, dynamic_cfg=True, prompt_weighting=True)
     return args
@@ -333,6 +380,8 @@ def method_flag_problems(args, num_processes):
     # training images are sampled with grad, train_batch_size at a time (sample_batch_size is for evaluation)
     problems.append(divisibility_problem(args, "samples_per_epoch", "train_batch_size", num_processes))
     problems.append(divisibility_problem(args, "samples_per_epoch", "samples_per_update"))
+    if args.loss_scale <= 0:
+        problems.append(f"--loss-scale {args.loss_scale} must be > 0")
     if args.grad_steps < 1:
         problems.append(f"--grad-steps {args.grad_steps} must be >= 1")
     if args.grad_steps > args.num_steps:
@@ -850,7 +899,10 @@ def main(args):
                 # ==========================================================================================
                 # 4. Advantage and loss: none, the reward's own gradient is the signal; loss = -mean r (DiffExp Eq. 5)
                 # ==========================================================================================
-                loss = -batch_rewards.mean()
+                if args.reward_target is None:
+                    loss = -args.loss_scale * batch_rewards.mean()
+                else:  # the release's form: loss_scale |r - target|, the same gradient direction while r < target
+                    loss = args.loss_scale * (batch_rewards - args.reward_target).abs().mean()
 
                 # ==========================================================================================
                 # 5. Update: backprop r -> VAE decoder -> last K steps; one optimiser step per samples_per_update

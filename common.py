@@ -262,7 +262,12 @@ def hpsv2_model(checkpoint_file):
     except Exception as exception:
         raise hub_error(f"{HPSV2_REPOSITORY}/{checkpoint_file}", exception)
     model, _, preprocess = create_model_and_transforms(
-        "ViT-H-14", None, precision="fp32", device="cpu", jit=False, output_dict=True  # weights: the checkpoint's
+        "ViT-H-14",
+        None,
+        precision="fp32",
+        device="cpu",
+        jit=False,
+        output_dict=True,  # weights: the checkpoint's
     )
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
     return model, preprocess, get_tokenizer("ViT-H-14")

@@ -34,7 +34,7 @@ Deviations and assumptions
 
 Commands
   Paper setting (1 GPU; `accelerate launch --num_processes 4 ddpo_diffexp.py ...` for 4):
-    python ddpo_diffexp.py --reward aesthetic --prompts animals --diffexp
+    python ddpo_diffexp.py --preset diffexp-fig4a   (Fig. 4 (a); PRESETS.md gives every value's source)
   Tiny CPU run (offline, about a minute on 2 cores; the tiny aesthetic reward rises, jpeg_compressibility barely moves):
     python ddpo_diffexp.py --tiny --reward aesthetic
   Shapes world (offline, about five minutes on 2 cores; the exact reward on the rare prompts rises; see
@@ -90,6 +90,8 @@ class Args:
     """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
+    preset: Optional[str] = None
+    """a named experiment's flags, from PRESETS at the top of the script (--help lists them; explicit flags win)"""
     reward: str = "aesthetic"
     """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
     jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
@@ -182,43 +184,67 @@ class Args:
     --train-batch-size 1 and M = 32 (Lil-Shake/CoCA scripts/train_coca.py: 100 optimiser steps per epoch)"""
 
 
-# --tiny: everything small enough for 2 CPU cores; flags given on the command line override these.
-TINY_PRESET = dict(
-    model=TINY_MODEL,
-    tiny=True,
-    epochs=12,
-    num_steps=8,
-    resolution=32,
-    samples_per_epoch=32,
-    sample_batch_size=16,
-    train_batch_size=8,  # divides samples_per_update over 2 processes too
-    samples_per_update=16,
-    learning_rate=1e-2,
-    mixed_precision="no",
-    eval_every=4,
-    eval_images_per_prompt=2,
-    save_every=4,
-)
-# --shapes: the shapes world (python shapes_world.py trains it; its weights are committed in world/).
-SHAPES_PRESET = dict(
-    model=SHAPES_MODEL,
-    shapes=True,
-    reward="shapes",
-    prompts="shapes",
-    epochs=25,
-    num_steps=10,
-    resolution=32,
-    samples_per_epoch=64,
-    sample_batch_size=32,
-    train_batch_size=8,  # divides samples_per_update over 2 processes too
-    samples_per_update=16,
-    learning_rate=1e-2,
-    clip_range=1e-3,
-    mixed_precision="no",
-    eval_every=5,
-    eval_images_per_prompt=4,
-    save_every=10,
-)
+# Named presets (--preset NAME; --tiny and --shapes name the first two): each sets the flags of one experiment,
+# and every value says where it comes from. Flags given on the command line override a preset's.
+PRESETS = {
+    # ours: everything small enough for 2 CPU cores (the tiny world, tiny_world.py), the plumbing a user runs first
+    "tiny": dict(
+        model=TINY_MODEL,
+        tiny=True,
+        epochs=12,
+        num_steps=8,
+        resolution=32,
+        samples_per_epoch=32,
+        sample_batch_size=16,
+        train_batch_size=8,  # divides samples_per_update over 2 processes too
+        samples_per_update=16,
+        learning_rate=1e-2,
+        mixed_precision="no",
+        eval_every=4,
+        eval_images_per_prompt=2,
+        save_every=4,
+    ),
+    # ours: the shapes world (python shapes_world.py trains it; its weights are committed in world/)
+    "shapes": dict(
+        model=SHAPES_MODEL,
+        shapes=True,
+        reward="shapes",
+        prompts="shapes",
+        epochs=25,
+        num_steps=10,
+        resolution=32,
+        samples_per_epoch=64,
+        sample_batch_size=32,
+        train_batch_size=8,  # divides samples_per_update over 2 processes too
+        samples_per_update=16,
+        learning_rate=1e-2,
+        clip_range=1e-3,
+        mixed_precision="no",
+        eval_every=5,
+        eval_images_per_prompt=4,
+        save_every=10,
+    ),
+    # DiffExp Figure 4 (a): DDPO with DiffExp, Aesthetic on the 45 animals of Table 1. The defaults are DiffExp's
+    # DDPO setting (supplementary: 50 steps, CFG 5.0, 64 images per iteration, clip 1e-4, lr 3e-4, AdamW (0.9, 0.99))
+    "diffexp-fig4a": dict(reward="aesthetic", prompts="animals", diffexp=True),  # DiffExp Sec. Experiments, Fig. 4 (a)
+    # DiffExp Figure 4 (b): PickScore on the 135 animal-activity prompts of Table 2
+    "diffexp-fig4b": dict(reward="pickscore", prompts="animal_activities", diffexp=True),  # DiffExp Fig. 4 (b)
+    # The DDPO baseline of CoCA's released aesthetic run (Lil-Shake/CoCA bash/train_ddpo_aesthetic.sh with
+    # config/config_coca.py:aesthetic on 4 GPUs): run it with `accelerate launch --num_processes 4`
+    "coca-ddpo-aesthetic": dict(
+        reward="aesthetic",
+        prompts="animals",  # prompt_fn simple_animals: DDPO's 45 animals
+        model="CompVis/stable-diffusion-v1-4",  # config_coca.py: pretrained.model
+        epochs=100,  # config_coca.py:aesthetic num_epochs
+        samples_per_epoch=256,  # sample.batch_size 4 x num_batches_per_epoch 16 x 4 GPUs
+        sample_batch_size=4,  # sample.batch_size (per GPU)
+        train_batch_size=1,  # train.batch_size
+        backward_passes_per_update=32,  # run name "_100": gradient_accumulation_steps 32 backward passes
+        clip_range=5e-5,  # config_coca.py:aesthetic train.clip_range
+        learning_rate=1e-4,  # base.py
+        adam_betas=(0.9, 0.999),  # base.py adam_beta1, adam_beta2
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,12 +253,18 @@ SHAPES_PRESET = dict(
 
 
 def parse_args(argv=None):
-    """Parse flags on top of the defaults, or of a preset (--tiny or --shapes) when one is given."""
+    """Parse flags on top of the defaults, or of the named preset (--preset NAME, --tiny, --shapes) if one is given."""
     argv = sys.argv[1:] if argv is None else argv
-    if "--tiny" in argv and "--shapes" in argv:
-        raise SystemExit("error: --tiny and --shapes are two presets; give one")
-    defaults = Args(**TINY_PRESET) if "--tiny" in argv else Args(**SHAPES_PRESET) if "--shapes" in argv else Args()
-    args = tyro.cli(Args, default=defaults, args=argv)
+    chosen = [word[2:] for word in argv if word in ("--tiny", "--shapes")]
+    chosen += [value for word, value in zip(argv, argv[1:]) if word == "--preset"]
+    chosen += [word.split("=", 1)[1] for word in argv if word.startswith("--preset=")]
+    if len(set(chosen)) > 1:
+        raise SystemExit(f"error: {' and '.join(sorted(set(chosen)))} are two presets; give one")
+    if chosen and chosen[0] not in PRESETS:
+        raise SystemExit(f"error: unknown preset '{chosen[0]}'; choose one of {', '.join(PRESETS)}")
+    defaults = replace(Args(**PRESETS[chosen[0]]), preset=chosen[0]) if chosen else Args()
+    description = f"{__doc__.splitlines()[0]}\n\nPresets (--preset NAME): {', '.join(PRESETS)}."
+    args = tyro.cli(Args, default=defaults, args=argv, description=description)
     if args.diffexp:
         args = replace(args, dynamic_cfg=True, prompt_weighting=True)
     return args
