@@ -173,7 +173,7 @@ def test_alignprop_optimises_the_learned_reward_and_evaluates_with_the_exact_one
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--shapes", "--tiny"], "error: --tiny and --shapes are two presets; give one"),
+        (["--shapes", "--tiny"], "error: shapes and tiny are two presets; give one"),
         (["--shapes", "--prompts", "animals"], "error: the shapes reward needs captions of the shapes grammar"),
         (["--tiny", "--eval-reward", "beauty"], "error: unknown reward 'beauty'"),
     ],
