@@ -112,7 +112,7 @@ REWARD_NAMES = (  # the rewards of real models (worlds.py adds the shapes world'
     "jpeg_compressibility",
     "jpeg_incompressibility",
 )
-DIFFERENTIABLE_REWARDS = ("aesthetic", "pickscore", "clipscore")
+DIFFERENTIABLE_REWARDS = ("aesthetic", "pickscore", "clipscore", "hpsv2", "hpsv2.1")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -246,47 +246,144 @@ class PackageReward(torch.nn.Module):
 
 HPSV2_REPOSITORY = "xswu/HPSv2"
 HPSV2_CHECKPOINTS = {"hpsv2": "HPS_v2_compressed.pt", "hpsv2.1": "HPS_v2.1_compressed.pt"}  # v2.0, v2.1
+# open_clip's ViT-H-14 (its model_configs/ViT-H-14.json), the architecture of both HPSv2 checkpoints
+VIT_H_14 = {
+    "embed_dim": 1024,
+    "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
+}
+
+
+def clip_config_from_open_clip(config):
+    """transformers' CLIPConfig of an open_clip CLIP config (GELU, layer norm eps 1e-5, the text pooled at EOT)."""
+    from transformers import CLIPConfig
+
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    return CLIPConfig(
+        projection_dim=config["embed_dim"],
+        vision_config=dict(
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            hidden_size=vision["width"],
+            intermediate_size=4 * vision["width"],  # open_clip's mlp_ratio 4
+            num_hidden_layers=vision["layers"],
+            num_attention_heads=vision["width"] // vision["head_width"],
+            hidden_act="gelu",
+        ),
+        text_config=dict(
+            vocab_size=text["vocab_size"],
+            hidden_size=text["width"],
+            intermediate_size=4 * text["width"],
+            num_hidden_layers=text["layers"],
+            num_attention_heads=text["heads"],
+            max_position_embeddings=text["context_length"],
+            hidden_act="gelu",
+            bos_token_id=49406,  # <|startoftext|>
+            eos_token_id=49407,  # <|endoftext|>: open_clip pools the text at its (first, argmax) position
+            pad_token_id=0,  # open_clip pads with 0
+        ),
+    )
+
+
+def open_clip_state_to_transformers(state):
+    """open_clip CLIP weights (HPSv2's `state_dict` key names) -> transformers CLIPModel's, tensor for tensor.
+
+    The fused attention projection in_proj (3 D, D) splits into q, k, v; the two projections `visual.proj` and
+    `text_projection` are (in, out) matrices where nn.Linear stores (out, in).
+    """
+    converted = {"logit_scale": state["logit_scale"]}
+    towers = (("visual.", "vision_model.", "visual.transformer."), ("", "text_model.", "transformer."))
+    for source, target, blocks in towers:
+        for key, value in state.items():
+            if not key.startswith(blocks):
+                continue
+            layer, name = key[len(blocks + "resblocks.") :].split(".", 1)
+            prefix = f"{target}encoder.layers.{layer}."
+            if name.startswith("attn.in_proj_"):
+                for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+                    converted[f"{prefix}self_attn.{part}.{name.rsplit('_', 1)[-1]}"] = chunk
+                continue
+            renamed = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj"}
+            renamed |= {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+            module, parameter = name.rsplit(".", 1)
+            converted[f"{prefix}{renamed[module]}.{parameter}"] = value
+    converted |= {
+        "vision_model.embeddings.class_embedding": state["visual.class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": state["visual.conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": state["visual.positional_embedding"],
+        "vision_model.pre_layrnorm.weight": state["visual.ln_pre.weight"],  # (sic: transformers' name)
+        "vision_model.pre_layrnorm.bias": state["visual.ln_pre.bias"],
+        "vision_model.post_layernorm.weight": state["visual.ln_post.weight"],
+        "vision_model.post_layernorm.bias": state["visual.ln_post.bias"],
+        "visual_projection.weight": state["visual.proj"].T,
+        "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+        "text_model.final_layer_norm.weight": state["ln_final.weight"],
+        "text_model.final_layer_norm.bias": state["ln_final.bias"],
+        "text_projection.weight": state["text_projection"].T,
+    }
+    return converted
+
+
+def load_open_clip_checkpoint(path, open_clip_config):
+    """A transformers CLIPModel with the weights of an open_clip checkpoint file (`{"state_dict": ...}`), strict."""
+    from transformers import CLIPModel
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    state = {key.removeprefix("module."): value for key, value in state.items()}  # a DDP-saved checkpoint
+    try:
+        converted = open_clip_state_to_transformers(state)
+    except (KeyError, ValueError) as error:  # a tensor open_clip's CLIP has is missing, or a key is not its
+        raise SystemExit(f"error: {path} is not an open_clip CLIP checkpoint (no {error})")
+    model = CLIPModel(clip_config_from_open_clip(open_clip_config))
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]  # a buffer, not a weight
+    if missing or unexpected:
+        raise SystemExit(f"error: {path} is not an open_clip CLIP checkpoint ({(missing + unexpected)[:3]})")
+    return model
 
 
 def hpsv2_model(checkpoint_file):
-    """(model, preprocess, tokenizer) of HPSv2: open_clip's ViT-H-14 from the hpsv2 package with the fine-tuned
-    checkpoint loaded once (the package's own `hpsv2.score` rebuilds the model on every call)."""
-    try:
-        from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
-    except Exception as exception:  # ImportError, or the package's broken wheel (a missing vocabulary file)
-        raise SystemExit(f"error: the hpsv2 reward needs a working hpsv2 package: pip install hpsv2 ({exception})")
+    """(CLIPModel, tokenizer) of HPSv2, from the hub's checkpoint converted to transformers' CLIP (no open_clip,
+    which imports torchvision), loaded once: the hpsv2 package's own `score` rebuilds its model on every call."""
     from huggingface_hub import hf_hub_download
+    from transformers import AutoTokenizer
 
     try:
         path = hf_hub_download(HPSV2_REPOSITORY, checkpoint_file)
+        tokenizer = AutoTokenizer.from_pretrained(LAION_CLIP_H)  # open_clip's BPE, padded with 0 to 77
     except Exception as exception:
         raise hub_error(f"{HPSV2_REPOSITORY}/{checkpoint_file}", exception)
-    model, _, preprocess = create_model_and_transforms(
-        "ViT-H-14",
-        None,
-        precision="fp32",
-        device="cpu",
-        jit=False,
-        output_dict=True,  # weights: the checkpoint's
-    )
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
-    return model, preprocess, get_tokenizer("ViT-H-14")
+    return load_open_clip_checkpoint(path, VIT_H_14), tokenizer
 
 
 class HPSv2Reward(torch.nn.Module):
-    """HPSv2 = cos(image features, text features) of its fine-tuned ViT-H-14 (no logit scale), on PIL images."""
+    """HPSv2 = cos(image features, text features) of its fine-tuned CLIP (no logit scale); differentiable."""
 
-    differentiable = False
+    differentiable = True
 
-    def __init__(self, model, preprocess, tokenizer):
+    def __init__(self, clip_model, tokenizer):
         super().__init__()
-        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer  # held: loaded once
+        self.clip_model, self.tokenizer = clip_model, tokenizer  # held: loaded once
+
+    def features(self, pixel_values, input_ids):
+        """Unit image and text features; pixel_values CLIP-normalised (B, 3, 224, 224), input_ids (B, 77)."""
+        model = self.clip_model
+        image = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
+        text = model.text_projection(
+            model.text_model(input_ids=input_ids).pooler_output
+        )  # no padding mask, as open_clip
+        return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
     def forward(self, images, prompts):
-        device = next(self.model.parameters()).device
-        pixels = torch.stack([self.preprocess(image) for image in images_to_pil(images)]).to(device)
-        outputs = self.model(pixels, self.tokenizer(list(prompts)).to(device))  # features are L2-normalised
-        return (outputs["image_features"] * outputs["text_features"]).sum(-1).float()
+        model = self.clip_model
+        pixel_values = clip_preprocess(images).to(model.visual_projection.weight.dtype)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+        )
+        image, text = self.features(pixel_values, tokens.input_ids.to(pixel_values.device))
+        return (image * text).sum(-1)  # (B,)
 
 
 def load_aesthetic_head(path):

@@ -17,7 +17,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from common import AestheticMLP, AestheticReward, ClipSimilarityReward, encode_prompts, load_aesthetic_head
+from common import AestheticMLP, AestheticReward, ClipSimilarityReward, HPSv2Reward, encode_prompts, load_aesthetic_head
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def clip_vision_model(projection_dim, seed):
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=projection_dim))
 
 
-REWARD_NAMES = ("aesthetic", "pickscore", "clipscore")  # the rewards with a tiny version (jpeg_* need no model)
+REWARD_NAMES = ("aesthetic", "pickscore", "clipscore", "hpsv2", "hpsv2.1")  # with a tiny version (jpeg_*: no model)
 
 
 def load_reward(name, aesthetic_head_path=None):
@@ -259,5 +259,7 @@ def load_reward(name, aesthetic_head_path=None):
                 torch.manual_seed(2)
                 head = AestheticMLP()
         return AestheticReward(clip_vision_model(projection_dim=768, seed=1), head)
-    clip_model, tokenizer = _tiny_clip_model()  # pickscore or clipscore
+    clip_model, tokenizer = _tiny_clip_model()
+    if name.startswith("hpsv2"):  # HPSv2's computation (unit features, no logit scale) on the tiny CLIP
+        return HPSv2Reward(clip_model, tokenizer)
     return ClipSimilarityReward(clip_model, tokenizer, use_logit_scale=name == "pickscore")

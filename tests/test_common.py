@@ -4,7 +4,6 @@ import io
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ import common
 import shapes_world
 import tiny_world
 import worlds
-from conftest import SHARED_ASSETS
+from conftest import SHARED_ASSETS, require_asset
 
 
 # ---------------------------------------------------------------------------------------------- Eq. 7
@@ -120,7 +119,7 @@ def test_unknown_reward_is_one_clear_error():
 
 
 def test_real_laion_head_loads_strictly_and_scores():
-    path = os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")
+    path = require_asset(os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth"))
     state = torch.load(path, map_location="cpu", weights_only=True)
     head = common.AestheticMLP()
     head.load_state_dict(state, strict=True)  # raises on any missing or unexpected key / shape
@@ -206,9 +205,8 @@ def test_pickscore_is_logit_scaled_clipscore():
 
 
 def test_optional_backends_without_tiny_version_say_so():
-    for name in ("imagereward", "hpsv2"):
-        with pytest.raises(SystemExit, match=f"^error: {name}"):
-            worlds.load_reward(name, "cpu", torch.float32, tiny=True)
+    with pytest.raises(SystemExit, match="^error: imagereward has no tiny version"):
+        worlds.load_reward("imagereward", "cpu", torch.float32, tiny=True)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -271,35 +269,55 @@ def test_b2_template_sets_are_the_released_lists_with_their_test_twins():
 
 
 def test_hpsv2_defaults_to_v2_0_and_loads_its_model_once(monkeypatch):
-    """A stand-in for the hpsv2 package's ViT-H-14 counts the loads: one per load_reward, none per score."""
+    """A stand-in for the hub's checkpoint counts the loads: one per load_reward, none per score."""
     loads = []
-
-    class StandInModel(torch.nn.Module):  # open_clip's output_dict forward: L2-normalised features
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, pixels, tokens):
-            image = torch.nn.functional.normalize(pixels.flatten(1)[:, :4] * self.scale, dim=-1)
-            text = torch.nn.functional.normalize(tokens[:, :4].float() + 1, dim=-1)
-            return {"image_features": image, "text_features": text}
 
     def stand_in(checkpoint_file):
         loads.append(checkpoint_file)
-
-        def preprocess(image):
-            return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255
-
-        def tokenizer(prompts):
-            return torch.tensor([[len(p), 1, 2, 3, 0] for p in prompts])
-
-        return StandInModel(), preprocess, tokenizer
+        return tiny_world._tiny_clip_model()  # a CLIPModel and its tokenizer, as hpsv2_model returns
 
     monkeypatch.setattr(common, "hpsv2_model", stand_in)
     reward = common.load_reward("hpsv2", "cpu", torch.float32)
-    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     scores = [reward(images, ["a cat", "a dog riding a bike"]) for _ in range(3)]
     assert loads == ["HPS_v2_compressed.pt"]  # v2.0, as AlignProp and CoCA; loaded once, scored three times
     assert scores[0].shape == (2,) and torch.equal(scores[0], scores[2]) and (scores[0].abs() <= 1).all()
     common.load_reward("hpsv2.1", "cpu", torch.float32)
     assert loads == ["HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt"]
+
+
+HPS_TINY = os.path.join(SHARED_ASSETS, "hps_tiny")
+
+
+def test_hpsv2_checkpoint_in_open_clip_format_reproduces_open_clip_scores():
+    """../shared/assets/hps_tiny: a tiny checkpoint in HPS_v2_compressed.pt's format, and open_clip's own scores.
+
+    Loaded by the code that loads the real checkpoint (only the sizes differ: VIT_H_14 there, the asset's config
+    here): CLIP-normalised 224 px images score as open_clip within 1e-6. From 64 px images, the differentiable
+    resize is within 1e-3 of hpsv2's PIL preprocessing (measured: 2.5e-4), and the gradient reaches the pixels.
+    """
+    import json
+
+    require_asset(os.path.join(HPS_TINY, "HPS_tiny_compressed.pt"))
+    with open(os.path.join(HPS_TINY, "open_clip_config.json")) as f:
+        config = json.load(f)
+    golden = torch.load(os.path.join(HPS_TINY, "golden.pt"), map_location="cpu", weights_only=False)
+    model = common.load_open_clip_checkpoint(os.path.join(HPS_TINY, "HPS_tiny_compressed.pt"), config).eval()
+    reward = common.HPSv2Reward(model, tokenizer=None)
+    with torch.no_grad():
+        image, text = reward.features(common.clip_preprocess(golden["images_224"]), golden["input_ids"])
+    assert torch.allclose((image * text).sum(-1), golden["scores_224"], atol=1e-6, rtol=0)
+    assert torch.allclose(model.logit_scale, golden["logit_scale"])  # every tensor was converted (strict load)
+    pixels = (golden["images_64_uint8"].float() / 255).requires_grad_(True)
+    image, text = reward.features(common.clip_preprocess(pixels), golden["input_ids"])
+    scores = (image * text).sum(-1)
+    assert torch.allclose(scores, golden["scores_64_hpsv2_preprocess"], atol=1e-3, rtol=0)
+    scores.sum().backward()
+    assert pixels.grad.abs().sum() > 0 and torch.isfinite(pixels.grad).all()
+
+
+def test_a_checkpoint_that_is_not_open_clip_is_one_error_line(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": {"logit_scale": torch.ones(())}}, path)
+    with pytest.raises(SystemExit, match="is not an open_clip CLIP checkpoint"):
+        common.load_open_clip_checkpoint(str(path), common.VIT_H_14)
