@@ -112,7 +112,7 @@ REWARD_NAMES = (  # the rewards of real models (worlds.py adds the shapes world'
     "jpeg_compressibility",
     "jpeg_incompressibility",
 )
-DIFFERENTIABLE_REWARDS = ("aesthetic", "pickscore", "clipscore", "hpsv2", "hpsv2.1")
+DIFFERENTIABLE_REWARDS = ("aesthetic", "pickscore", "clipscore", "imagereward", "hpsv2", "hpsv2.1")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -153,12 +153,15 @@ def images_to_pil(images):
 
 
 class AestheticMLP(torch.nn.Module):
-    """LAION improved aesthetic predictor head: 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (keys layers.{0,2,4,6,7})."""
+    """LAION improved aesthetic predictor head: 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (keys layers.{0,2,4,6,7}).
 
-    def __init__(self):
+    ImageReward's score head has the same layers (its input: the BLIP text encoder's [CLS] feature).
+    """
+
+    def __init__(self, input_size=768):
         super().__init__()
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(768, 1024),
+            torch.nn.Linear(input_size, 1024),
             torch.nn.Dropout(0.2),
             torch.nn.Linear(1024, 128),
             torch.nn.Dropout(0.2),
@@ -228,20 +231,6 @@ class JpegReward(torch.nn.Module):
             image.save(buffer, format="JPEG", quality=95)
             sizes_kb.append(buffer.tell() / 1000)
         return self.sign * torch.tensor(sizes_kb, device=images.device)
-
-
-class PackageReward(torch.nn.Module):
-    """A reward from an optional package that scores PIL images one prompt at a time (not differentiable)."""
-
-    differentiable = False
-
-    def __init__(self, score_one):
-        super().__init__()
-        self.score_one = score_one  # (PIL image, prompt) -> float
-
-    def forward(self, images, prompts):
-        scores = [float(self.score_one(image, prompt)) for image, prompt in zip(images_to_pil(images), prompts)]
-        return torch.tensor(scores, device=images.device)
 
 
 HPSV2_REPOSITORY = "xswu/HPSv2"
@@ -386,6 +375,139 @@ class HPSv2Reward(torch.nn.Module):
         return (image * text).sum(-1)  # (B,)
 
 
+IMAGEREWARD_REPOSITORY = "THUDM/ImageReward"  # ImageReward.pt (a BLIP state_dict) and med_config.json
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # the package's score normalisation
+BLIP_VIT_LARGE = dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16)  # BLIP's vit='large'
+
+
+def blip_state_to_transformers(state, depth):
+    """ImageReward's BLIP keys (BLIP's vit.py and med.py) -> transformers' BlipVisionModel, BlipTextModel, MLP.
+
+    The text encoder is transformers' port of med.py, key for key; the ViT renames (timm's layout -> BLIP's).
+    """
+    vision = {
+        "embeddings.class_embedding": state["blip.visual_encoder.cls_token"],
+        "embeddings.position_embedding": state["blip.visual_encoder.pos_embed"],
+        "embeddings.patch_embedding.weight": state["blip.visual_encoder.patch_embed.proj.weight"],
+        "embeddings.patch_embedding.bias": state["blip.visual_encoder.patch_embed.proj.bias"],
+        "post_layernorm.weight": state["blip.visual_encoder.norm.weight"],
+        "post_layernorm.bias": state["blip.visual_encoder.norm.bias"],
+    }
+    renamed = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv"}
+    renamed |= {"attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for layer in range(depth):
+        for source, target in renamed.items():
+            for parameter in ("weight", "bias"):
+                key = f"blip.visual_encoder.blocks.{layer}.{source}.{parameter}"
+                vision[f"encoder.layers.{layer}.{target}.{parameter}"] = state[key]
+    text = {
+        key.removeprefix("blip.text_encoder."): value
+        for key, value in state.items()
+        if key.startswith("blip.text_encoder.") and not key.endswith("position_ids")  # a buffer, not a weight
+    }
+    head = {key.removeprefix("mlp."): value for key, value in state.items() if key.startswith("mlp.")}
+    return vision, text, head
+
+
+class ImageRewardModel(torch.nn.Module):
+    """ImageReward: BLIP's ViT encodes the image, BLIP's BERT reads the prompt with cross-attention to the image
+    tokens, and an MLP scores its [CLS] feature: r = (MLP(cls) - mean) / std. Differentiable in the image."""
+
+    differentiable = True
+
+    def __init__(self, vision_model, text_model, head, tokenizer):
+        super().__init__()
+        self.vision_model, self.text_model, self.head, self.tokenizer = vision_model, text_model, head, tokenizer
+
+    def score(self, pixel_values, input_ids, attention_mask):
+        """pixel_values CLIP-normalised (B, 3, 224, 224); input_ids, attention_mask (B, 35) -> (B,) float32."""
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, 1 + patches, D)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        text = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state  # (B, 35, D)
+        return ((self.head(text[:, 0]).squeeze(-1) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).float()
+
+    def forward(self, images, prompts):
+        pixel_values = clip_preprocess(images).to(self.head.layers[0].weight.dtype)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt"
+        )
+        device = pixel_values.device
+        return self.score(pixel_values, tokens.input_ids.to(device), tokens.attention_mask.to(device))
+
+
+def build_imagereward(vision, med_config, tokenizer):
+    """ImageRewardModel with fresh weights; `vision` is BLIP's ViT size (img_size, patch_size, embed_dim, depth,
+    num_heads), `med_config` its med_config.json (a BERT config with cross-attention to the image tokens)."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    vision_config = BlipVisionConfig(
+        image_size=vision["img_size"],
+        patch_size=vision["patch_size"],
+        hidden_size=vision["embed_dim"],
+        intermediate_size=4 * vision["embed_dim"],  # BLIP's ViT: mlp_ratio 4
+        num_hidden_layers=vision["depth"],
+        num_attention_heads=vision["num_heads"],
+        layer_norm_eps=1e-6,  # BLIP's vit.py: partial(nn.LayerNorm, eps=1e-6)
+        hidden_act="gelu",
+    )
+    text_config = BlipTextConfig(
+        vocab_size=med_config["vocab_size"],
+        hidden_size=med_config["hidden_size"],
+        encoder_hidden_size=med_config["encoder_width"],
+        intermediate_size=med_config["intermediate_size"],
+        num_hidden_layers=med_config["num_hidden_layers"],
+        num_attention_heads=med_config["num_attention_heads"],
+        max_position_embeddings=med_config["max_position_embeddings"],
+        layer_norm_eps=med_config["layer_norm_eps"],
+        hidden_act=med_config["hidden_act"],
+        pad_token_id=med_config["pad_token_id"],
+    )
+    vision_model, text_model = BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False)
+    return ImageRewardModel(vision_model, text_model, AestheticMLP(input_size=med_config["hidden_size"]), tokenizer)
+
+
+def load_imagereward_checkpoint(path, vision, med_config, tokenizer):
+    """build_imagereward with the weights of a state_dict in the image-reward package's key names (strict)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    try:
+        vision_state, text_state, head_state = blip_state_to_transformers(state, vision["depth"])
+    except KeyError as error:
+        raise SystemExit(f"error: {path} is not an ImageReward checkpoint (no {error})")
+    model = build_imagereward(vision, med_config, tokenizer)
+    parts = ((model.vision_model, vision_state), (model.text_model, text_state), (model.head, head_state))
+    for module, module_state in parts:
+        missing, unexpected = module.load_state_dict(module_state, strict=False)
+        missing = [key for key in missing if not key.endswith("position_ids")]
+        if missing or unexpected:
+            raise SystemExit(f"error: {path} does not fit ImageReward's architecture ({(missing + unexpected)[:3]})")
+    return model
+
+
+def imagereward_model():
+    """ImageReward-v1.0 from the hub (ImageReward.pt, med_config.json; bert-base-uncased's tokenizer, as the
+    package), on transformers' BLIP classes: the image-reward package does not import with transformers 5."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+    from transformers import AutoTokenizer
+
+    try:
+        path = hf_hub_download(IMAGEREWARD_REPOSITORY, "ImageReward.pt")
+        with open(hf_hub_download(IMAGEREWARD_REPOSITORY, "med_config.json")) as f:
+            med_config = json.load(f)
+        tokenizer = AutoTokenizer.from_pretrained("bert-base-uncased")
+    except Exception as exception:
+        raise hub_error(f"{IMAGEREWARD_REPOSITORY}/ImageReward.pt", exception)
+    med_config["encoder_width"] = BLIP_VIT_LARGE["embed_dim"]  # as BLIP's init sets it: the ViT-L's width
+    return load_imagereward_checkpoint(path, BLIP_VIT_LARGE, med_config, tokenizer)
+
+
 def load_aesthetic_head(path):
     """The LAION aesthetic MLP from a local .pth state dict (keys layers.{0,2,4,6,7}), loaded strictly."""
     if not os.path.exists(path):
@@ -430,12 +552,7 @@ def load_reward(name, device, dtype, aesthetic_head_path=None):
             raise hub_error(model_id, exception)
         reward = ClipSimilarityReward(clip_model, tokenizer, use_logit_scale=name == "pickscore")
     elif name == "imagereward":
-        try:
-            import ImageReward
-        except ImportError:
-            raise SystemExit("error: the imagereward reward needs its package: pip install image-reward")
-        model = ImageReward.load("ImageReward-v1.0", device=device)
-        reward = PackageReward(lambda image, prompt: model.score(prompt, image))
+        reward = imagereward_model()
     else:  # hpsv2 (v2.0, the checkpoint AlignProp and CoCA trained with) or hpsv2.1
         reward = HPSv2Reward(*hpsv2_model(HPSV2_CHECKPOINTS[name]))
     return freeze(reward, device, dtype)

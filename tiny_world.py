@@ -17,7 +17,15 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from common import AestheticMLP, AestheticReward, ClipSimilarityReward, HPSv2Reward, encode_prompts, load_aesthetic_head
+from common import (
+    AestheticMLP,
+    AestheticReward,
+    ClipSimilarityReward,
+    HPSv2Reward,
+    build_imagereward,
+    encode_prompts,
+    load_aesthetic_head,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +250,7 @@ def clip_vision_model(projection_dim, seed):
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=projection_dim))
 
 
-REWARD_NAMES = ("aesthetic", "pickscore", "clipscore", "hpsv2", "hpsv2.1")  # with a tiny version (jpeg_*: no model)
+REWARD_NAMES = ("aesthetic", "pickscore", "clipscore", "imagereward", "hpsv2", "hpsv2.1")  # jpeg_*: no model
 
 
 def load_reward(name, aesthetic_head_path=None):
@@ -259,6 +267,15 @@ def load_reward(name, aesthetic_head_path=None):
                 torch.manual_seed(2)
                 head = AestheticMLP()
         return AestheticReward(clip_vision_model(projection_dim=768, seed=1), head)
+    if name == "imagereward":  # ImageReward's BLIP ViT + cross-attending BERT + head, tiny and random
+        tokenizer = build_tiny_tokenizer()
+        vision = dict(img_size=224, patch_size=32, embed_dim=32, depth=2, num_heads=4)
+        text = dict(vocab_size=len(tokenizer), hidden_size=32, encoder_width=32, intermediate_size=37)
+        text |= dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40, layer_norm_eps=1e-12)
+        text |= dict(hidden_act="gelu", pad_token_id=tokenizer.pad_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
+            return build_imagereward(vision, text, tokenizer)
     clip_model, tokenizer = _tiny_clip_model()
     if name.startswith("hpsv2"):  # HPSv2's computation (unit features, no logit scale) on the tiny CLIP
         return HPSv2Reward(clip_model, tokenizer)

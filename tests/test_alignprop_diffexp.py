@@ -296,7 +296,7 @@ def test_tiny_preset_and_paper_defaults():
             "error: reward 'jpeg_compressibility' is not differentiable; AlignProp backpropagates through the "
             "reward, choose one of aesthetic, pickscore, clipscore",
         ),
-        (["--reward", "imagereward"], "error: reward 'imagereward' is not differentiable"),
+        (["--reward", "jpeg_incompressibility"], "error: reward 'jpeg_incompressibility' is not differentiable"),
         (["--reward", "beauty"], "error: unknown reward 'beauty'"),
         (["--grad-steps", "51"], "error: --grad-steps 51 must be <= --num-steps 50"),
         (["--grad-steps", "0"], "error: --grad-steps 0 must be >= 1"),
