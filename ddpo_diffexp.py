@@ -37,7 +37,7 @@ Commands
     python ddpo_diffexp.py --preset diffexp-fig4a   (Fig. 4 (a); PRESETS.md gives every value's source)
   Tiny CPU run (offline, about a minute on 2 cores; the tiny aesthetic reward rises, jpeg_compressibility barely moves):
     python ddpo_diffexp.py --tiny --reward aesthetic
-  Shapes world (offline, about five minutes on 2 cores; the exact reward on the rare prompts rises; see
+  Shapes world (offline, 2 min 15 s on 2 idle cores; the exact reward on the rare prompts rises; see
   benchmarks/README.md):
     python ddpo_diffexp.py --shapes
 """
