@@ -85,6 +85,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common import (
+    first_line,
     add_lora,
     dynamic_cfg_scale,
     encode_prompts,
@@ -426,8 +427,9 @@ def load_last_checkpoint(run_dir, accelerator):
             load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))  # what load_lora_weights reads
             return folder, state
         except Exception as error:  # EOFError, UnpicklingError, RuntimeError, SafetensorError, OSError
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            accelerator.print(f"warning: checkpoint {folder} does not load ({message}); trying the one before it")
+            accelerator.print(
+                f"warning: checkpoint {folder} does not load ({first_line(error)}); trying the one before it"
+            )
     return None, {}
 
 

@@ -27,11 +27,16 @@ from PIL import Image
 # ----------------------------------------------------------------------------------------------------------
 
 
+def first_line(exception):
+    """The first line of an exception's message (its type's name if it has none), for a one-line error."""
+    return str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
+
+
 def hub_error(what, exception):
     """One error line for anything that could not be loaded from the hub or a folder (no traceback)."""
-    message = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
     return SystemExit(
-        f"error: cannot load {what} ({message}). Check the id or folder and the network, or use --tiny to run offline."
+        f"error: cannot load {what} ({first_line(exception)}). Check the id or folder and the network, or use "
+        "--tiny to run offline."
     )
 
 
@@ -193,7 +198,11 @@ class AestheticReward(torch.nn.Module):
 
 
 class ClipSimilarityReward(torch.nn.Module):
-    """scale * cos(image embedding, text embedding): PickScore (scale = logit_scale.exp()) or CLIPScore (1)."""
+    """scale * cos(image embedding, text embedding): PickScore (scale = logit_scale.exp()), CLIPScore and HPSv2 (1).
+
+    HPSv2 is the cosine of its fine-tuned CLIP's features; open_clip pads its tokens with 0 and passes no padding
+    mask, which gives the same features: the text is pooled at EOT, and causal attention never looks past it.
+    """
 
     differentiable = True
 
@@ -201,17 +210,20 @@ class ClipSimilarityReward(torch.nn.Module):
         super().__init__()
         self.clip_model, self.tokenizer, self.use_logit_scale = clip_model, tokenizer, use_logit_scale
 
+    def cosine(self, pixel_values, input_ids, attention_mask=None):
+        """cos(image, text embedding), (B,) float32; pixel_values CLIP-normalised (B, 3, 224, 224), tokens (B, L)."""
+        model = self.clip_model
+        image_embeds = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)  # (B, D)
+        text_output = model.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        text_embeds = model.text_projection(text_output.pooler_output)  # (B, D)
+        return F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+
     def forward(self, images, prompts):
         model = self.clip_model
         pixel_values = clip_preprocess(images).to(model.visual_projection.weight.dtype)
-        image_embeds = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)  # (B, D)
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
-        text_output = model.text_model(
-            input_ids=tokens.input_ids.to(pixel_values.device),
-            attention_mask=tokens.attention_mask.to(pixel_values.device),
-        )
-        text_embeds = model.text_projection(text_output.pooler_output)  # (B, D)
-        cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)  # (B,)
+        device = pixel_values.device
+        cosine = self.cosine(pixel_values, tokens.input_ids.to(device), tokens.attention_mask.to(device))  # (B,)
         return model.logit_scale.exp().float() * cosine if self.use_logit_scale else cosine
 
 
@@ -345,34 +357,6 @@ def hpsv2_model(checkpoint_file):
     except Exception as exception:
         raise hub_error(f"{HPSV2_REPOSITORY}/{checkpoint_file}", exception)
     return load_open_clip_checkpoint(path, VIT_H_14), tokenizer
-
-
-class HPSv2Reward(torch.nn.Module):
-    """HPSv2 = cos(image features, text features) of its fine-tuned CLIP (no logit scale); differentiable."""
-
-    differentiable = True
-
-    def __init__(self, clip_model, tokenizer):
-        super().__init__()
-        self.clip_model, self.tokenizer = clip_model, tokenizer  # held: loaded once
-
-    def features(self, pixel_values, input_ids):
-        """Unit image and text features; pixel_values CLIP-normalised (B, 3, 224, 224), input_ids (B, 77)."""
-        model = self.clip_model
-        image = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
-        text = model.text_projection(
-            model.text_model(input_ids=input_ids).pooler_output
-        )  # no padding mask, as open_clip
-        return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-
-    def forward(self, images, prompts):
-        model = self.clip_model
-        pixel_values = clip_preprocess(images).to(model.visual_projection.weight.dtype)
-        tokens = self.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=77, return_tensors="pt"
-        )
-        image, text = self.features(pixel_values, tokens.input_ids.to(pixel_values.device))
-        return (image * text).sum(-1)  # (B,)
 
 
 IMAGEREWARD_REPOSITORY = "THUDM/ImageReward"  # ImageReward.pt (a BLIP state_dict) and med_config.json
@@ -554,7 +538,7 @@ def load_reward(name, device, dtype, aesthetic_head_path=None):
     elif name == "imagereward":
         reward = imagereward_model()
     else:  # hpsv2 (v2.0, the checkpoint AlignProp and CoCA trained with) or hpsv2.1
-        reward = HPSv2Reward(*hpsv2_model(HPSV2_CHECKPOINTS[name]))
+        reward = ClipSimilarityReward(*hpsv2_model(HPSV2_CHECKPOINTS[name]), use_logit_scale=False)
     return freeze(reward, device, dtype)
 
 

@@ -91,6 +91,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common import (
+    first_line,
     add_lora,
     dynamic_cfg_scale,
     encode_prompts,
@@ -388,11 +389,7 @@ def method_flag_problems(args, num_processes):
         problems.append(f"--backward-passes-per-update {args.backward_passes_per_update} must be >= 0")
     elif args.backward_passes_per_update and not any(problems):
         # every optimiser step must see all processes' backward passes: the epoch's count must divide by M
-        per_epoch = (
-            args.samples_per_epoch
-            // (args.train_batch_size * num_processes)
-            * max(1, int(args.num_steps * args.timestep_fraction))
-        )
+        per_epoch = args.samples_per_epoch // (args.train_batch_size * num_processes) * trained_steps_per_sample(args)
         if per_epoch % args.backward_passes_per_update:
             problems.append(
                 f"--backward-passes-per-update {args.backward_passes_per_update} does not divide the epoch's "
@@ -407,6 +404,11 @@ def method_flag_problems(args, num_processes):
     if not 0 <= args.shaping_alpha <= 1:
         problems.append(f"--shaping-alpha {args.shaping_alpha} must be in [0, 1]")
     return [problem for problem in problems if problem]
+
+
+def trained_steps_per_sample(args):
+    """K: how many of each trajectory's T steps an epoch trains (--timestep-fraction of them, at least 1)."""
+    return max(1, int(args.num_steps * args.timestep_fraction))
 
 
 def check_args(args, num_processes):
@@ -442,8 +444,9 @@ def load_last_checkpoint(run_dir, accelerator):
             load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))  # what load_lora_weights reads
             return folder, state
         except Exception as error:  # EOFError, UnpicklingError, RuntimeError, SafetensorError, OSError
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            accelerator.print(f"warning: checkpoint {folder} does not load ({message}); trying the one before it")
+            accelerator.print(
+                f"warning: checkpoint {folder} does not load ({first_line(error)}); trying the one before it"
+            )
     return None, {}
 
 
@@ -898,7 +901,7 @@ def main(args):
     # Method-specific setup
     # per-prompt reward buffers of the advantage normalisation (deviation 6), restored on resume
     reward_history = {p: deque(r, maxlen=args.stat_buffer_size) for p, r in state.get("reward_history", {}).items()}
-    trained_steps = max(1, int(args.num_steps * args.timestep_fraction))  # K: timesteps trained per sample
+    trained_steps = trained_steps_per_sample(args)  # K
 
     for epoch in tqdm(
         range(start_epoch, args.epochs),

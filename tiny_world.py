@@ -21,7 +21,6 @@ from common import (
     AestheticMLP,
     AestheticReward,
     ClipSimilarityReward,
-    HPSv2Reward,
     build_imagereward,
     encode_prompts,
     load_aesthetic_head,
@@ -50,9 +49,8 @@ SD15_SCHEDULER_CONFIG = dict(
 
 def _bytes_to_unicode():
     """GPT-2 / CLIP byte-level BPE alphabet: 256 printable characters standing for the 256 byte values."""
-    byte_values = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    byte_values = list(range(ord("!"), ord("~") + 1))
+    byte_values += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     code_points = byte_values[:]
     extra = 0
     for byte in range(256):
@@ -277,6 +275,5 @@ def load_reward(name, aesthetic_head_path=None):
             torch.manual_seed(4)
             return build_imagereward(vision, text, tokenizer)
     clip_model, tokenizer = _tiny_clip_model()
-    if name.startswith("hpsv2"):  # HPSv2's computation (unit features, no logit scale) on the tiny CLIP
-        return HPSv2Reward(clip_model, tokenizer)
+    # hpsv2 and clipscore: the cosine of the features, pickscore scaled by the CLIP's logit scale
     return ClipSimilarityReward(clip_model, tokenizer, use_logit_scale=name == "pickscore")

@@ -298,14 +298,18 @@ def test_hpsv2_checkpoint_in_open_clip_format_reproduces_open_clip_scores():
         config = json.load(f)
     golden = torch.load(os.path.join(HPS_TINY, "golden.pt"), map_location="cpu", weights_only=False)
     model = common.load_open_clip_checkpoint(os.path.join(HPS_TINY, "HPS_tiny_compressed.pt"), config).eval()
-    reward = common.HPSv2Reward(model, tokenizer=None)
+    reward = common.ClipSimilarityReward(model, tokenizer=None, use_logit_scale=False)  # HPSv2's computation
     with torch.no_grad():
-        image, text = reward.features(common.clip_preprocess(golden["images_224"]), golden["input_ids"])
-    assert torch.allclose((image * text).sum(-1), golden["scores_224"], atol=1e-6, rtol=0)
+        scores = reward.cosine(common.clip_preprocess(golden["images_224"]), golden["input_ids"])  # no padding mask
+    assert torch.allclose(scores, golden["scores_224"], atol=1e-6, rtol=0)
+    # the same with a padding mask (how forward tokenizes): the text is pooled at EOT, causal attention stops there
+    mask = (torch.arange(77)[None] <= golden["input_ids"].argmax(-1)[:, None]).long()
+    with torch.no_grad():
+        masked = reward.cosine(common.clip_preprocess(golden["images_224"]), golden["input_ids"], mask)
+    assert torch.allclose(masked, scores, atol=1e-6, rtol=0)
     assert torch.allclose(model.logit_scale, golden["logit_scale"])  # every tensor was converted (strict load)
     pixels = (golden["images_64_uint8"].float() / 255).requires_grad_(True)
-    image, text = reward.features(common.clip_preprocess(pixels), golden["input_ids"])
-    scores = (image * text).sum(-1)
+    scores = reward.cosine(common.clip_preprocess(pixels), golden["input_ids"])
     assert torch.allclose(scores, golden["scores_64_hpsv2_preprocess"], atol=1e-3, rtol=0)
     scores.sum().backward()
     assert pixels.grad.abs().sum() > 0 and torch.isfinite(pixels.grad).all()

@@ -16,7 +16,7 @@ from conftest import ROOT
 SCRIPTS = ["ddpo_diffexp.py", "alignprop_diffexp.py", "b2_diffurl.py", "ddpo_coca.py"]
 DDPO_FAMILY = ["ddpo_diffexp.py", "b2_diffurl.py", "ddpo_coca.py"]  # policy gradient: DDIM log-prob, clipped loss
 DIFFEXP = ["ddpo_diffexp.py", "alignprop_diffexp.py", "ddpo_coca.py"]  # the scripts with DiffExp's flags
-DDPO_ADVANTAGES = ["ddpo_diffexp.py", "ddpo_coca.py"]  # DDPO's per-prompt advantages
+DDPO_UPDATE = ["ddpo_diffexp.py", "ddpo_coca.py"]  # DDPO's own update: per-prompt advantages, K steps
 
 # (kind, name, scripts): kind "function" is a top-level def with its decorators; "section" the text from a
 # banner of main to the next marker; "args" the docstrings of a group of Args fields; "import" one import line.
@@ -27,7 +27,8 @@ SHARED_BLOCKS = [
     ("function", "parse_args", DIFFEXP),
     ("function", "ddim_step_with_logprob", DDPO_FAMILY),
     ("function", "clipped_policy_loss", DDPO_FAMILY),
-    ("function", "per_prompt_advantages", DDPO_ADVANTAGES),
+    ("function", "per_prompt_advantages", DDPO_UPDATE),
+    ("function", "trained_steps_per_sample", DDPO_UPDATE),
     ("function", "exploration_settings", DIFFEXP),
     ("function", "epoch_seed", SCRIPTS),
     ("function", "save_image_grid", SCRIPTS),
