@@ -17,6 +17,7 @@ flag ends the run with that line and no traceback.
 
 import io
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -664,6 +665,41 @@ PROMPT_SET_FILES = {
     "shapes": "shapes_train.txt",
     "unseen_shapes": "shapes_unseen.txt",
 }
+
+
+# DrawBench (Saharia et al. 2022): prompts/drawbench.csv, its 200 prompts with their 11 categories. DiffExp's "58
+# challenging prompts" are three of them (DiffExp supplementary: Conflicting, Gary Marcus et al., Reddit); Parti's
+# challenging prompts, DiffExp's unseen set for them, are not available offline, so the unseen twin here is the other
+# 142 DrawBench prompts (a deviation the presets state).
+DRAWBENCH_FILE = "drawbench.csv"
+DRAWBENCH_CATEGORIES = ("Colors", "Conflicting", "Counting", "DALL-E", "Descriptions", "Gary Marcus et al.")
+DRAWBENCH_CATEGORIES += ("Misspellings", "Positional", "Rare Words", "Reddit", "Text")
+DRAWBENCH_CHALLENGING = ("Conflicting", "Gary Marcus et al.", "Reddit")
+
+
+def drawbench_prompts(categories=None, exclude=()):
+    """DrawBench's prompts in file order: of `categories` (all if None), minus those of `exclude`."""
+    import csv
+
+    with open(os.path.join(PROMPT_FOLDER, DRAWBENCH_FILE), encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [
+        row["prompt"]
+        for row in rows
+        if (categories is None or row["category"] in categories) and row["category"] not in exclude
+    ]
+
+
+def drawbench_set_name(category):
+    """The prompt set name of a DrawBench category: "Gary Marcus et al." -> drawbench_gary_marcus_et_al."""
+    return "drawbench_" + "_".join(re.findall(r"[a-z0-9]+", category.lower()))
+
+
+PROMPT_SETS["drawbench"] = drawbench_prompts()  # all 200
+PROMPT_SETS["drawbench_challenging"] = drawbench_prompts(DRAWBENCH_CHALLENGING)  # DiffExp's 58 (Fig. 8, 10 (a))
+PROMPT_SETS["drawbench_unseen"] = drawbench_prompts(exclude=DRAWBENCH_CHALLENGING)  # the other 142
+PROMPT_SETS |= {drawbench_set_name(category): drawbench_prompts([category]) for category in DRAWBENCH_CATEGORIES}
+UNSEEN_PROMPT_SET["drawbench_challenging"] = "drawbench_unseen"
 
 
 def prompt_file_path(name_or_path):

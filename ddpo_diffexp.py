@@ -100,8 +100,8 @@ class Args:
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"
     """training prompts: a named set (animals, animal_activities, unseen_animals, unseen_activities,
-    b2_template1..3 and their _test lists, shapes, unseen_shapes; prompts/README.md) or a .txt file with one
-    prompt a line (from the cwd, else from this folder)"""
+    b2_template1..3 and their _test lists, drawbench, drawbench_challenging, drawbench_<category>, shapes,
+    unseen_shapes; prompts/README.md) or a .txt file with one prompt a line (from the cwd, else from this folder)"""
     eval_unseen_prompts: Optional[str] = None
     """unseen prompt set for evaluation (default: the training set's unseen twin if it has one: a named set's,
     or X_test.txt beside X_train.txt)"""

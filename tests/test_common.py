@@ -230,6 +230,25 @@ def test_prompt_sets_follow_the_paper_tables(tmp_path):
         common.load_prompts("plants")
 
 
+def test_drawbench_sets_are_the_shared_csv_split_as_diffexp_says():
+    import csv
+
+    from conftest import ROOT
+
+    with open(os.path.join(ROOT, "..", "shared", "papers", "drawbench", "drawbench.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert common.load_prompts("drawbench") == [row["prompt"] for row in rows]  # the committed copy is the same
+    challenging = common.load_prompts("drawbench_challenging")
+    assert len(challenging) == 58  # DiffExp: "58 challenging prompts from DrawBench"
+    assert "A horse riding an astronaut." in challenging and "A red colored car." not in challenging
+    unseen = common.load_prompts(common.unseen_twin("drawbench_challenging"))
+    assert len(unseen) == 142 and not set(unseen) & set(challenging)
+    sizes = {name: len(common.load_prompts(common.drawbench_set_name(name))) for name in common.DRAWBENCH_CATEGORIES}
+    assert sizes["Reddit"] == 38 and sizes["Gary Marcus et al."] == 10 and sum(sizes.values()) == 200
+    assert common.load_prompts("drawbench_gary_marcus_et_al")[0].startswith("Paying for a quarter-sized pizza")
+    assert sorted({row["category"] for row in rows}) == sorted(common.DRAWBENCH_CATEGORIES)
+
+
 def test_prompt_paths_resolve_from_the_cwd_then_the_project_and_find_their_test_twin(tmp_path, monkeypatch):
     from conftest import ROOT
 
