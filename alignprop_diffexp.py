@@ -94,6 +94,7 @@ from common import (
     load_prompts,
     random_word_token_mask,
     save_lora,
+    score_images,
     unseen_twin,
     weight_prompt_embeds,
 )
@@ -101,7 +102,7 @@ from common import (
 # hub ids and folders go to common.py's loaders; worlds.py builds the offline names (--model tiny, --tiny,
 # the shapes rewards) from tiny_world.py and shapes_world.py
 from worlds import SHAPES_MODEL, TINY_MODEL, check_reward_name, check_reward_prompts, load_pipeline, load_reward
-from worlds import DIFFERENTIABLE_REWARDS  # the rewards AlignProp can backpropagate through
+from worlds import DIFFERENTIABLE_REWARDS, reward_is_differentiable  # what AlignProp can backpropagate through
 
 
 @dataclass
@@ -117,7 +118,8 @@ class Args:
     """a named experiment's flags, from PRESETS at the top of the script (--help lists them; explicit flags win)"""
     reward: str = "aesthetic"
     """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
-    jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
+    jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned; or an ensemble, a+b or 2*a+b: the weighted
+    sum of the members, each normalised by common.REWARD_SCALES, with each member logged"""
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"
@@ -255,6 +257,19 @@ PRESETS = {
         loss_scale=0.01,  # loss_coeff
         reward_target=10.0,  # aesthetic_target: loss = 0.01 |r - 10|
     ),
+    # DiffExp Figure 10 (a) (and Figure 8): AlignProp with DiffExp on SD 1.5 and DrawBench's 58 challenging prompts,
+    # "an ensemble of HPS, Aesthetic, and PickScore reward models"; its weights are unpublished: equal weights on
+    # members normalised by common.REWARD_SCALES (ours). The rest as Figure 4 (a), from the same release.
+    "diffexp-fig10a": dict(
+        reward="hpsv2+aesthetic+pickscore",
+        prompts="drawbench_challenging",  # DiffExp supplementary: Conflicting, Gary Marcus et al., Reddit
+        eval_unseen_prompts="drawbench_unseen",  # ours: DiffExp's unseen set (150 Parti prompts) is not offline
+        diffexp=True,
+        truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
+        weight_decay=0.1,  # adam_weight_decay
+        max_grad_norm=5.0,  # max_grad_norm, on the 0.01-scaled loss below
+        loss_scale=0.01,  # loss_coeff; no target (ours: an ensemble has no natural one), so loss = -0.01 R
+    ),
     # AlignProp's released aesthetic run itself (a831a5f config/align_prop.py:aesthetic, 4 GPUs), no DiffExp
     "alignprop-aesthetic": dict(
         reward="aesthetic",
@@ -372,10 +387,10 @@ def diffexp_flag_problems(args):
 
 def method_flag_problems(args, num_processes):
     """The problems of this script's own flags (the shared ones hold: no batch size is 0)."""
-    if args.reward not in DIFFERENTIABLE_REWARDS:
+    if not reward_is_differentiable(args.reward):
         return [
             f"reward '{args.reward}' is not differentiable; AlignProp backpropagates through the reward, "
-            f"choose one of {', '.join(DIFFERENTIABLE_REWARDS)}"
+            f"choose one of {', '.join(DIFFERENTIABLE_REWARDS)} or an ensemble of them"
         ]
     problems = diffexp_flag_problems(args)
     # training images are sampled with grad, train_batch_size at a time (sample_batch_size is for evaluation)
@@ -648,6 +663,14 @@ def stop_on_non_finite(accelerator, epoch, what, value):
         raise SystemExit(1)
 
 
+def member_reward_means(accelerator, member_rewards):
+    """{"reward_<member>_mean": the mean over every process's samples} of an ensemble's members ({} for one reward)."""
+    return {
+        f"reward_{name}_mean": float(accelerator.gather(values.detach().float().to(accelerator.device)).mean())
+        for name, values in member_rewards.items()
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Helpers of 5. Update
 # ----------------------------------------------------------------------------------------------------------
@@ -678,8 +701,11 @@ def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null
     unet.eval()
     line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
     for name, prompts in eval_sets.items():
-        mean, std, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape)
+        mean, std, member_means, grid = evaluate(
+            args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape
+        )
         line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
+        line |= {f"{name}_reward_{member}_mean": value for member, value in member_means.items()}
         if accelerator.is_main_process:
             save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
     if accelerator.is_main_process:
@@ -692,13 +718,14 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
     """Figures 4 / 6 protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h.
 
     The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
-    the numbers do not depend on the number of processes. Returns (mean, std, grid): the reward's mean and std
-    over every image, and (prompt, reward, image) of each prompt's first image for the grid.
+    the numbers do not depend on the number of processes. Returns (mean, std, member means, grid): the reward's
+    mean and std over every image, the mean of each ensemble member's reward ({} for a single reward), and
+    (prompt, reward, image) of each prompt's first image for the grid.
     """
     jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
     batch_size = args.sample_batch_size
     batches = [list(range(start, min(start + batch_size, len(jobs)))) for start in range(0, len(jobs), batch_size)]
-    rewards, images_kept = {}, {}
+    rewards, members, images_kept = {}, {}, {}
     for batch_index in range(accelerator.process_index, len(batches), accelerator.num_processes):
         indices = batches[batch_index]
         batch_prompts = [jobs[i] for i in indices]
@@ -711,9 +738,10 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
         images = sample_images(
             pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
         )
-        batch_rewards = reward_fn(images, batch_prompts).float().cpu()
+        batch_rewards, batch_members = score_images(reward_fn, images, batch_prompts)  # (B,), {member: (B,)}
         for position, job in enumerate(indices):
             rewards[job] = batch_rewards[position].item()
+            members[job] = {name: values[position].item() for name, values in batch_members.items()}
             if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
                 images_kept[job] = images[position].cpu()
     all_rewards, all_images = {}, {}
@@ -721,9 +749,14 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
         all_rewards.update(part)
     for part in gather_object([images_kept]):
         all_images.update(part)
+    all_members = {}
+    for part in gather_object([members]):
+        all_members.update(part)
     values = np.array([all_rewards[i] for i in range(len(jobs))])
+    # an ensemble's members, each a mean over every image ({} for a single reward)
+    member_means = {name: float(np.mean([all_members[i][name] for i in range(len(jobs))])) for name in all_members[0]}
     grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
-    return float(values.mean()), float(values.std()), grid
+    return float(values.mean()), float(values.std()), member_means, grid
 
 
 def save_image_grid(path, entries, columns=8, cell=128):
@@ -770,7 +803,8 @@ def main(args):
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=args.mixed_precision if on_gpu else "no", cpu=not on_gpu)
     check_args(args, accelerator.num_processes)
-    run_name = args.run_name or f"{os.path.splitext(os.path.basename(__file__))[0]}_{args.reward}_seed{args.seed}"
+    script = os.path.splitext(os.path.basename(__file__))[0]
+    run_name = args.run_name or f"{script}_{args.reward.replace('*', 'x')}_seed{args.seed}"  # 2*a+b: 2xa+b
     run_dir = os.path.join(args.output_dir, run_name)
     # The run folder is only read until the models have loaded: a start that fails (a bad model id, no network)
     # writes nothing, so its corrected rerun starts as if it had never happened.
@@ -861,7 +895,7 @@ def main(args):
             ]
         )
         unet.train()
-        rewards, losses, grad_steps, grad_norms = [], [], [], []
+        rewards, member_batches, losses, grad_steps, grad_norms = [], [], [], [], []
         # sampling is training: each batch's graph is used by its backward before the next batch is sampled
         for micro_index in tqdm(
             range(samples_per_process // args.train_batch_size),
@@ -896,7 +930,7 @@ def main(args):
                 # ==========================================================================================
                 # 3. Reward: r(x_0, c) of the decoded images, differentiable (no uint8 round trip, no no_grad)
                 # ==========================================================================================
-                batch_rewards = reward_fn(images, prompts)  # (B,)
+                batch_rewards, batch_members = score_images(reward_fn, images, prompts)  # (B,), {member: (B,)}
 
                 # ==========================================================================================
                 # 4. Advantage and loss: none, the reward's own gradient is the signal; loss = -mean r (DiffExp Eq. 5)
@@ -912,10 +946,13 @@ def main(args):
                 # the step's gradient is the mean over the update's samples: -(1 / N) sum_i d r(x_0^i, c^i) / d theta
                 accelerator.backward(loss / micro_batches_per_update)
             rewards.append(batch_rewards.detach()), losses.append(loss.item())
+            member_batches.append({name: values.detach() for name, values in batch_members.items()})
             if last_of_update:
                 grad_norms.append(optimizer_step(accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch))
         # (samples_per_epoch,)
         all_rewards = accelerator.gather(torch.cat(rewards).float().to(accelerator.device)).cpu().numpy()
+        # an ensemble's members, (samples_per_process,) each
+        member_rewards = {name: torch.cat([batch[name] for batch in member_batches]) for name in member_batches[0]}
         # after the updates, but before any checkpoint
         stop_on_non_finite(accelerator, epoch, "reward", float(all_rewards.sum()))
 
@@ -932,6 +969,7 @@ def main(args):
             reward_queries=(epoch + 1) * args.samples_per_epoch,
             reward_mean=float(all_rewards.mean()),
             reward_std=float(all_rewards.std()),
+            **member_reward_means(accelerator, member_rewards),
             loss=loss_mean,
             grad_steps=grad_steps_mean,
             grad_norm=grad_norm_mean,

@@ -16,6 +16,7 @@ flag ends the run with that line and no traceback.
 """
 
 import io
+import math
 import os
 import re
 
@@ -244,6 +245,79 @@ class JpegReward(torch.nn.Module):
             image.save(buffer, format="JPEG", quality=95)
             sizes_kb.append(buffer.tell() / 1000)
         return self.sign * torch.tensor(sizes_kb, device=images.device)
+
+
+# Ours (DiffExp's DrawBench ensemble of HPS, Aesthetic and PickScore publishes no weights): before the weighted sum,
+# each member is put on a common scale, (r - center) / spread, with (center, spread) = a typical value of the
+# reward on Stable Diffusion 1.5 samples and its spread across images, from the ranges the reward papers and the
+# references' logs report (not measured here: this machine downloads no weights). One unit is then about one
+# spread of any member, so PickScore's ~21 +- 1 does not drown HPSv2's ~0.27 +- 0.02. A weight in the spec
+# (--reward 2*hpsv2+aesthetic) rescales a member on top of that.
+REWARD_SCALES = {
+    "aesthetic": (5.5, 0.5),  # LAION predictor: SD 1.5 animals start near 5-6 (DDPO, AlignProp logs)
+    "pickscore": (21.0, 1.0),  # logit_scale x cosine: about 18-23 on real images
+    "clipscore": (0.30, 0.04),  # raw ViT-H-14 cosine of a matching caption
+    "imagereward": (0.0, 1.0),  # standardised by the model itself (its mean / std normalisation)
+    "hpsv2": (0.27, 0.02),  # HPSv2 v2.0: SD 1.5 averages about 0.27 on its benchmark
+    "hpsv2.1": (0.27, 0.02),
+    "jpeg_compressibility": (-60.0, 20.0),  # kB at quality 95 of a 512 px SD image, negated
+    "jpeg_incompressibility": (60.0, 20.0),
+}
+
+
+def parse_reward_spec(spec, names=REWARD_NAMES):
+    """The members of a reward spec, [(weight, name), ...]: "aesthetic" -> [(1.0, "aesthetic")];
+    "hpsv2+aesthetic+0.5*pickscore" -> an ensemble. One error line for an unknown name, a bad or zero weight, or
+    a member given twice."""
+    members = []
+    for term in spec.split("+"):
+        weight, _, name = term.rpartition("*") if "*" in term else ("1", "", term)
+        try:
+            weight = float(weight)
+        except ValueError:
+            raise SystemExit(f"error: reward '{spec}': '{term}' is not WEIGHT*NAME (a number, *, a reward name)")
+        check_reward_name(name.strip(), names)
+        if not math.isfinite(weight) or weight == 0:
+            raise SystemExit(f"error: reward '{spec}': the weight of {name.strip()} must be finite and nonzero")
+        members.append((weight, name.strip()))
+    if len({name for _, name in members}) < len(members):
+        raise SystemExit(f"error: reward '{spec}' names a reward twice; give it one weight instead")
+    return members
+
+
+class EnsembleReward(torch.nn.Module):
+    """A weighted sum of normalised rewards: R = sum_i w_i (r_i - center_i) / spread_i (REWARD_SCALES).
+
+    `score` also returns each member's raw reward, which the scripts log beside R. Differentiable when every
+    member is (AlignProp backpropagates through all of them at once).
+    """
+
+    def __init__(self, members, scales):
+        super().__init__()
+        self.names = [name for _, name, _ in members]
+        self.weights = [weight for weight, _, _ in members]
+        self.members = torch.nn.ModuleList([reward for _, _, reward in members])
+        self.scales = [scales[name] for name in self.names]
+        self.differentiable = all(getattr(reward, "differentiable", True) for reward in self.members)
+
+    def score(self, images, prompts):
+        """(R (B,), {name: raw r_i (B,)})."""
+        raw = {name: reward(images, prompts).float() for name, reward in zip(self.names, self.members)}
+        total = sum(
+            weight * (raw[name] - center) / spread
+            for name, weight, (center, spread) in zip(self.names, self.weights, self.scales)
+        )
+        return total, raw
+
+    def forward(self, images, prompts):
+        return self.score(images, prompts)[0]
+
+
+def score_images(reward_fn, images, prompts):
+    """(rewards (B,), member rewards {name: (B,)}): an ensemble's total and its members; {} for a single reward."""
+    if isinstance(reward_fn, EnsembleReward):
+        return reward_fn.score(images, prompts)
+    return reward_fn(images, prompts), {}
 
 
 HPSV2_REPOSITORY = "xswu/HPSv2"

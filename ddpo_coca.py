@@ -100,6 +100,7 @@ from common import (
     load_prompts,
     random_word_token_mask,
     save_lora,
+    score_images,
     unseen_twin,
     weight_prompt_embeds,
 )
@@ -123,7 +124,8 @@ class Args:
     """a named experiment's flags, from PRESETS at the top of the script (--help lists them; explicit flags win)"""
     reward: str = "aesthetic"
     """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
-    jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned"""
+    jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned; or an ensemble, a+b or 2*a+b: the weighted
+    sum of the members, each normalised by common.REWARD_SCALES, with each member logged"""
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"
@@ -647,6 +649,24 @@ def stop_on_non_finite(accelerator, epoch, what, value):
         raise SystemExit(1)
 
 
+def score_in_batches(reward_fn, images, prompts, batch_size):
+    """(rewards (S,), {member: (S,)}) of images (S, 3, H, W), batch_size at a time (the reward models' memory)."""
+    scored = [
+        score_images(reward_fn, images[i : i + batch_size], prompts[i : i + batch_size])
+        for i in range(0, len(prompts), batch_size)
+    ]
+    rewards = torch.cat([batch_rewards for batch_rewards, _ in scored])
+    return rewards, {name: torch.cat([members[name] for _, members in scored]) for name in scored[0][1]}
+
+
+def member_reward_means(accelerator, member_rewards):
+    """{"reward_<member>_mean": the mean over every process's samples} of an ensemble's members ({} for one reward)."""
+    return {
+        f"reward_{name}_mean": float(accelerator.gather(values.detach().float().to(accelerator.device)).mean())
+        for name, values in member_rewards.items()
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Helpers of 4. Advantage and loss
 # ----------------------------------------------------------------------------------------------------------
@@ -747,8 +767,11 @@ def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null
     unet.eval()
     line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
     for name, prompts in eval_sets.items():
-        mean, std, grid = evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape)
+        mean, std, member_means, grid = evaluate(
+            args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape
+        )
         line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
+        line |= {f"{name}_reward_{member}_mean": value for member, value in member_means.items()}
         if accelerator.is_main_process:
             save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
     if accelerator.is_main_process:
@@ -761,13 +784,14 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
     """Figures 4 / 6 protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h.
 
     The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
-    the numbers do not depend on the number of processes. Returns (mean, std, grid): the reward's mean and std
-    over every image, and (prompt, reward, image) of each prompt's first image for the grid.
+    the numbers do not depend on the number of processes. Returns (mean, std, member means, grid): the reward's
+    mean and std over every image, the mean of each ensemble member's reward ({} for a single reward), and
+    (prompt, reward, image) of each prompt's first image for the grid.
     """
     jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
     batch_size = args.sample_batch_size
     batches = [list(range(start, min(start + batch_size, len(jobs)))) for start in range(0, len(jobs), batch_size)]
-    rewards, images_kept = {}, {}
+    rewards, members, images_kept = {}, {}, {}
     for batch_index in range(accelerator.process_index, len(batches), accelerator.num_processes):
         indices = batches[batch_index]
         batch_prompts = [jobs[i] for i in indices]
@@ -780,9 +804,10 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
         _, _, _, images = sample_trajectories(
             pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
         )
-        batch_rewards = reward_fn(images, batch_prompts).float().cpu()
+        batch_rewards, batch_members = score_images(reward_fn, images, batch_prompts)  # (B,), {member: (B,)}
         for position, job in enumerate(indices):
             rewards[job] = batch_rewards[position].item()
+            members[job] = {name: values[position].item() for name, values in batch_members.items()}
             if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
                 images_kept[job] = images[position].cpu()
     all_rewards, all_images = {}, {}
@@ -790,9 +815,14 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
         all_rewards.update(part)
     for part in gather_object([images_kept]):
         all_images.update(part)
+    all_members = {}
+    for part in gather_object([members]):
+        all_members.update(part)
     values = np.array([all_rewards[i] for i in range(len(jobs))])
+    # an ensemble's members, each a mean over every image ({} for a single reward)
+    member_means = {name: float(np.mean([all_members[i][name] for i in range(len(jobs))])) for name in all_members[0]}
     grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
-    return float(values.mean()), float(values.std()), grid
+    return float(values.mean()), float(values.std()), member_means, grid
 
 
 def save_image_grid(path, entries, columns=8, cell=128):
@@ -839,7 +869,8 @@ def main(args):
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=args.mixed_precision if on_gpu else "no", cpu=not on_gpu)
     check_args(args, accelerator.num_processes)
-    run_name = args.run_name or f"{os.path.splitext(os.path.basename(__file__))[0]}_{args.reward}_seed{args.seed}"
+    script = os.path.splitext(os.path.basename(__file__))[0]
+    run_name = args.run_name or f"{script}_{args.reward.replace('*', 'x')}_seed{args.seed}"  # 2*a+b: 2xa+b
     run_dir = os.path.join(args.output_dir, run_name)
     # The run folder is only read until the models have loaded: a start that fails (a bad model id, no network)
     # writes nothing, so its corrected rerun starts as if it had never happened.
@@ -979,12 +1010,8 @@ def main(args):
         # ==================================================================================================
         # 3. Reward: r(x_0, c) for every sample, gathered from all processes
         # ==================================================================================================
-        rewards = torch.cat(
-            [
-                reward_fn(samples["images"][i : i + args.sample_batch_size], prompts[i : i + args.sample_batch_size])
-                for i in range(0, len(prompts), args.sample_batch_size)
-            ]
-        )
+        # (S,), and an ensemble's members {name: (S,)}
+        rewards, member_rewards = score_in_batches(reward_fn, samples["images"], prompts, args.sample_batch_size)
         all_rewards = accelerator.gather(rewards.float().to(accelerator.device)).cpu().numpy()  # (samples_per_epoch,)
         all_prompts = (
             [p for part in gather_object([prompts]) for p in part] if accelerator.num_processes > 1 else prompts
@@ -1086,6 +1113,7 @@ def main(args):
             reward_queries=(epoch + 1) * args.samples_per_epoch,
             reward_mean=float(all_rewards.mean()),
             reward_std=float(all_rewards.std()),
+            **member_reward_means(accelerator, member_rewards),
             loss=loss_mean,
             approx_kl=approx_kl_mean,
             clipfrac=clipfrac_mean,

@@ -8,6 +8,7 @@ common.py's loaders (a real Stable Diffusion and real reward models); the names 
   --reward shapes        shapes_world.py's exact reward (it reads the shapes in the pixels)
   --reward shapes_learned  shapes_world.py's learned, differentiable reward
   --shapes (a preset)    the shapes world's model folder, world/sd-shapes, loaded as any folder
+  --reward a+b, 2*a+b    an ensemble of any of these rewards (common.EnsembleReward), each member normalised
 
 The dependencies point one way: common <- tiny_world <- shapes_world <- worlds <- the method scripts.
 """
@@ -22,14 +23,29 @@ REWARD_NAMES = common.REWARD_NAMES + shapes_world.REWARD_NAMES
 DIFFERENTIABLE_REWARDS = common.DIFFERENTIABLE_REWARDS + ("shapes_learned",)
 
 
-def check_reward_name(name):
-    common.check_reward_name(name, REWARD_NAMES)
+# the shapes rewards are fractions of the caption's attributes, in [0, 1] (ours, for their ensembles)
+REWARD_SCALES = common.REWARD_SCALES | {"shapes": (0.5, 0.25), "shapes_learned": (0.5, 0.25)}
 
 
-def check_reward_prompts(name, prompts):
+def reward_members(spec):
+    """[(weight, name), ...] of a --reward spec: one member for a single reward, several for an ensemble."""
+    return common.parse_reward_spec(spec, REWARD_NAMES)
+
+
+def check_reward_name(spec):
+    reward_members(spec)
+
+
+def reward_is_differentiable(spec):
+    """Whether AlignProp can backpropagate through the reward: every member must be differentiable."""
+    return all(name in DIFFERENTIABLE_REWARDS for _, name in reward_members(spec))
+
+
+def check_reward_prompts(spec, prompts):
     """The shapes rewards score captions of the shapes world's grammar only: one error line for any other prompt."""
-    if name in shapes_world.REWARD_NAMES:
-        shapes_world.check_captions(name, prompts)
+    for _, name in reward_members(spec):
+        if name in shapes_world.REWARD_NAMES:
+            shapes_world.check_captions(name, prompts)
 
 
 def load_pipeline(model, device, dtype):
@@ -37,11 +53,19 @@ def load_pipeline(model, device, dtype):
     return common.load_pipeline(tiny_world.pipeline_folder() if model == TINY_MODEL else model, device, dtype)
 
 
-def load_reward(name, device, dtype, tiny=False):
-    """The reward `name`, frozen on `device`: the shapes world's, a tiny one (`tiny`), or common.py's real one."""
-    check_reward_name(name)
+def load_single_reward(name, device, dtype, tiny):
     if name in shapes_world.REWARD_NAMES:
         return common.freeze(shapes_world.load_reward(name), device, dtype)
     if tiny and name in tiny_world.REWARD_NAMES:
         return common.freeze(tiny_world.load_reward(name), device, dtype)
     return common.load_reward(name, device, dtype)
+
+
+def load_reward(spec, device, dtype, tiny=False):
+    """The reward `spec`, frozen on `device`: the shapes world's, a tiny one (`tiny`), or common.py's real one; an
+    ensemble (common.EnsembleReward) of those for a spec with several members."""
+    members = reward_members(spec)
+    if len(members) == 1 and members[0][0] == 1.0:
+        return load_single_reward(spec, device, dtype, tiny)
+    loaded = [(weight, name, load_single_reward(name, device, dtype, tiny)) for weight, name in members]
+    return common.EnsembleReward(loaded, REWARD_SCALES)

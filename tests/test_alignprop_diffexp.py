@@ -297,6 +297,10 @@ def test_tiny_preset_and_paper_defaults():
             "reward, choose one of aesthetic, pickscore, clipscore",
         ),
         (["--reward", "jpeg_incompressibility"], "error: reward 'jpeg_incompressibility' is not differentiable"),
+        (
+            ["--reward", "aesthetic+jpeg_compressibility"],
+            "error: reward 'aesthetic+jpeg_compressibility' is not differ",
+        ),
         (["--reward", "beauty"], "error: unknown reward 'beauty'"),
         (["--grad-steps", "51"], "error: --grad-steps 51 must be <= --num-steps 50"),
         (["--grad-steps", "0"], "error: --grad-steps 0 must be >= 1"),

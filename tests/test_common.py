@@ -204,6 +204,49 @@ def test_pickscore_is_logit_scaled_clipscore():
     assert (clip(images, ["a", "b"]).abs() <= 1).all()
 
 
+def test_an_ensemble_is_the_weighted_sum_of_normalised_members_and_backpropagates():
+    assert worlds.reward_members("hpsv2+aesthetic+0.5*pickscore") == [
+        (1.0, "hpsv2"),
+        (1.0, "aesthetic"),
+        (0.5, "pickscore"),
+    ]
+    ensemble = worlds.load_reward("hpsv2+aesthetic+0.5*pickscore", "cpu", torch.float32, tiny=True)
+    assert isinstance(ensemble, common.EnsembleReward) and ensemble.differentiable
+    images = torch.rand(3, 3, 32, 32, requires_grad=True)
+    prompts = ["a red apple", "a cat", "a dog"]
+    total, members = common.score_images(ensemble, images, prompts)
+    expected = sum(
+        weight * (worlds.load_reward(name, "cpu", torch.float32, tiny=True)(images, prompts) - center) / spread
+        for weight, name, (center, spread) in [
+            (1.0, "hpsv2", common.REWARD_SCALES["hpsv2"]),
+            (1.0, "aesthetic", common.REWARD_SCALES["aesthetic"]),
+            (0.5, "pickscore", common.REWARD_SCALES["pickscore"]),
+        ]
+    )
+    assert torch.allclose(total, expected, atol=1e-4) and sorted(members) == ["aesthetic", "hpsv2", "pickscore"]
+    total.sum().backward()
+    assert images.grad.abs().sum() > 0
+    single = worlds.load_reward("aesthetic", "cpu", torch.float32, tiny=True)
+    assert not isinstance(single, common.EnsembleReward) and common.score_images(single, images, prompts)[1] == {}
+    assert not worlds.reward_is_differentiable("aesthetic+jpeg_compressibility")
+    assert not worlds.load_reward("aesthetic+jpeg_compressibility", "cpu", torch.float32, tiny=True).differentiable
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("aesthetic+beauty", "error: unknown reward 'beauty'"),
+        ("two*aesthetic", "error: reward 'two*aesthetic': 'two*aesthetic' is not WEIGHT*NAME"),
+        ("0*aesthetic+hpsv2", "error: reward '0*aesthetic+hpsv2': the weight of aesthetic must be finite and nonzero"),
+        ("nan*aesthetic", "error: reward 'nan*aesthetic': the weight of aesthetic must be finite and nonzero"),
+        ("hpsv2+2*hpsv2", "error: reward 'hpsv2+2*hpsv2' names a reward twice"),
+    ],
+)
+def test_a_bad_ensemble_spec_is_one_error_line(spec, message):
+    with pytest.raises(SystemExit, match="^" + message.replace("*", r"\*").replace("+", r"\+")):
+        worlds.check_reward_name(spec)
+
+
 # ---------------------------------------------------------------------------------------------- prompts
 def test_prompt_sets_follow_the_paper_tables(tmp_path):
     assert len(common.load_prompts("animals")) == 45 and "hedgehog" in common.load_prompts("animals")

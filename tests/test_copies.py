@@ -35,6 +35,8 @@ SHARED_BLOCKS = [
     ("function", "save_checkpoint", SCRIPTS),
     ("function", "keep_lines_before", SCRIPTS),
     ("function", "stop_on_non_finite", SCRIPTS),
+    ("function", "member_reward_means", SCRIPTS),
+    ("function", "score_in_batches", DDPO_FAMILY),
     ("function", "flag", SCRIPTS),
     ("function", "divisibility_problem", SCRIPTS),
     ("function", "shared_flag_problems", SCRIPTS),

@@ -174,3 +174,32 @@ def test_reward_models_stay_fp32_under_half_precision_weights(script, run_flags,
         with pytest.raises(SystemExit, match="^stop"):
             module.main(args)
         assert loaded == {"pipeline": torch.bfloat16, "reward": reward_dtype}, flags
+
+
+@pytest.mark.parametrize(
+    "script, reward",
+    [
+        ("alignprop_diffexp.py", "hpsv2+aesthetic+0.5*pickscore"),
+        ("ddpo_diffexp.py", "2*aesthetic+jpeg_compressibility"),
+    ],
+)
+def test_an_ensemble_trains_and_logs_each_member(script, reward, tmp_path):
+    """AlignProp backpropagates through all members; DDPO's family also takes non-differentiable ones. The DDPO
+    family scores with one text-identical helper (tests/test_copies.py), so ddpo_diffexp.py stands for all three."""
+    import worlds
+
+    run_script(script, [*MICRO_FLAGS, "--epochs", "1", "--reward", reward, "--run-name", "ensemble"], tmp_path)
+    members = worlds.reward_members(reward)
+    (metrics,) = read_jsonl(tmp_path / "ensemble" / "metrics.jsonl")
+    evaluations = read_jsonl(tmp_path / "ensemble" / "eval.jsonl")
+    for line, prefix in [
+        (metrics, "reward"),
+        *[(e, prefix) for e in evaluations for prefix in ("seen_reward", "unseen_reward")],
+    ]:
+        # the ensemble is linear in its members, so its mean is the weighted sum of their normalised means
+        expected = sum(
+            weight * (line[f"{prefix}_{name}_mean"] - worlds.REWARD_SCALES[name][0]) / worlds.REWARD_SCALES[name][1]
+            for weight, name in members
+        )
+        assert line[f"{prefix}_mean"] == pytest.approx(expected, rel=1e-4, abs=1e-3), (prefix, line)
+    assert evaluations[-1]["seen_reward_mean"] != evaluations[0]["seen_reward_mean"]  # the update changed the model
