@@ -53,10 +53,20 @@ Deviations and assumptions
      batch of 1-4 trajectories on a GPU. per_step draws per batch, as its release does.
   7. Weight decay 1e-4 and gradient clipping at norm 1.0 (the AlignProp trainer's defaults): DiffExp publishes
      neither; the released AlignProp aesthetic config used 0.1 and 5.0 (on its 0.01-scaled loss).
+  8. SDXL (Fig. 10 (b); --model an SDXL pipeline or tiny-sdxl): the same loop. common.encode_prompts packs SDXL's
+     conditioning into one tensor (both encoders' penultimate states, then the pooled embedding and the size ids in
+     an extra row). DiffExp Eq. 8 weights the chosen word's tokens in both encoders' halves of the sequence (the
+     same positions: the tokenizers share CLIP's BPE) and leaves the pooled embedding as it is: Eq. 8 is defined on
+     token positions, the pooled vector has none, and it already summarises the whole prompt. The uncond c_null is
+     zeros, as diffusers' SDXL pipeline (force_zeros_for_empty_prompt), so Eq. 8 becomes c[i] <- w c[i]. In fp16 the
+     VAE is kept and decodes in fp32 (its force_upcast; a folder with the fp16-fix VAE decodes in fp16). Ours: the
+     UNet also checkpoints block by block; 1024 px and a train batch of 1 (the paper gives no SDXL resolution).
 
 Commands
   Paper setting (1 GPU; `accelerate launch --num_processes 4 alignprop_diffexp.py ...` for 4):
     python alignprop_diffexp.py --preset diffexp-fig4a   (Fig. 4 (a); PRESETS.md gives every value's source)
+    python alignprop_diffexp.py --preset diffexp-fig10a  (Fig. 10 (a): DrawBench's 58, HPS + Aesthetic + PickScore)
+    python alignprop_diffexp.py --preset diffexp-fig10b  (Fig. 10 (b): SDXL, Aesthetic, animals)
   Tiny CPU run (offline, about two minutes on 2 cores):
     python alignprop_diffexp.py --tiny --reward aesthetic
   Shapes world (offline; optimises the learned reward, evaluates with the exact one):
@@ -91,6 +101,7 @@ from common import (
     encode_prompts,
     guided_noise_prediction,
     images_to_pil,
+    is_sdxl,
     load_prompts,
     random_word_token_mask,
     save_lora,
@@ -109,7 +120,8 @@ from worlds import DIFFERENTIABLE_REWARDS, reward_is_differentiable  # what Alig
 class Args:
     # Shared arguments (the same, in the same order, in every script)
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
+    """hub id or local folder of an SD 1.x or SDXL pipeline (model_index.json names which); "tiny" and "tiny-sdxl"
+    build the offline tiny models"""
     tiny: bool = False
     """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
     shapes: bool = False
@@ -252,6 +264,23 @@ PRESETS = {
         prompts="animals",  # prompt_fn simple_animals
         diffexp=True,
         truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
+        weight_decay=0.1,  # adam_weight_decay
+        max_grad_norm=5.0,  # max_grad_norm, on the 0.01-scaled loss below
+        loss_scale=0.01,  # loss_coeff
+        reward_target=10.0,  # aesthetic_target: loss = 0.01 |r - 10|
+    ),
+    # DiffExp Figure 10 (b): AlignProp with DiffExp on SDXL, Aesthetic on the animals (unseen: Table 2's). The paper
+    # gives 50 steps, CFG 7.5 and 64 images per iteration for its AlignProp runs and no SDXL resolution; the rest
+    # as Figure 4 (a), from the same release
+    "diffexp-fig10b": dict(
+        model="stabilityai/stable-diffusion-xl-base-1.0",
+        resolution=1024,  # ours: SDXL's native size (it was trained at ~1024^2; at 512 px its samples degrade)
+        reward="aesthetic",
+        prompts="animals",  # DiffExp: "Aesthetic Score on animal prompts"
+        diffexp=True,
+        truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
+        sample_batch_size=2,  # ours: small batches for 1024 px SDXL's memory (not measured: no GPU here)
+        train_batch_size=1,  # ours, likewise: the backward runs through the fp32 VAE decoder at 1024 px
         weight_decay=0.1,  # adam_weight_decay
         max_grad_norm=5.0,  # max_grad_norm, on the 0.01-scaled loss below
         loss_scale=0.01,  # loss_coeff
@@ -642,7 +671,9 @@ def sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, l
             # a trajectory that does not keep this step uses its eps~ as a constant
             noise_pred = torch.where(keeps_graph.view(-1, 1, 1, 1), noise_pred, noise_pred.detach())
         latents = ddim_step(scheduler, noise_pred, t, latents, eta, generator)
-    images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample  # with grad: r -> x_0 -> z_0
+    images = pipeline.vae.decode(
+        latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor
+    ).sample  # with grad: r -> x_0 -> z_0
     return (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
 
 
@@ -733,7 +764,7 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
         latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
             accelerator.device, pipeline.unet.dtype
         )
-        prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts)
+        prompt_embeds = encode_prompts(pipeline, batch_prompts, args.resolution)
         guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
         images = sample_images(
             pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
@@ -845,7 +876,7 @@ def main(args):
     timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
-    null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
+    null_embeds = encode_prompts(pipeline, [""], args.resolution)  # c_null, (1, L, D)
 
     torch.manual_seed(args.seed)
     lora_parameters = add_lora(pipeline.unet, args.lora_rank)
@@ -864,7 +895,11 @@ def main(args):
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
 
     # Method-specific setup
-    # none: AlignProp keeps no state besides the LoRA and the optimiser (no reward statistics, no value function)
+    # AlignProp keeps no state besides the LoRA and the optimiser (no reward statistics, no value function).
+    # SDXL (ours, deviation 8): each checkpointed UNet call also recomputes its blocks one at a time in backward, so
+    # the backward's peak is one block's activations, not a whole 2.6 G-parameter UNet's at 128 x 128 latents.
+    if is_sdxl(pipeline):
+        pipeline.unet.enable_gradient_checkpointing()
 
     for epoch in tqdm(
         range(start_epoch, args.epochs),
@@ -905,9 +940,9 @@ def main(args):
         ):
             prompt_indices = torch.randint(len(train_prompts), (args.train_batch_size,), generator=generator)
             prompts = [train_prompts[i] for i in prompt_indices]
-            prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)  # c, (B, L, D)
+            prompt_embeds = encode_prompts(pipeline, prompts, args.resolution)  # c, (B, L, D)
             if use_prompt_weighting:  # DiffExp Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
-                token_mask = random_word_token_mask(pipeline.tokenizer, prompts, generator)  # (B, L)
+                token_mask = random_word_token_mask(pipeline, prompts, generator)  # (B, L)
                 low, high = args.prompt_weight_range
                 prompt_weights = low + (high - low) * torch.rand(args.train_batch_size, generator=generator)  # (B,)
                 prompt_embeds = weight_prompt_embeds(

@@ -118,7 +118,8 @@ DIVERSITY_CLIP = "openai/clip-vit-large-patch14"  # image embeddings for the div
 class Args:
     # Shared arguments (the same, in the same order, in every script)
     model: str = "CompVis/stable-diffusion-v1-4"
-    """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
+    """hub id or local folder of an SD 1.x or SDXL pipeline (model_index.json names which); "tiny" and "tiny-sdxl"
+    build the offline tiny models"""
     # --tiny trains on our template-2-style list (prompts/color_fruit_train.txt): 55 evaluation prompts, not 135
     tiny: bool = False
     """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
@@ -599,7 +600,7 @@ def sample_trajectories(
         latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
         trajectory.append(latents)
         log_probs.append(log_prob)
-    images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample
+    images = pipeline.vae.decode(latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor).sample
     images = (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
     return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), images
 
@@ -766,7 +767,7 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prom
         latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
             accelerator.device, pipeline.unet.dtype
         )
-        prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts)
+        prompt_embeds = encode_prompts(pipeline, batch_prompts, args.resolution)
         guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
         _, _, images = sample_trajectories(
             pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
@@ -897,7 +898,7 @@ def main(args):
     timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
-    null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
+    null_embeds = encode_prompts(pipeline, [""], args.resolution)  # c_null, (1, L, D)
 
     torch.manual_seed(args.seed)
     lora_parameters = add_lora(pipeline.unet, args.lora_rank)
@@ -970,7 +971,7 @@ def main(args):
             prefixes = args.sample_batch_size // branches  # G trajectories from their own noise, N branches each
             prompt_indices = torch.randint(len(train_prompts), (prefixes,), generator=generator)
             prefix_prompts = [train_prompts[i] for i in prompt_indices]
-            prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prefix_prompts)  # c, (G, L, D)
+            prompt_embeds = encode_prompts(pipeline, prefix_prompts, args.resolution)  # c, (G, L, D)
             guidance_scales = torch.full((prefixes, args.num_steps), args.cfg_high)  # (G, T)
             latents = torch.randn((prefixes, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
             trajectory, log_probs, images = sample_trajectories(

@@ -49,30 +49,52 @@ def freeze(module, device, dtype):
 
 
 def load_pipeline(model, device, dtype):
-    """A StableDiffusionPipeline from a hub id or a local folder, with a DDIMScheduler, frozen, on `device`."""
+    """A Stable Diffusion 1.x or SDXL pipeline from a hub id or a local folder (the class its model_index.json
+    names), with a DDIMScheduler of its own schedule, frozen, on `device`.
+
+    SDXL's VAE overflows in fp16 (its config sets force_upcast): it is then kept in fp32 and decodes fp32 latents,
+    as diffusers' SDXL pipeline upcasts it. A folder with the fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix, whose
+    config clears force_upcast) decodes in fp16.
+    """
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # importing the pipelines notes that torchvision is absent: noise
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
     transformers_logging.set_verbosity(verbosity)
     if os.path.isdir(model):
         diffusers_logging.disable_progress_bar()  # a local folder needs no loading bars
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        class_name = DiffusionPipeline.load_config(model)["_class_name"]  # model_index.json only: no weights yet
+        if class_name == "StableDiffusionXLPipeline":
+            pipeline = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
+        else:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
     except Exception as exception:  # OSError for a missing repo or no network, ValueError for bad folders
         raise hub_error(f"the model '{model}'", exception)
+    if class_name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise SystemExit(f"error: '{model}' is a {class_name}; the scripts train Stable Diffusion 1.x or SDXL")
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.to(device)  # loaded in `dtype` already (a second cast would make diffusers warn about fp32 modules)
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    if is_sdxl(pipeline) and dtype == torch.float16 and pipeline.vae.config.force_upcast:
+        pipeline.vae.to(torch.float32)  # decodes latents.to(vae.dtype): fp32
+    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def is_sdxl(pipeline_or_unet):
+    """SDXL's UNet takes pooled text embeddings and size ids beside the text sequence (addition_embed_type)."""
+    unet = getattr(pipeline_or_unet, "unet", pipeline_or_unet)
+    unet = getattr(unet, "module", unet)  # unwrap DDP
+    return unet.config.addition_embed_type == "text_time"
 
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's attention projections, as in DDPO
@@ -623,12 +645,60 @@ def load_reward(name, device, dtype, aesthetic_head_path=None):
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts):
-    """Text encoder output sequences c, (B, 77, D) (D = 768 for SD 1.x), as the SD pipeline computes them."""
-    input_ids = tokenizer(
+def encode_prompts(pipeline, prompts, resolution):
+    """The text conditioning c of `prompts`, one tensor (B, L, D), as the pipelines compute it.
+
+    SD 1.x: the text encoder's last hidden states, (B, 77, 768).
+    SDXL: (B, 77 + 1, 2048). Rows 0..76 are the two encoders' penultimate hidden states, concatenated (768 + 1280
+    features). Row 77 packs what SDXL's UNet takes beside them (`added_cond_kwargs`): the pooled, projected
+    embedding of text_encoder_2 (1280), then the six size ids (original height, width, crop top, left, target
+    height, width) = (resolution, resolution, 0, 0, resolution, resolution), zero-padded to 2048. One tensor
+    means every script stores, indexes and weights SDXL's conditioning exactly as SD 1.x's;
+    `guided_noise_prediction` unpacks it. An empty prompt encodes to zeros (the size ids kept), as diffusers'
+    SDXL pipeline encodes its default negative prompt (force_zeros_for_empty_prompt).
+    """
+    if not is_sdxl(pipeline):
+        return pipeline.text_encoder(token_ids(pipeline.tokenizer, prompts).to(pipeline.text_encoder.device))[0]
+    sequences = []
+    for tokenizer, text_encoder in [
+        (pipeline.tokenizer, pipeline.text_encoder),
+        (pipeline.tokenizer_2, pipeline.text_encoder_2),
+    ]:
+        output = text_encoder(token_ids(tokenizer, prompts).to(text_encoder.device), output_hidden_states=True)
+        sequences.append(output.hidden_states[-2])  # (B, 77, 768) and (B, 77, 1280)
+    pooled = output.text_embeds  # text_encoder_2's projection of its EOS token, (B, 1280)
+    sequence = torch.cat(sequences, dim=-1)  # (B, 77, 2048)
+    if pipeline.config.force_zeros_for_empty_prompt:
+        empty = torch.tensor([prompt == "" for prompt in prompts], device=sequence.device)
+        sequence, pooled = sequence.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+    size_ids = pooled.new_tensor([resolution, resolution, 0, 0, resolution, resolution]).expand(len(prompts), -1)
+    extra = torch.cat([pooled, size_ids], dim=-1)  # (B, 1280 + 6)
+    if extra.shape[-1] > sequence.shape[-1]:
+        raise ValueError(f"cannot pack {extra.shape[-1]} pooled + size features into rows of {sequence.shape[-1]}")
+    extra = F.pad(extra, (0, sequence.shape[-1] - extra.shape[-1]))[:, None]  # (B, 1, 2048)
+    return torch.cat([sequence, extra.to(sequence.dtype)], dim=1)
+
+
+def token_ids(tokenizer, prompts):
+    """(B, 77) token ids padded and truncated as the pipelines do."""
+    return tokenizer(
         list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def unet_conditioning(unet, embeds):
+    """The UNet's keyword arguments for the conditioning c of `encode_prompts`, (B, L, D).
+
+    SD 1.x: encoder_hidden_states = c. SDXL: the first 77 rows, and the packed last row unpacked into
+    added_cond_kwargs = {text_embeds: pooled (B, 1280), time_ids: size ids (B, 6)}.
+    """
+    if not is_sdxl(unet):
+        return dict(encoder_hidden_states=embeds)
+    config = getattr(unet, "module", unet).config
+    pooled_size = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim  # 2816 - 1536
+    extra = embeds[:, -1]  # (B, D)
+    added = dict(text_embeds=extra[:, :pooled_size], time_ids=extra[:, pooled_size : pooled_size + 6])
+    return dict(encoder_hidden_states=embeds[:, :-1], added_cond_kwargs=added)
 
 
 def guided_noise_prediction(unet, latents, timestep, prompt_embeds, null_embeds, guidance_scales):
@@ -644,7 +714,7 @@ def guided_noise_prediction(unet, latents, timestep, prompt_embeds, null_embeds,
     noise_pred = unet(
         torch.cat([latents, latents]),
         torch.cat([timestep, timestep]),
-        encoder_hidden_states=torch.cat([null_embeds, prompt_embeds]),
+        **unet_conditioning(unet, torch.cat([null_embeds, prompt_embeds])),
     ).sample
     noise_uncond, noise_cond = noise_pred.chunk(2)  # (B, 4, h, w) each
     # built on the CPU
@@ -660,22 +730,34 @@ def dynamic_cfg_scale(t, w_low, w_high, t_thres):
     return w_low if int(t) > t_thres else w_high
 
 
-def random_word_token_mask(tokenizer, prompts, generator):
-    """Bool mask (B, L): per prompt, every token of ONE uniformly random word (never BOS, EOS or padding).
+def random_word_token_mask(pipeline, prompts, generator):
+    """Bool mask (B, L), L as encode_prompts' c: per prompt, every token of ONE uniformly random word (never BOS,
+    EOS, padding, or SDXL's packed pooled row).
 
     A word is a whitespace-separated piece of the prompt; its tokens are found by tokenising each word alone
-    (CLIP's tokeniser splits on whitespace first, so the prompt's tokens are the words' tokens in order).
+    (CLIP's tokeniser splits on whitespace first, so the prompt's tokens are the words' tokens in order). SDXL has
+    two tokenizers; the mask marks the word's positions in each, which are the same positions: both are CLIP's
+    BPE with the same vocabulary and merges, and differ only in the padding token, which comes after EOS. So one
+    (B, L) mask weights the same word in both halves (768 + 1280) of c; a pair of tokenizers that split a word
+    differently stops with an error rather than weight two different things.
     """
-    length = tokenizer.model_max_length
-    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if is_sdxl(pipeline) else [])
+    length = pipeline.tokenizer.model_max_length
+    mask = torch.zeros(len(prompts), length + (1 if is_sdxl(pipeline) else 0), dtype=torch.bool)
     for row, prompt in enumerate(prompts):
-        spans, position = [], 1  # position 0 is BOS
-        for word in prompt.split():
-            count = len(tokenizer(word, add_special_tokens=False).input_ids)
-            end = min(position + count, length - 1)  # the last position always holds EOS after truncation
-            if end > position:
-                spans.append((position, end))
-            position += count
+        spans_of = []
+        for tokenizer in tokenizers:
+            spans, position = [], 1  # position 0 is BOS
+            for word in prompt.split():
+                count = len(tokenizer(word, add_special_tokens=False).input_ids)
+                end = min(position + count, length - 1)  # the last position always holds EOS after truncation
+                if end > position:
+                    spans.append((position, end))
+                position += count
+            spans_of.append(spans)
+        if any(spans != spans_of[0] for spans in spans_of):
+            raise ValueError(f"SDXL's two tokenizers split '{prompt}' differently; DiffExp Eq. 8 needs one mask")
+        spans = spans_of[0]
         if spans:  # an empty prompt has no word to weight
             start, end = spans[torch.randint(len(spans), (1,), generator=generator).item()]
             mask[row, start:end] = True

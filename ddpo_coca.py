@@ -114,7 +114,8 @@ from worlds import SHAPES_MODEL, TINY_MODEL, check_reward_name, check_reward_pro
 class Args:
     # Shared arguments (the same, in the same order, in every script)
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local folder of an SD 1.x pipeline; "tiny" builds the offline tiny model"""
+    """hub id or local folder of an SD 1.x or SDXL pipeline (model_index.json names which); "tiny" and "tiny-sdxl"
+    build the offline tiny models"""
     # --tiny samples 10 steps here: two CoCA windows of 5
     tiny: bool = False
     """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
@@ -627,7 +628,7 @@ def sample_trajectories(pipeline, unet, prompt_embeds, null_embeds, guidance_sca
         trajectory.append(latents)
         log_probs.append(log_prob)
     similarities = similarity_to_final_latent(torch.stack(clean_estimates, dim=1), latents)  # c_0..c_T, (B, T + 1)
-    images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample
+    images = pipeline.vae.decode(latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor).sample
     images = (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
     return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), similarities, images
 
@@ -799,7 +800,7 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
         latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
             accelerator.device, pipeline.unet.dtype
         )
-        prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts)
+        prompt_embeds = encode_prompts(pipeline, batch_prompts, args.resolution)
         guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
         _, _, _, images = sample_trajectories(
             pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
@@ -911,7 +912,7 @@ def main(args):
     timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
-    null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])  # c_null, (1, L, D)
+    null_embeds = encode_prompts(pipeline, [""], args.resolution)  # c_null, (1, L, D)
 
     torch.manual_seed(args.seed)
     lora_parameters = add_lora(pipeline.unet, args.lora_rank)
@@ -972,9 +973,9 @@ def main(args):
         ):
             prompt_indices = torch.randint(len(train_prompts), (args.sample_batch_size,), generator=generator)
             prompts = [train_prompts[i] for i in prompt_indices]
-            prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)  # c, (B, L, D)
+            prompt_embeds = encode_prompts(pipeline, prompts, args.resolution)  # c, (B, L, D)
             if use_prompt_weighting:  # DiffExp Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
-                token_mask = random_word_token_mask(pipeline.tokenizer, prompts, generator)  # (B, L)
+                token_mask = random_word_token_mask(pipeline, prompts, generator)  # (B, L)
                 low, high = args.prompt_weight_range
                 prompt_weights = low + (high - low) * torch.rand(args.sample_batch_size, generator=generator)  # (B,)
                 prompt_embeds = weight_prompt_embeds(

@@ -22,7 +22,7 @@ from common import (
     AestheticReward,
     ClipSimilarityReward,
     build_imagereward,
-    encode_prompts,
+    token_ids,
     load_aesthetic_head,
 )
 
@@ -61,14 +61,15 @@ def _bytes_to_unicode():
     return [chr(c) for c in code_points]
 
 
-def build_tiny_tokenizer(words=(), model_max_length=77):
+def build_tiny_tokenizer(words=(), model_max_length=77, **special_tokens):
     """A real CLIPTokenizer over a small vocabulary whose vocab.json / merges.txt we write ourselves.
 
     Vocabulary: the 256 byte symbols, the same with the end-of-word marker "</w>", then BOS and EOS (514
     tokens), then one token per word of `words` with the BPE merges that build it ("r e", "re d</w>"). With no
     words (the tiny model) every word is split into its characters: "dog" -> "d", "o", "g</w>", which keeps the
     real tokenizer's behaviour (lower-casing, punctuation split, BOS/EOS, padding with EOS to 77) and makes
-    multi-token words the normal case, which is what DiffExp Eq. 8's word masking must handle.
+    multi-token words the normal case, which is what DiffExp Eq. 8's word masking must handle. `special_tokens`
+    go to the tokenizer (SDXL's second tokenizer pads with pad_token="!").
     """
     from transformers import CLIPTokenizer
 
@@ -96,7 +97,7 @@ def build_tiny_tokenizer(words=(), model_max_length=77):
             json.dump({token: index for index, token in enumerate(vocab)}, f)
         with open(os.path.join(folder, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "".join(merge + "\n" for merge in dict.fromkeys(merges)))
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length, **special_tokens)
 
 
 def text_config(tokenizer, hidden_size=32, intermediate_size=37, max_positions=77):
@@ -184,7 +185,9 @@ def _build_tiny_pipeline():
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     with torch.random.fork_rng(devices=[]):
-        _pretrain_tiny_unet(unet, scheduler, encode_prompts(tokenizer, text_encoder, [""]))
+        with torch.no_grad():  # c_null = the text encoder's output for "", (1, 77, 32)
+            null_embeds = text_encoder(token_ids(tokenizer, [""]))[0]
+        _pretrain_tiny_unet(unet, scheduler, null_embeds)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -197,15 +200,74 @@ def _build_tiny_pipeline():
     )
 
 
-def pipeline_folder():
+def _build_tiny_sdxl_pipeline():
+    """An SDXL-architecture pipeline at the tiny model's size, random weights (built in well under a second).
+
+    What makes it SDXL: two text encoders (CLIPTextModel and CLIPTextModelWithProjection, 32 features each,
+    concatenated to the UNet's 64-d cross-attention), a second tokenizer that pads with "!" as SDXL's does, and a
+    UNet with addition_embed_type="text_time" that adds the pooled text embedding (32) and the six size ids
+    (8 Fourier features each) to its time embedding: 32 + 6 x 8 = 80 inputs, as SDXL's 1280 + 6 x 256 = 2816.
+    The VAE has SDXL's scaling factor and force_upcast (its fp16 path decodes in fp32).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer(pad_token="!")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,  # 32 + 32: both encoders' features
+            attention_head_dim=(2, 4),  # SDXL counts heads per level (5, 10, 20)
+            use_linear_projection=True,  # as SDXL
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,  # pooled 32 + 6 size ids x 8
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            sample_size=32,
+            norm_num_groups=8,
+            scaling_factor=0.13025,  # SDXL's VAE
+            force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(tokenizer_2), projection_dim=32))
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),  # SDXL's schedule is SD 1.x's (scaled-linear, leading)
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def pipeline_folder(architecture="sd"):
     """The tiny pipeline's folder (save_pretrained format, about 7 MB): built on first use, then cached.
 
-    Later calls, and other processes, load the same weights from it with common.load_pipeline, as a hub model.
+    architecture "sd" (SD 1.x, `--model tiny`) or "sdxl" (`--model tiny-sdxl`). Later calls, and other processes,
+    load the same weights from it with common.load_pipeline, as a hub model.
     """
     cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    folder = os.path.join(cache, "reward-finetuning", f"tiny-sd-v1-{TINY_PRETRAIN_STEPS}")
+    name = f"tiny-sd-v1-{TINY_PRETRAIN_STEPS}" if architecture == "sd" else "tiny-sdxl-v1"
+    folder = os.path.join(cache, "reward-finetuning", name)
     if not os.path.isdir(folder):
-        pipeline = _build_tiny_pipeline()
+        pipeline = _build_tiny_pipeline() if architecture == "sd" else _build_tiny_sdxl_pipeline()
         temporary = f"{folder}.tmp{os.getpid()}"
         pipeline.save_pretrained(temporary, safe_serialization=True)
         try:

@@ -4,6 +4,7 @@ A method script asks this module for its pipeline and its rewards. A hub id or a
 common.py's loaders (a real Stable Diffusion and real reward models); the names below are built offline:
 
   --model tiny           tiny_world.py's SD-architecture pipeline (built once, then cached as a folder)
+  --model tiny-sdxl      tiny_world.py's SDXL-architecture pipeline (likewise)
   --tiny                 common.py's reward modules on tiny_world.py's random CLIP towers
   --reward shapes        shapes_world.py's exact reward (it reads the shapes in the pixels)
   --reward shapes_learned  shapes_world.py's learned, differentiable reward
@@ -18,6 +19,7 @@ import shapes_world
 import tiny_world
 
 TINY_MODEL = "tiny"
+TINY_SDXL_MODEL = "tiny-sdxl"
 SHAPES_MODEL = shapes_world.SHAPES_MODEL
 REWARD_NAMES = common.REWARD_NAMES + shapes_world.REWARD_NAMES
 DIFFERENTIABLE_REWARDS = common.DIFFERENTIABLE_REWARDS + ("shapes_learned",)
@@ -49,8 +51,11 @@ def check_reward_prompts(spec, prompts):
 
 
 def load_pipeline(model, device, dtype):
-    """common.load_pipeline for a hub id or a folder; `tiny` is tiny_world's pipeline folder (built on first use)."""
-    return common.load_pipeline(tiny_world.pipeline_folder() if model == TINY_MODEL else model, device, dtype)
+    """common.load_pipeline for a hub id or a folder; `tiny` and `tiny-sdxl` are tiny_world's pipeline folders
+    (built on first use)."""
+    folders = {TINY_MODEL: "sd", TINY_SDXL_MODEL: "sdxl"}
+    folder = tiny_world.pipeline_folder(folders[model]) if model in folders else model
+    return common.load_pipeline(folder, device, dtype)
 
 
 def load_single_reward(name, device, dtype, tiny):

@@ -152,19 +152,14 @@ def bench_sampling(pipeline, resolution, opts):
     import common
     import ddpo_diffexp
 
-    unet, scheduler, tokenizer, text_encoder = (
-        pipeline.unet,
-        pipeline.scheduler,
-        pipeline.tokenizer,
-        pipeline.text_encoder,
-    )
+    unet, scheduler = pipeline.unet, pipeline.scheduler
     batch, steps, cfg = opts.batch, opts.steps, 5.0
     defaults = ddpo_diffexp.Args()
     prompts = prompts_for(batch)
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
-    null_embeds = common.encode_prompts(tokenizer, text_encoder, [""])
+    null_embeds = common.encode_prompts(pipeline, [""], resolution)
     unet.eval()
 
     def ours():  # ddpo_diffexp.main(), section 2, one batch, with --diffexp
@@ -172,8 +167,8 @@ def bench_sampling(pipeline, resolution, opts):
         step_scales = torch.tensor(
             [common.dynamic_cfg_scale(t, defaults.cfg_low, cfg, defaults.t_thres) for t in timesteps.tolist()]
         )
-        prompt_embeds = common.encode_prompts(tokenizer, text_encoder, prompts)
-        token_mask = common.random_word_token_mask(tokenizer, prompts, generator)
+        prompt_embeds = common.encode_prompts(pipeline, prompts, resolution)
+        token_mask = common.random_word_token_mask(pipeline, prompts, generator)
         low, high = defaults.prompt_weight_range
         prompt_weights = low + (high - low) * torch.rand(batch, generator=generator)
         prompt_embeds = common.weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, prompt_weights)
@@ -196,7 +191,7 @@ def bench_sampling(pipeline, resolution, opts):
                 output_type="pt",
             )
 
-    prompt_embeds = common.encode_prompts(tokenizer, text_encoder, prompts)
+    prompt_embeds = common.encode_prompts(pipeline, prompts, resolution)
     latents = torch.randn((batch, *latent_shape))
     doubled = (torch.cat([latents, latents]), torch.cat([null_embeds.expand(batch, -1, -1), prompt_embeds]))
     doubled_timesteps = [torch.full((2 * batch,), int(t)) for t in timesteps]
@@ -208,10 +203,10 @@ def bench_sampling(pipeline, resolution, opts):
 
     @torch.no_grad()
     def vae_decode():
-        pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor)
+        pipeline.vae.decode(latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor)
 
     def text_encoder_call():
-        common.encode_prompts(tokenizer, text_encoder, prompts)
+        common.encode_prompts(pipeline, prompts, resolution)
 
     times = interleaved(
         dict(
@@ -243,8 +238,8 @@ def bench_ddpo_training(pipeline, resolution, opts):
     prompts = prompts_for(batch)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
-    null_embeds = common.encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])
-    prompt_embeds = common.encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)
+    null_embeds = common.encode_prompts(pipeline, [""], resolution)
+    prompt_embeds = common.encode_prompts(pipeline, prompts, resolution)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(
         (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), generator=generator
@@ -334,8 +329,8 @@ def bench_alignprop(pipeline, resolution, opts):
     unet = pipeline.unet
     reward_fn = worlds.load_reward("aesthetic", "cpu", torch.float32, tiny=True)
     batch = opts.alignprop_batch
-    null_embeds = common.encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])
-    prompt_embeds = common.encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts_for(batch))
+    null_embeds = common.encode_prompts(pipeline, [""], resolution)
+    prompt_embeds = common.encode_prompts(pipeline, prompts_for(batch), resolution)
     unet.train()
 
     def measure(steps, grad_steps):

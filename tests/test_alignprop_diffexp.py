@@ -42,8 +42,8 @@ def model():
         lora=lora_parameters,
         prompts=prompts,
         reward=load_reward("aesthetic", "cpu", torch.float32, tiny=True),
-        null_embeds=encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""]),
-        prompt_embeds=encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts),
+        null_embeds=encode_prompts(pipeline, [""], 32),
+        prompt_embeds=encode_prompts(pipeline, prompts, 32),
         latents=torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)),
     )
 

@@ -37,10 +37,8 @@ def test_branches_share_their_prefix_exactly_and_differ_after_it(tiny_pipeline):
     scheduler.set_timesteps(4)
     generator = torch.Generator().manual_seed(0)
     prefixes, branches, branch_step = 2, 3, 2
-    prompt_embeds = b2_diffurl.encode_prompts(
-        tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, ["a cat", "a red apple"]
-    )
-    null_embeds = b2_diffurl.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""])
+    prompt_embeds = b2_diffurl.encode_prompts(tiny_pipeline, ["a cat", "a red apple"], 32)
+    null_embeds = b2_diffurl.encode_prompts(tiny_pipeline, [""], 32)
     latents = torch.randn(prefixes, 4, 16, 16, generator=generator)
     trajectory, log_probs, images = b2_diffurl.sample_trajectories(
         tiny_pipeline,
@@ -70,8 +68,8 @@ def test_branches_share_their_prefix_exactly_and_differ_after_it(tiny_pipeline):
 
 def test_one_branch_is_ddpo_sampling(tiny_pipeline):
     tiny_pipeline.scheduler.set_timesteps(4)
-    prompt_embeds = b2_diffurl.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, ["a cat", "a dog"])
-    null_embeds = b2_diffurl.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""])
+    prompt_embeds = b2_diffurl.encode_prompts(tiny_pipeline, ["a cat", "a dog"], 32)
+    null_embeds = b2_diffurl.encode_prompts(tiny_pipeline, [""], 32)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     scales = torch.full((2, 4), 5.0)
     ours = b2_diffurl.sample_trajectories(

@@ -29,7 +29,7 @@ def test_random_word_token_mask_selects_every_token_of_one_word(tiny_pipeline):
     generator = torch.Generator().manual_seed(0)
     seen_words = set()
     for _ in range(40):
-        mask = common.random_word_token_mask(tokenizer, prompts, generator)
+        mask = common.random_word_token_mask(tiny_pipeline, prompts, generator)
         assert mask.shape == (3, tokenizer.model_max_length) and mask.dtype == torch.bool
         ids = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
@@ -69,8 +69,8 @@ def test_guided_noise_prediction_is_cfg_with_per_sample_scales(tiny_pipeline):
     unet = tiny_pipeline.unet
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 16, 16, generator=generator)
-    prompt_embeds = common.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, ["a dog", "a cat"])
-    null_embeds = common.encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""])
+    prompt_embeds = common.encode_prompts(tiny_pipeline, ["a dog", "a cat"], 32)
+    null_embeds = common.encode_prompts(tiny_pipeline, [""], 32)
     scales = torch.tensor([1.0, 7.5])
     timesteps = torch.tensor([981, 501])
     with torch.no_grad():

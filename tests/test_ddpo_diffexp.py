@@ -88,8 +88,8 @@ def test_one_update_moves_probability_toward_high_advantage_trajectories():
     scheduler.set_timesteps(4)
     generator = torch.Generator().manual_seed(0)
     prompts = ["a dog", "a cat", "a fox", "an ant"] * 2
-    prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)
-    null_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""])
+    prompt_embeds = encode_prompts(pipeline, prompts, 32)
+    null_embeds = encode_prompts(pipeline, [""], 32)
     scales = torch.full((8, 4), 5.0)
     trajectory, log_prob_old, _ = ddpo_diffexp.sample_trajectories(
         pipeline,
