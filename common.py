@@ -60,14 +60,14 @@ def load_pipeline(model, device, dtype):
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # importing the pipelines notes that torchvision is absent: noise
-    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
     transformers_logging.set_verbosity(verbosity)
     if os.path.isdir(model):
         diffusers_logging.disable_progress_bar()  # a local folder needs no loading bars
     try:
-        class_name = DiffusionPipeline.load_config(model)["_class_name"]  # model_index.json only: no weights yet
+        class_name = pipeline_class_name(model)
         if class_name == "StableDiffusionXLPipeline":
             pipeline = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
         else:
@@ -88,6 +88,23 @@ def load_pipeline(model, device, dtype):
             module.eval()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def pipeline_class_name(model):
+    """The pipeline class that a model's model_index.json names, read alone (no weights are fetched for it)."""
+    import warnings
+
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import model_info
+
+    with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument: noise
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
+        try:  # a folder, or a hub model already in the cache
+            return DiffusionPipeline.load_config(model, local_files_only=True)["_class_name"]
+        except OSError:
+            pass
+        model_info(model)  # fails at once without network or for a missing repo (load_config would retry ~25 s)
+        return DiffusionPipeline.load_config(model)["_class_name"]
 
 
 def is_sdxl(pipeline_or_unet):

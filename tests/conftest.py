@@ -148,3 +148,28 @@ def kill_after_first_checkpoint(script, flags, tmp_path, run_name="full"):
     process.send_signal(signal.SIGKILL)
     process.wait()
     return sorted(os.listdir(checkpoints))
+
+
+# One run per architecture family on the tiny SDXL with a reward ensemble: tests/test_sdxl.py checks the SDXL side
+# (the reward rises, the LoRA loads into StableDiffusionXLPipeline), tests/test_scripts.py the ensemble's logs.
+ENSEMBLE_RUNS = {
+    "alignprop_diffexp.py": ("hpsv2+aesthetic+0.5*pickscore", ["--diffexp", "--epochs", "3"]),
+    "ddpo_diffexp.py": ("2*aesthetic+jpeg_compressibility", ["--diffexp", "--epochs", "1"]),  # a non-differentiable one
+}
+
+
+@pytest.fixture(scope="session")
+def sdxl_ensemble_runs(tmp_path_factory):
+    """sdxl_ensemble_runs(script) -> the folder of its tiny-sdxl run on ENSEMBLE_RUNS[script] (run on first use)."""
+    folders = {}
+
+    def sdxl_ensemble_run(script):
+        if script not in folders:
+            reward, extra = ENSEMBLE_RUNS[script]
+            flags = with_values(MICRO_FLAGS, eval_every="3", save_every="3")
+            output = tmp_path_factory.mktemp("sdxl")
+            run_script(script, [*flags, "--model", "tiny-sdxl", "--reward", reward, *extra, "--run-name", "r"], output)
+            folders[script] = output / "r"
+        return folders[script]
+
+    return sdxl_ensemble_run

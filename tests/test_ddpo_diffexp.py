@@ -198,6 +198,7 @@ def test_shared_run_explores_in_its_first_half_only(finished_runs):
     assert json.load(open(run / "args.json"))["diffexp"] is True
 
 
+@pytest.mark.slow  # 24 s; DDPO's learning is in the default suite through the shapes world's (test_shapes_world.py)
 def test_tiny_preset_raises_the_reward(tmp_path):
     """4 seeded epochs of the --tiny preset raise the (tiny, random-head) aesthetic reward at fixed evaluation noise.
 

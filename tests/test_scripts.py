@@ -176,26 +176,19 @@ def test_reward_models_stay_fp32_under_half_precision_weights(script, run_flags,
         assert loaded == {"pipeline": torch.bfloat16, "reward": reward_dtype}, flags
 
 
-@pytest.mark.parametrize(
-    "script, reward",
-    [
-        ("alignprop_diffexp.py", "hpsv2+aesthetic+0.5*pickscore"),
-        ("ddpo_diffexp.py", "2*aesthetic+jpeg_compressibility"),
-    ],
-)
-def test_an_ensemble_trains_and_logs_each_member(script, reward, tmp_path):
+@pytest.mark.parametrize("script", ["alignprop_diffexp.py", "ddpo_diffexp.py"])
+def test_an_ensemble_trains_and_logs_each_member(script, sdxl_ensemble_runs):
     """AlignProp backpropagates through all members; DDPO's family also takes non-differentiable ones. The DDPO
-    family scores with one text-identical helper (tests/test_copies.py), so ddpo_diffexp.py stands for all three."""
+    family scores with one text-identical helper (tests/test_copies.py), so ddpo_diffexp.py stands for all three.
+    The runs are conftest.ENSEMBLE_RUNS, on the tiny SDXL."""
     import worlds
+    from conftest import ENSEMBLE_RUNS
 
-    run_script(script, [*MICRO_FLAGS, "--epochs", "1", "--reward", reward, "--run-name", "ensemble"], tmp_path)
-    members = worlds.reward_members(reward)
-    (metrics,) = read_jsonl(tmp_path / "ensemble" / "metrics.jsonl")
-    evaluations = read_jsonl(tmp_path / "ensemble" / "eval.jsonl")
-    for line, prefix in [
-        (metrics, "reward"),
-        *[(e, prefix) for e in evaluations for prefix in ("seen_reward", "unseen_reward")],
-    ]:
+    run = sdxl_ensemble_runs(script)
+    members = worlds.reward_members(ENSEMBLE_RUNS[script][0])
+    metrics, evaluations = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "eval.jsonl")
+    lines = [(m, "reward") for m in metrics] + [(e, p) for e in evaluations for p in ("seen_reward", "unseen_reward")]
+    for line, prefix in lines:
         # the ensemble is linear in its members, so its mean is the weighted sum of their normalised means
         expected = sum(
             weight * (line[f"{prefix}_{name}_mean"] - worlds.REWARD_SCALES[name][0]) / worlds.REWARD_SCALES[name][1]

@@ -2,6 +2,8 @@
 pipeline, DiffExp Eq. 8 over both tokenizers, the fp16 VAE upcast, and AlignProp training an SDXL LoRA that
 StableDiffusionXLPipeline loads."""
 
+import math
+
 import pytest
 import torch
 
@@ -80,10 +82,8 @@ def test_fp16_keeps_the_sdxl_vae_in_fp32_and_decodes_half_latents():
     assert worlds.load_pipeline(worlds.TINY_MODEL, "cpu", torch.float16).vae.dtype == torch.float16  # SD 1.x: as is
 
 
-def test_alignprop_trains_an_sdxl_lora_that_the_sdxl_pipeline_loads(sdxl, tmp_path):
-    flags = with_values(MICRO_FLAGS, eval_every="3", save_every="3", samples_per_epoch="16")
-    run_script("alignprop_diffexp.py", [*flags, "--model", "tiny-sdxl", "--diffexp", "--epochs", "3"], tmp_path)
-    run = next(tmp_path.iterdir())
+def test_alignprop_trains_an_sdxl_lora_that_the_sdxl_pipeline_loads(sdxl, sdxl_ensemble_runs):
+    run = sdxl_ensemble_runs("alignprop_diffexp.py")  # 3 epochs on an HPS + Aesthetic + PickScore ensemble
     evaluations = read_jsonl(run / "eval.jsonl")
     assert [e["epoch"] for e in evaluations] == [0, 3]
     assert evaluations[-1]["seen_reward_mean"] > evaluations[0]["seen_reward_mean"]  # the reward rises
@@ -132,16 +132,20 @@ def test_sdxl_block_checkpointing_leaves_alignprops_gradient_unchanged(sdxl):
     assert sum(float(g.abs().sum()) for g in plain) > 0
 
 
+def test_ddpo_runs_on_sdxl(sdxl_ensemble_runs):
+    """The packed conditioning makes SDXL a --model of every script: ddpo_diffexp.py here (on an ensemble with a
+    non-differentiable member), ddpo_coca.py and b2_diffurl.py in the opt-in test below."""
+    (metrics,) = read_jsonl(sdxl_ensemble_runs("ddpo_diffexp.py") / "metrics.jsonl")
+    assert math.isfinite(metrics["reward_mean"]) and math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script, extra",
-    [
-        ("ddpo_diffexp.py", ["--diffexp"]),
-        pytest.param("ddpo_coca.py", ["--diffexp", "--similarity-window", "2"], marks=pytest.mark.slow),
-        pytest.param("b2_diffurl.py", ["--num-branches", "4", "--sample-batch-size", "8"], marks=pytest.mark.slow),
-    ],
+    [("ddpo_coca.py", ["--diffexp", "--similarity-window", "2"]), ("b2_diffurl.py", ["--num-branches", "4"])],
 )
-def test_the_ddpo_family_runs_on_sdxl(script, extra, tmp_path):
-    """The packed conditioning makes SDXL a --model for every script; the other two are opt-in (-m slow)."""
-    run_script(script, [*MICRO_FLAGS, "--model", "tiny-sdxl", "--epochs", "1", *extra], tmp_path)
+def test_coca_and_b2_run_on_sdxl(script, extra, tmp_path):
+    flags = with_values(MICRO_FLAGS, sample_batch_size="8")
+    run_script(script, [*flags, "--model", "tiny-sdxl", "--epochs", "1", *extra], tmp_path)
     (metrics,) = read_jsonl(next(tmp_path.iterdir()) / "metrics.jsonl")
-    assert metrics["reward_mean"] == metrics["reward_mean"] and metrics["loss"] == metrics["loss"]  # finite, not NaN
+    assert math.isfinite(metrics["reward_mean"]) and math.isfinite(metrics["loss"])
