@@ -48,6 +48,19 @@ def freeze(module, device, dtype):
     return module.eval().to(device, dtype)
 
 
+def pipeline_classes():
+    """(StableDiffusionPipeline, StableDiffusionXLPipeline), imported without transformers' note that torchvision is
+    absent (it is, on purpose: see the README), which is noise."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    transformers_logging.set_verbosity(verbosity)
+    return StableDiffusionPipeline, StableDiffusionXLPipeline
+
+
 def load_pipeline(model, device, dtype):
     """A Stable Diffusion 1.x or SDXL pipeline from a hub id or a local folder (the class its model_index.json
     names), with a DDIMScheduler of its own schedule, frozen, on `device`.
@@ -56,28 +69,34 @@ def load_pipeline(model, device, dtype):
     as diffusers' SDXL pipeline upcasts it. A folder with the fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix, whose
     config clears force_upcast) decodes in fp16.
     """
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # importing the pipelines notes that torchvision is absent: noise
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    transformers_logging.set_verbosity(verbosity)
+    StableDiffusionPipeline, StableDiffusionXLPipeline = pipeline_classes()
     if os.path.isdir(model):
         diffusers_logging.disable_progress_bar()  # a local folder needs no loading bars
     try:
         class_name = pipeline_class_name(model)
+    except Exception as exception:  # OSError for a missing repo or no network, ValueError for bad folders
+        raise hub_error(f"the model '{model}'", exception)
+    if class_name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise SystemExit(f"error: '{model}' is a {class_name}; the scripts train Stable Diffusion 1.x or SDXL")
+    try:
         if class_name == "StableDiffusionXLPipeline":
             pipeline = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
         else:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 model, dtype=dtype, safety_checker=None, requires_safety_checker=False
             )
-    except Exception as exception:  # OSError for a missing repo or no network, ValueError for bad folders
+    except Exception as exception:
         raise hub_error(f"the model '{model}'", exception)
-    if class_name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
-        raise SystemExit(f"error: '{model}' is a {class_name}; the scripts train Stable Diffusion 1.x or SDXL")
+    return prepare_pipeline(pipeline, device, dtype)
+
+
+def prepare_pipeline(pipeline, device, dtype):
+    """What every pipeline gets before training: a DDIMScheduler of its own schedule, its networks frozen in eval
+    mode on `device`, SDXL's VAE in fp32 under fp16 (force_upcast), no progress bars."""
+    from diffusers import DDIMScheduler
+
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.to(device)  # loaded in `dtype` already (a second cast would make diffusers warn about fp32 modules)
     if is_sdxl(pipeline) and dtype == torch.float16 and pipeline.vae.config.force_upcast:

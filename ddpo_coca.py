@@ -171,7 +171,7 @@ class Args:
     lora_rank: int = 4
     """LoRA rank on the UNet attention projections"""
     mixed_precision: str = "fp16"
-    """frozen weights on GPU: fp16, bf16 or no (fp32); always fp32 on CPU; LoRA params are fp32"""
+    """frozen weights: fp16, bf16 or no (fp32); a CPU runs bf16, and fp16 as fp32; LoRA params are fp32"""
     half_precision_rewards: bool = False
     """reward models in the frozen weights' half precision, to save GPU memory; by default fp32, as the references"""
     eval_every: int = 10
@@ -866,9 +866,11 @@ def main(args):
     # ======================================================================================================
     # 1. Setup: processes, models, LoRA, optimiser, resume
     # ======================================================================================================
-    # without CUDA, cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU
+    # without CUDA, cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU;
+    # a CPU runs bf16 (weights and autocast) but not fp16, which falls back to fp32 there
     on_gpu = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision if on_gpu else "no", cpu=not on_gpu)
+    mixed_precision = args.mixed_precision if on_gpu or args.mixed_precision == "bf16" else "no"
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not on_gpu)
     check_args(args, accelerator.num_processes)
     script = os.path.splitext(os.path.basename(__file__))[0]
     run_name = args.run_name or f"{script}_{args.reward.replace('*', 'x')}_seed{args.seed}"  # 2*a+b: 2xa+b

@@ -24,6 +24,7 @@ from common import (
     build_imagereward,
     token_ids,
     load_aesthetic_head,
+    pipeline_classes,
 )
 
 
@@ -277,6 +278,73 @@ def pipeline_folder(architecture="sd"):
 
             shutil.rmtree(temporary, ignore_errors=True)
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1b. The real architectures with random weights: --model random:sd15, random:sdxl
+# ----------------------------------------------------------------------------------------------------------
+
+ARCHITECTURE_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+RANDOM_ARCHITECTURES = ("sd15", "sdxl")  # configs/<name>.json, each with the hub id and commit it was read from
+
+
+def architecture_config(name):
+    """The committed configs of a real pipeline (configs/sd15.json, configs/sdxl.json), keys as in the hub files."""
+    with open(os.path.join(ARCHITECTURE_FOLDER, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def random_pipeline(name, dtype, device="cpu"):
+    """SD 1.5's or SDXL's UNet, VAE and text encoder(s) at full size from their committed configs, random weights.
+
+    Nothing is downloaded: the tokenizers are this file's byte-level CLIPTokenizer (ids < 514 of the encoders'
+    49408), so prompts tokenise differently from the real vocabulary but every tensor has its real shape. Built
+    in fp32 and cast to `dtype` (SD 1.5: 1.07 G parameters, 4.3 GB in fp32; SDXL: 3.5 G, 14 GB). With
+    device="meta" nothing is allocated (for counting FLOPs).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    StableDiffusionPipeline, StableDiffusionXLPipeline = pipeline_classes()
+
+    config = architecture_config(name)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**config["unet"])
+        vae = AutoencoderKL(**config["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+        if name == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))
+    if dtype != torch.float32:
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # a cast with to() warns that no module needs fp32 (none does)
+        for module in [unet, vae, text_encoder] + ([text_encoder_2] if name == "sdxl" else []):
+            module.to(dtype)
+        diffusers_logging.set_verbosity(verbosity)
+    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)  # SD 1.5's and SDXL's schedules are the same
+    if name == "sd15":
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=build_tiny_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_tiny_tokenizer(),
+        tokenizer_2=build_tiny_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=config["force_zeros_for_empty_prompt"],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

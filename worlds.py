@@ -5,6 +5,7 @@ common.py's loaders (a real Stable Diffusion and real reward models); the names 
 
   --model tiny           tiny_world.py's SD-architecture pipeline (built once, then cached as a folder)
   --model tiny-sdxl      tiny_world.py's SDXL-architecture pipeline (likewise)
+  --model random:sd15    SD 1.5's (random:sdxl: SDXL's) full-size architecture from configs/, random weights
   --tiny                 common.py's reward modules on tiny_world.py's random CLIP towers
   --reward shapes        shapes_world.py's exact reward (it reads the shapes in the pixels)
   --reward shapes_learned  shapes_world.py's learned, differentiable reward
@@ -20,6 +21,7 @@ import tiny_world
 
 TINY_MODEL = "tiny"
 TINY_SDXL_MODEL = "tiny-sdxl"
+RANDOM_PREFIX = "random:"  # random:sd15, random:sdxl: the real architectures, random weights (configs/)
 SHAPES_MODEL = shapes_world.SHAPES_MODEL
 REWARD_NAMES = common.REWARD_NAMES + shapes_world.REWARD_NAMES
 DIFFERENTIABLE_REWARDS = common.DIFFERENTIABLE_REWARDS + ("shapes_learned",)
@@ -53,6 +55,12 @@ def check_reward_prompts(spec, prompts):
 def load_pipeline(model, device, dtype):
     """common.load_pipeline for a hub id or a folder; `tiny` and `tiny-sdxl` are tiny_world's pipeline folders
     (built on first use)."""
+    if model.startswith(RANDOM_PREFIX):
+        name = model[len(RANDOM_PREFIX) :]
+        if name not in tiny_world.RANDOM_ARCHITECTURES:
+            choices = ", ".join(RANDOM_PREFIX + n for n in tiny_world.RANDOM_ARCHITECTURES)
+            raise SystemExit(f"error: unknown architecture '{model}'; choose one of {choices}")
+        return common.prepare_pipeline(tiny_world.random_pipeline(name, dtype), device, dtype)
     folders = {TINY_MODEL: "sd", TINY_SDXL_MODEL: "sdxl"}
     folder = tiny_world.pipeline_folder(folders[model]) if model in folders else model
     return common.load_pipeline(folder, device, dtype)

@@ -154,7 +154,11 @@ def kill_after_first_checkpoint(script, flags, tmp_path, run_name="full"):
 # (the reward rises, the LoRA loads into StableDiffusionXLPipeline), tests/test_scripts.py the ensemble's logs.
 ENSEMBLE_RUNS = {
     "alignprop_diffexp.py": ("hpsv2+aesthetic+0.5*pickscore", ["--diffexp", "--epochs", "3"]),
-    "ddpo_diffexp.py": ("2*aesthetic+jpeg_compressibility", ["--diffexp", "--epochs", "1"]),  # a non-differentiable one
+    # a non-differentiable member, and bf16 weights (tests/test_half_precision.py)
+    "ddpo_diffexp.py": (
+        "2*aesthetic+jpeg_compressibility",
+        ["--diffexp", "--epochs", "1", "--mixed-precision", "bf16"],
+    ),
 }
 
 

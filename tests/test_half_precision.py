@@ -1,0 +1,93 @@
+"""Half precision, proven rather than assumed: the real SD 1.5 / SDXL architectures built offline from configs/
+(`--model random:sd15`, `random:sdxl`), the DDPO log-probability in fp32 from half-precision UNet outputs, a bf16
+run of the scripts on the tiny model (fast), and one bf16 training step of every method on the full-size SD 1.5
+architecture (slow, opt-in: `pytest -m slow`)."""
+
+import math
+
+import pytest
+import torch
+
+import common
+import tiny_world
+from conftest import MICRO_FLAGS, lora_tensors, read_jsonl, run_script, with_values
+
+
+def parameter_count(module):
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def test_the_committed_configs_are_the_published_architectures():
+    """Parameter counts of the configs' modules on the meta device (nothing allocated) against the published ones:
+    SD 1.5's UNet 859.52 M, VAE 83.65 M, CLIP ViT-L/14 text 123.06 M; SDXL's UNet 2567.46 M and its OpenCLIP
+    bigG text encoder with projection 694.66 M; LoRA rank 4 on SD 1.5's attention projections 0.80 M."""
+    sd15 = tiny_world.random_pipeline("sd15", torch.float32, device="meta")
+    counts = {name: round(parameter_count(getattr(sd15, name)) / 1e6, 2) for name in ("unet", "vae", "text_encoder")}
+    assert counts == {"unet": 859.52, "vae": 83.65, "text_encoder": 123.06}
+    assert round(sum(p.numel() for p in common.add_lora(sd15.unet, 4)) / 1e6, 2) == 0.80
+    sdxl = tiny_world.random_pipeline("sdxl", torch.float32, device="meta")
+    assert round(parameter_count(sdxl.unet) / 1e6, 2) == 2567.46
+    assert round(parameter_count(sdxl.text_encoder_2) / 1e6, 2) == 694.66
+    assert common.is_sdxl(sdxl) and sdxl.vae.config.force_upcast and sdxl.vae.config.scaling_factor == 0.13025
+    assert "HDRJ-One/runwayml-stable-diffusion-v1-5" in tiny_world.architecture_config("sd15")["_source"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_ddpo_log_probability_is_fp32_from_half_precision_outputs(dtype):
+    import ddpo_diffexp
+
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(**tiny_world.SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(50)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    noise_pred = torch.randn(2, 4, 8, 8, generator=generator)
+    t = scheduler.timesteps[-1]  # the last step: the smallest sigma, where half precision would lose most
+    prev_half, log_prob_half = ddpo_diffexp.ddim_step_with_logprob(
+        scheduler, noise_pred.to(dtype), t, latents.to(dtype), 1.0, generator=torch.Generator().manual_seed(1)
+    )
+    assert log_prob_half.dtype == torch.float32 and torch.isfinite(log_prob_half).all()
+    assert prev_half.dtype == dtype  # the latent chain stays in the weights' precision
+    # x_{t-1} is rounded to half precision before it is scored, so training, which rescores the stored (rounded)
+    # sample from the same inputs, recomputes exactly the sampling's log-probability: the PPO ratio starts at 1
+    log_prob_of_rounded = ddpo_diffexp.ddim_step_with_logprob(
+        scheduler, noise_pred.to(dtype).float(), t, latents.to(dtype).float(), 1.0, prev_sample=prev_half.float()
+    )[1]
+    assert torch.equal(log_prob_half, log_prob_of_rounded)
+
+
+def test_a_bf16_run_on_the_tiny_model_trains_fp32_lora(sdxl_ensemble_runs):
+    """conftest.ENSEMBLE_RUNS runs ddpo_diffexp.py with --mixed-precision bf16 (a CPU runs bf16; fp16 only on a GPU)."""
+    run = sdxl_ensemble_runs("ddpo_diffexp.py")
+    (metrics,) = read_jsonl(run / "metrics.jsonl")
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+    lora = lora_tensors(run / "checkpoints" / "epoch_0001")
+    assert {tensor.dtype for tensor in lora.values()} == {torch.float32}  # LoRA parameters stay fp32
+    assert max(float(t.abs().max()) for name, t in lora.items() if "lora_B" in name or "lora.up" in name) > 0
+
+
+# one bf16 step of every method on the full-size SD 1.5 architecture: 256 px, 4 DDIM steps, 2 samples of one prompt
+# (so that the DDPO family's per-prompt advantages are +-1, not 0), each sample its own batch
+FULL_SIZE_FLAGS = "--model random:sd15 --mixed-precision bf16 --resolution 256 --num-steps 4 --samples-per-epoch 2 "
+FULL_SIZE_FLAGS += "--sample-batch-size 1 --train-batch-size 1 --samples-per-update 2 --epochs 1"
+FULL_SIZE_EXTRA = {
+    "ddpo_diffexp.py": ["--diffexp"],
+    "alignprop_diffexp.py": ["--diffexp", "--truncation", "fixed", "--grad-steps", "1"],
+    "b2_diffurl.py": ["--num-branches", "2", "--samples-per-epoch", "2", "--sample-batch-size", "2"],
+    "ddpo_coca.py": ["--similarity-window", "2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(FULL_SIZE_EXTRA))
+def test_one_bf16_step_of_every_method_on_the_real_sd15_architecture(script, tmp_path):
+    prompt_file = tmp_path / "one.txt"
+    prompt_file.write_text("a red apple\n")
+    flags = with_values(MICRO_FLAGS, prompts=str(prompt_file), eval_unseen_prompts=str(prompt_file), eval_every="100")
+    run_script(script, [*flags, *FULL_SIZE_FLAGS.split(), *FULL_SIZE_EXTRA[script], "--run-name", "r"], tmp_path)
+    (metrics,) = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+    lora = lora_tensors(tmp_path / "r" / "checkpoints" / "epoch_0001")
+    assert {tensor.dtype for tensor in lora.values()} == {torch.float32}
+    assert max(float(t.abs().max()) for name, t in lora.items() if "lora_B" in name or "lora.up" in name) > 0
