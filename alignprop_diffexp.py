@@ -75,6 +75,7 @@ Commands
 
 import atexit
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -187,6 +188,9 @@ class Args:
     """evaluation images per prompt (fixed noise)"""
     save_every: int = 10
     """checkpoint after every save_every-th epoch and after the last"""
+    report_to: str = "none"
+    """none, tensorboard or wandb: metrics.jsonl's and eval.jsonl's numbers and the evaluation grids, through
+    accelerate's trackers (tensorboard writes its event file into the run folder)"""
     resume: bool = False
     """continue runs/<run_name> from its last checkpoint"""
     # DiffExp arguments
@@ -389,6 +393,12 @@ def shared_flag_problems(args, num_processes):
         problems.append(f"--resolution {args.resolution} must be a multiple of 8")
     if args.mixed_precision not in ("fp16", "bf16", "no"):
         problems.append(f"--mixed-precision {args.mixed_precision} must be fp16, bf16 or no")
+    if args.report_to not in ("none", "tensorboard", "wandb"):
+        problems.append(f"--report-to {args.report_to} must be none, tensorboard or wandb")
+    elif args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        problems.append(
+            f"--report-to {args.report_to} needs the {args.report_to} package: pip install {args.report_to}"
+        )
     if args.learning_rate <= 0:
         problems.append(f"--learning-rate {args.learning_rate} must be > 0")
     if not all(0 <= beta < 1 for beta in args.adam_betas):
@@ -448,7 +458,7 @@ def check_args(args, num_processes):
 
 # flags that may change when a run is resumed: how long it runs and how often it logs; every other flag defines
 # the experiment, and a resumed run that changed one would silently continue a different one
-SAFE_TO_CHANGE_ON_RESUME = ("epochs", "eval_every", "save_every", "resume", "output_dir", "run_name")
+SAFE_TO_CHANGE_ON_RESUME = ("epochs", "eval_every", "save_every", "resume", "output_dir", "run_name", "report_to")
 
 
 def checkpoint_folders(run_dir):
@@ -557,6 +567,20 @@ def append_jsonl(path, record):
 
     with open(path, "a") as f:
         f.write(json.dumps({key: finite_or_none(value) for key, value in record.items()}, allow_nan=False) + "\n")
+
+
+def report(accelerator, values, step, grid_paths=None):
+    """Send the finite numbers of `values` (and the PNG grids of `grid_paths`, {tag: path}) to the --report-to
+    trackers at `step` (the epoch); the .jsonl files stay the record. Nothing without a tracker."""
+    if not accelerator.trackers:
+        return
+    numbers = {key: value for key, value in values.items() if isinstance(value, (int, float)) and math.isfinite(value)}
+    accelerator.log(numbers, step=step)
+    for tracker in accelerator.trackers:
+        for tag, path in (grid_paths or {}).items():
+            image = np.asarray(Image.open(path).convert("RGB"))[None]  # (1, H, W, 3) uint8
+            options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images({tag: image}, step=step, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -731,6 +755,7 @@ def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null
     """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
     unet.eval()
     line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
+    grid_paths = {}
     for name, prompts in eval_sets.items():
         mean, std, member_means, grid = evaluate(
             args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape
@@ -738,9 +763,12 @@ def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null
         line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
         line |= {f"{name}_reward_{member}_mean": value for member, value in member_means.items()}
         if accelerator.is_main_process:
-            save_image_grid(os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png"), grid[:32])
+            grid_path = os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png")
+            save_image_grid(grid_path, grid[:32])
+            grid_paths[f"eval/{name}_grid"] = grid_path
     if accelerator.is_main_process:
         append_jsonl(os.path.join(run_dir, "eval.jsonl"), line)
+        report(accelerator, {f"eval/{key}": value for key, value in line.items()}, epoch, grid_paths)
         tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
 
 
@@ -834,7 +862,10 @@ def main(args):
     # a CPU runs bf16 (weights and autocast) but not fp16, which falls back to fp32 there
     on_gpu = torch.cuda.is_available()
     mixed_precision = args.mixed_precision if on_gpu or args.mixed_precision == "bf16" else "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not on_gpu)
+    log_with = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, cpu=not on_gpu, log_with=log_with, project_dir=args.output_dir
+    )
     check_args(args, accelerator.num_processes)
     script = os.path.splitext(os.path.basename(__file__))[0]
     run_name = args.run_name or f"{script}_{args.reward.replace('*', 'x')}_seed{args.seed}"  # 2*a+b: 2xa+b
@@ -874,6 +905,9 @@ def main(args):
         if not args.resume:
             with open(os.path.join(run_dir, "args.json"), "w") as f:
                 json.dump(asdict(args), f, indent=2)
+    if args.report_to != "none":  # tensorboard writes into runs/<run_name>/; wandb logs run <run_name> of <script>
+        project = run_name if args.report_to == "tensorboard" else script
+        accelerator.init_trackers(project, init_kwargs={"wandb": {"config": asdict(args), "name": run_name}})
     pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
     timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -1020,6 +1054,7 @@ def main(args):
             ).tolist()
         if accelerator.is_main_process:
             append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
+            report(accelerator, {f"train/{key}": value for key, value in metrics.items()}, epoch)
             tqdm.write(
                 f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, "
                 f"loss {loss_mean:.3g}, K {grad_steps_mean:.3g}, grad norm {grad_norm_mean:.3g}"

@@ -153,7 +153,11 @@ def kill_after_first_checkpoint(script, flags, tmp_path, run_name="full"):
 # One run per architecture family on the tiny SDXL with a reward ensemble: tests/test_sdxl.py checks the SDXL side
 # (the reward rises, the LoRA loads into StableDiffusionXLPipeline), tests/test_scripts.py the ensemble's logs.
 ENSEMBLE_RUNS = {
-    "alignprop_diffexp.py": ("hpsv2+aesthetic+0.5*pickscore", ["--diffexp", "--epochs", "3"]),
+    # and tensorboard's event file (tests/test_scripts.py)
+    "alignprop_diffexp.py": (
+        "hpsv2+aesthetic+0.5*pickscore",
+        ["--diffexp", "--epochs", "3", "--report-to", "tensorboard"],
+    ),
     # a non-differentiable member, and bf16 weights (tests/test_half_precision.py)
     "ddpo_diffexp.py": (
         "2*aesthetic+jpeg_compressibility",

@@ -48,6 +48,7 @@ SHARED_BLOCKS = [
     ("function", "process_alive", SCRIPTS),
     ("function", "lock_run", SCRIPTS),
     ("function", "append_jsonl", SCRIPTS),
+    ("function", "report", SCRIPTS),
     ("function", "optimizer_step", SCRIPTS),
     ("function", "run_evaluation", DIFFEXP),
     ("section", "1. Setup", SCRIPTS),

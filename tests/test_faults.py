@@ -53,6 +53,7 @@ BAD_FLAGS = [
     (["--adam-betas", "0.9", "1.0"], "error: --adam-betas 0.9 1.0 must both be in [0, 1)"),
     (["--max-grad-norm", "-1"], "error: --max-grad-norm -1.0 must be > 0"),
     (["--max-grad-norm", "nan"], "error: --max-grad-norm nan must be finite"),
+    (["--report-to", "mlflow"], "error: --report-to mlflow must be none, tensorboard or wandb"),
     (["--seed", "-3"], "error: --seed -3 must be >= 0"),
 ]
 
@@ -327,3 +328,14 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_tm
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "No space left on device" in line and "the previous checkpoint is intact" in line
     assert snapshot(run / "checkpoints") == before  # epoch_0001 and epoch_0002 whole, no epoch_0003(.tmp)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_tracker_that_is_not_installed_is_one_error_line(script, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    assert problems(script, ["--report-to", "wandb"]) == (
+        "error: --report-to wandb needs the wandb package: pip install wandb"
+    )

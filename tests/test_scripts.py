@@ -201,3 +201,27 @@ def test_an_ensemble_trains_and_logs_each_member(script, sdxl_ensemble_runs):
         )
         assert line[f"{prefix}_mean"] == pytest.approx(expected, rel=1e-4, abs=1e-3), (prefix, line)
     assert evaluations[-1]["seen_reward_mean"] != evaluations[0]["seen_reward_mean"]  # the update changed the model
+
+
+def test_report_to_tensorboard_writes_the_jsonl_numbers_and_the_grids(sdxl_ensemble_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = sdxl_ensemble_runs("alignprop_diffexp.py")  # --report-to tensorboard (conftest.ENSEMBLE_RUNS)
+    (event_file,) = [name for name in os.listdir(run) if name.startswith("events.out.tfevents")]
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in (
+        "train/reward_mean",
+        "train/loss",
+        "train/grad_norm",
+        "train/reward_hpsv2_mean",
+        "eval/seen_reward_mean",
+    ):
+        assert tag in tags["scalars"], (tag, tags["scalars"])
+    assert {"eval/seen_grid", "eval/unseen_grid"} <= set(tags["images"])
+    metrics = read_jsonl(run / "metrics.jsonl")
+    logged = events.Scalars("train/reward_mean")
+    assert [event.step for event in logged] == [m["epoch"] for m in metrics]
+    assert [event.value for event in logged] == pytest.approx([m["reward_mean"] for m in metrics], rel=1e-6)
+    assert [event.step for event in events.Scalars("eval/seen_reward_mean")] == [0, 3]
