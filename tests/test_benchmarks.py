@@ -123,3 +123,46 @@ def test_readme_option_writes_benchmarks_readme_with_paths_relative_to_the_root(
     assert iteration_cost.command_line(["--model", "../world/sd-shapes", "--steps", "8"]) == (
         "python benchmarks/iteration_cost.py --model world/sd-shapes --steps 8"
     )
+
+
+# ---------------------------------------------------------------------------------------------- scale.py
+def test_scale_epoch_flops_are_calls_times_unit_costs():
+    import scale
+
+    import ddpo_diffexp
+
+    args = ddpo_diffexp.parse_args(["--preset", "diffexp-fig4a"])
+    unit = dict(
+        architecture="sd15",
+        unet_forward_per_row=3.0,
+        unet_backward_per_row=5.0,
+        vae_decode_per_image=7.0,
+        vae_backward_per_image=11.0,
+        reward_forward_per_image={"aesthetic": 13.0},
+        reward_backward_per_image={"aesthetic": 17.0},
+        text_encoder_per_prompt=19.0,
+    )
+    counts = call_counts.ddpo_epoch(args)  # 64 samples x 50 steps, sampled and trained, batch 4
+    expected = 2 * 64 * 50 * 3.0 * 2 + 2 * 64 * 50 * 5.0 + 64 * (7.0 + 13.0 + 19.0)  # rows x fwd, rows x bwd, images
+    assert scale.epoch_flops(counts, unit, args, "aesthetic", 64, 64) == expected
+
+
+def test_scale_memory_meter_works_on_the_meta_device():
+    import scale
+
+    x = torch.zeros(1000, device="meta", requires_grad=True)
+    # exp saves its output for the backward: 4000 bytes; * 2 another 4000; the grad of x another 4000
+    assert scale.peak_bytes(lambda: (x.exp() * 2).sum().backward()) >= 8000
+
+
+@pytest.mark.slow
+def test_scale_sd15_units_agree_with_the_independent_estimates():
+    """The issue's estimates (matmul / conv / attention FLOPs, batch 1): UNet forward at 64 x 64 latents 0.80 TFLOP,
+    LoRA forward + backward 1.7, VAE decode to 512 px 2.5, LoRA rank 4 0.80 M parameters; within 15%."""
+    import scale
+
+    unit = scale.unit_costs("sd15", 512)
+    assert unit["unet_forward_per_row"] / 1e12 == pytest.approx(0.80, rel=0.15)
+    assert (unit["unet_forward_per_row"] + unit["unet_backward_per_row"]) / 1e12 == pytest.approx(1.7, rel=0.15)
+    assert unit["vae_decode_per_image"] / 1e12 == pytest.approx(2.5, rel=0.15)
+    assert unit["lora_parameters"] / 1e6 == pytest.approx(0.80, rel=0.15)
