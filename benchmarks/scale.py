@@ -16,6 +16,7 @@ are added from their sizes. With CUDA present, `--measure` times real calls on t
     python benchmarks/scale.py                # the table (a CPU, about a minute)
     python benchmarks/scale.py --json out.json
     python benchmarks/scale.py --measure      # on a GPU: time one epoch slice of each method (see the README)
+    python benchmarks/scale.py --overhead     # the sampler's overhead over bare UNet calls at SD 1.5 size (CPU)
 """
 
 import argparse
@@ -328,11 +329,31 @@ def measure():
     return results
 
 
+def overhead(resolution=256, steps=4, repeats=3):
+    """iteration_cost.bench_sampling (ddpo_diffexp.py's section 2 against the bare guided UNet calls, the floor) on
+    the random SD 1.5 architecture with LoRA, fp32 on this CPU, at `resolution` (512 px calls take ~10 s each here)."""
+    import types
+
+    import iteration_cost
+    import worlds
+
+    pipeline = worlds.load_pipeline("random:sd15", "cpu", torch.float32)
+    common.add_lora(pipeline.unet, 4)
+    pipeline.unet.register_to_config(sample_size=resolution // 8)  # the benchmark's latents follow sample_size
+    options = types.SimpleNamespace(batch=1, steps=steps, repeats=repeats)
+    return iteration_cost.bench_sampling(pipeline, resolution, options)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--measure", action="store_true", help="time real calls on a CUDA GPU")
+    parser.add_argument("--overhead", action="store_true", help="the sampler against bare UNet calls, SD 1.5 size, CPU")
     options = parser.parse_args(argv)
+    if options.overhead:
+        result = overhead()
+        print(json.dumps(result, indent=2))
+        return
     if options.measure:
         results = measure()
         print(json.dumps(results, indent=2))

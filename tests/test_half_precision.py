@@ -91,3 +91,40 @@ def test_one_bf16_step_of_every_method_on_the_real_sd15_architecture(script, tmp
     lora = lora_tensors(tmp_path / "r" / "checkpoints" / "epoch_0001")
     assert {tensor.dtype for tensor in lora.values()} == {torch.float32}
     assert max(float(t.abs().max()) for name, t in lora.items() if "lora_B" in name or "lora.up" in name) > 0
+
+
+def test_fp16_weights_with_a_gradient_scaler_step_the_fp32_lora(tiny_pipeline):
+    """What accelerate does on a GPU under --mixed-precision fp16 (autocast + GradScaler), run here on the CPU:
+    the scaled backward reaches the LoRA parameters, which common.add_lora keeps in fp32, since GradScaler
+    refuses to unscale fp16 gradients (checked below with an fp16 copy)."""
+    import copy
+
+    unet = copy.deepcopy(tiny_pipeline.unet).half()
+    lora = common.add_lora(unet, 4)
+    assert {parameter.dtype for parameter in lora} == {torch.float32}
+    optimizer = torch.optim.AdamW(lora, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    embeds = common.encode_prompts(tiny_pipeline, ["a cat", "a dog"], 32).half()
+    null_embeds = common.encode_prompts(tiny_pipeline, [""], 32).half()
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).half()
+
+    def scaled_backward():
+        with torch.autocast("cpu", dtype=torch.float16):
+            noise_pred = common.guided_noise_prediction(unet, latents, 500, embeds, null_embeds, torch.full((2,), 5.0))
+        assert noise_pred.dtype == torch.float16
+        scaler.scale(noise_pred.float().pow(2).mean()).backward()
+
+    before = [parameter.detach().clone() for parameter in lora]
+    scaled_backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(lora, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    assert math.isfinite(float(grad_norm)) and float(grad_norm) > 0
+    assert max(float((after.detach() - b).abs().max()) for after, b in zip(lora, before)) > 0  # the step was applied
+    for parameter in lora:  # the failure add_lora's fp32 cast prevents
+        parameter.data = parameter.data.half()
+    optimizer.zero_grad()
+    scaled_backward()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        scaler.unscale_(torch.optim.AdamW(lora, lr=1e-3))
