@@ -98,8 +98,8 @@ class Args:
     """a named experiment's flags, from PRESETS at the top of the script (--help lists them; explicit flags win)"""
     reward: str = "aesthetic"
     """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
-    jpeg_compressibility, jpeg_incompressibility, shapes, shapes_learned; or an ensemble, a+b or 2*a+b: the weighted
-    sum of the members, each normalised by common.REWARD_SCALES, with each member logged"""
+    jpeg_compressibility, jpeg_incompressibility, shapes, shapes_binary, shapes_learned; or an ensemble, a+b or
+    2*a+b: the weighted sum of the members, each normalised by common.REWARD_SCALES, with each member logged"""
     eval_reward: Optional[str] = None
     """reward of the evaluation (default: the training reward); e.g. shapes for a run that optimises shapes_learned"""
     prompts: str = "animals"

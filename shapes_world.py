@@ -357,6 +357,11 @@ def exact_scores(images, prompts):
     return torch.tensor(scores, dtype=torch.float32)
 
 
+def binary_scores(images, prompts):
+    """The sparse reward (shapes_binary): 1 if the image satisfies every attribute of its caption, else 0, (B,)."""
+    return (exact_scores(images, prompts) == 1).float()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. The learned reward: a small CNN that predicts the exact reward, differentiable in the pixels
 # ----------------------------------------------------------------------------------------------------------
@@ -418,15 +423,20 @@ class LearnedShapesReward(torch.nn.Module):
 
 
 class ExactShapesReward(torch.nn.Module):
-    """The exact reward as a reward module (not differentiable): fraction of the caption's attributes satisfied."""
+    """The exact reward as a reward module (not differentiable): the fraction of the caption's attributes
+    satisfied ("shapes"), or, with binary=True, 1 only if all of them are ("shapes_binary": a sparse signal)."""
 
     differentiable = False
 
+    def __init__(self, binary=False):
+        super().__init__()
+        self.binary = binary
+
     def forward(self, images, prompts):
-        return exact_scores(images, prompts).to(images.device)
+        return (binary_scores if self.binary else exact_scores)(images, prompts).to(images.device)
 
 
-REWARD_NAMES = ("shapes", "shapes_learned")  # --reward names; both score captions of the grammar only
+REWARD_NAMES = ("shapes", "shapes_binary", "shapes_learned")  # --reward names; all score captions of the grammar only
 
 
 def check_captions(reward_name, prompts):
@@ -441,8 +451,8 @@ def check_captions(reward_name, prompts):
 
 def load_reward(name, world=None):
     """The exact reward ("shapes") or the learned one ("shapes_learned", from world/learned_reward.safetensors)."""
-    if name == "shapes":
-        return ExactShapesReward()
+    if name in ("shapes", "shapes_binary"):
+        return ExactShapesReward(binary=name == "shapes_binary")
     from safetensors.torch import load_file
 
     path = os.path.join(world or DEFAULT_WORLD, LEARNED_REWARD_FILE)

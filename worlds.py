@@ -28,7 +28,11 @@ DIFFERENTIABLE_REWARDS = common.DIFFERENTIABLE_REWARDS + ("shapes_learned",)
 
 
 # the shapes rewards are fractions of the caption's attributes, in [0, 1] (ours, for their ensembles)
-REWARD_SCALES = common.REWARD_SCALES | {"shapes": (0.5, 0.25), "shapes_learned": (0.5, 0.25)}
+REWARD_SCALES = common.REWARD_SCALES | {
+    "shapes": (0.5, 0.25),
+    "shapes_binary": (0.5, 0.5),
+    "shapes_learned": (0.5, 0.25),
+}
 
 
 def reward_members(spec):

@@ -174,6 +174,27 @@ def plot(path, curves, methods):
     figure.savefig(path, dpi=110)
 
 
+def bootstrap_interval(values, confidence=0.95, resamples=10_000, seed=0):
+    """Percentile bootstrap interval (low, high) of the mean of `values`, e.g. one final reward per seed."""
+    values = np.asarray(values, dtype=float)
+    means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def paired_differences(finals, method, baseline):
+    """method minus baseline, seed by seed: {seed: value} each; only the seeds both ran. Runs of one seed share
+    the seed's evaluation noise and first draws, so the difference cancels what the seed alone decides."""
+    return [
+        finals[method][seed] - finals[baseline][seed] for seed in sorted(finals[method]) if seed in finals[baseline]
+    ]
+
+
+def interval_text(values):
+    low, high = bootstrap_interval(values)
+    return f"{np.mean(values):.3f} [{low:.3f}, {high:.3f}]"
+
+
 def main(args):
     from common import load_prompts
 
@@ -213,6 +234,10 @@ def main(args):
     best_final = max(np.mean([lines[-1]["seen_reward_mean"] for lines in curves[method]]) for method in args.methods)
     target = args.target or (start_reward + best_final) / 2
     unseen_prompts = load_prompts("unseen_shapes")
+    finals = {  # method -> {seed: final seen exact reward}, for the paired differences
+        method: {seed: lines[-1]["seen_reward_mean"] for seed, lines in zip(args.seeds, curves[method])}
+        for method in args.methods
+    }
     rows = []
     for method in args.methods:
         finals_seen = [lines[-1]["seen_reward_mean"] for lines in curves[method]]
@@ -232,6 +257,11 @@ def main(args):
                 if any(r is not None for r in reached)
                 else float("nan"),
                 diversity=np.mean(diversities),
+                seen_final_interval=interval_text(finals_seen),
+                unseen_final_interval=interval_text(finals_unseen),
+                seen_vs_ddpo=interval_text(paired_differences(finals, method, "ddpo"))
+                if "ddpo" in finals and method != "ddpo"
+                else "",
             )
         )
     with open(os.path.join(args.output_dir, "summary.csv"), "w", newline="") as f:
@@ -244,15 +274,19 @@ def main(args):
         f"\nseeds {' '.join(map(str, args.seeds))}, {args.reward_queries} reward queries per run, target exact "
         f"reward {target:.3f}\n"
     )
-    print("| method | seen: start -> final | unseen: final | queries to target (runs that reached it) | diversity |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| method | seen: start -> final | unseen: final | queries to target (runs that reached it) | diversity | "
+        "seen final, 95% bootstrap CI | paired seen final - ddpo, 95% CI |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         queries = (
             "never" if not row["reached"] else f"{row['queries_to_target']:.0f} ({row['reached']}/{len(args.seeds)})"
         )
         print(
             f"| {row['method']} | {row['seen_start']:.3f} -> {row['seen_final']:.3f} ± {row['seen_final_std']:.3f} | "
-            f"{row['unseen_final']:.3f} ± {row['unseen_final_std']:.3f} | {queries} | {row['diversity']:.3f} |"
+            f"{row['unseen_final']:.3f} ± {row['unseen_final_std']:.3f} | {queries} | {row['diversity']:.3f} | "
+            f"{row['seen_final_interval']} | {row['seen_vs_ddpo']} |"
         )
 
 

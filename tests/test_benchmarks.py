@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,3 +167,28 @@ def test_scale_sd15_units_agree_with_the_independent_estimates():
     assert (unit["unet_forward_per_row"] + unit["unet_backward_per_row"]) / 1e12 == pytest.approx(1.7, rel=0.15)
     assert unit["vae_decode_per_image"] / 1e12 == pytest.approx(2.5, rel=0.15)
     assert unit["lora_parameters"] / 1e6 == pytest.approx(0.80, rel=0.15)
+
+
+# ---------------------------------------------------------------------------------------------- compare_methods.py
+def test_bootstrap_interval_on_known_data():
+    import compare_methods
+
+    assert compare_methods.bootstrap_interval([0.5] * 5) == (0.5, 0.5)  # no spread, no width
+    values = np.random.default_rng(0).normal(0.6, 0.1, 400)
+    low, high = compare_methods.bootstrap_interval(values)
+    half_width = 1.96 * values.std() / np.sqrt(len(values))  # the normal interval, which the bootstrap matches here
+    assert low < values.mean() < high
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
+    covered = 0  # coverage over repeated experiments of 5 seeds, true mean 0.6
+    for trial in range(200):
+        sample = np.random.default_rng(100 + trial).normal(0.6, 0.1, 5)
+        low, high = compare_methods.bootstrap_interval(sample, resamples=2000, seed=trial)
+        covered += low <= 0.6 <= high
+    assert 0.75 <= covered / 200 <= 0.97  # the percentile bootstrap under-covers a little at n = 5
+
+
+def test_paired_differences_pair_by_seed_not_by_position():
+    import compare_methods
+
+    finals = {"ddpo": {0: 0.50, 1: 0.60, 2: 0.70}, "ddpo_diffexp": {2: 0.75, 0: 0.52, 3: 0.99}}
+    assert compare_methods.paired_differences(finals, "ddpo_diffexp", "ddpo") == pytest.approx([0.02, 0.05])

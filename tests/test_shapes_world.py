@@ -43,6 +43,21 @@ def test_exact_reward_is_one_on_every_rendered_caption():
     assert torch.equal(scores, torch.ones(300))
 
 
+def test_binary_reward_is_one_only_when_every_attribute_holds():
+    import worlds
+
+    generator = np.random.default_rng(3)
+    captions = sample_captions(100, generator)
+    images = render_batch(captions, generator)
+    binary = worlds.load_reward("shapes_binary", "cpu", torch.float32)
+    assert torch.equal(binary(images, captions), torch.ones(100))  # a rendered caption satisfies all of itself
+    wrong = render_batch(["a red circle", "two red circles", "a red circle above a blue square"], generator)
+    asked = ["a red square", "a red circle", "a red circle below a blue square"]  # exact: 0.75, 0.75, 7/8
+    assert torch.equal(binary(wrong, asked), torch.zeros(3))
+    assert torch.equal(exact_scores(wrong, asked), torch.tensor([0.75, 0.75, 7 / 8]))
+    assert not binary.differentiable
+
+
 def test_exact_reward_scores_known_mistakes():
     generator = np.random.default_rng(2)
 
