@@ -150,55 +150,81 @@ def _pretrain_tiny_unet(unet, scheduler, null_embeds):
     unet.eval()
 
 
+# The tiny UNet and VAE: 32 px images <-> 4 x 16 x 16 latents. The tiny SDXL adds its conditioning to these.
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    # attention only at the 8 x 8 level (and the mid block): at 16 x 16 it would cost 3/4 of the CPU time
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=16,
+    norm_num_groups=8,  # 4-8 channels per GroupNorm group, as SD's 320-1280 channels / 32 groups
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64),  # 2 levels -> vae_scale_factor 2: 32 px images <-> 16 x 16 latents
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    sample_size=32,
+    # 4-8 channels per group as in SD's VAE; one channel per group would normalise away every shift of a latent
+    # channel, leaving a decoder that barely responds to what the UNet changes
+    norm_num_groups=8,
+)
+
+
+def assemble_pipeline(unet, vae, text_encoders, tokenizers, force_zeros_for_empty_prompt=True):
+    """A StableDiffusionPipeline (one text encoder) or StableDiffusionXLPipeline (two) with SD 1.x's DDIM schedule,
+    which is SDXL's too (scaled-linear betas, leading spacing)."""
+    from diffusers import DDIMScheduler
+
+    StableDiffusionPipeline, StableDiffusionXLPipeline = pipeline_classes()
+    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
+    if len(text_encoders) == 1:
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoders[0],
+            tokenizer=tokenizers[0],
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+    )
+
+
 def _build_tiny_pipeline():
     """An SD-architecture pipeline, 32x32 images and 4x16x16 latents: random weights, UNet briefly pretrained."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):  # the same weights every time, without touching the caller's RNG
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            # attention only at the 8 x 8 level (and the mid block): at 16 x 16 it would cost 3/4 of the CPU time
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=16,
-            norm_num_groups=8,  # 4-8 channels per GroupNorm group, as SD's 320-1280 channels / 32 groups
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),  # 2 levels -> vae_scale_factor 2: 32 px images <-> 16 x 16 latents
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=32,
-            # 4-8 channels per group as in SD's VAE; one channel per group would normalise away every shift of
-            # a latent channel, leaving a decoder that barely responds to what the UNet changes
-            norm_num_groups=8,
-        )
+        unet = UNet2DConditionModel(**TINY_UNET)
+        vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
-    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
+    pipeline = assemble_pipeline(unet, vae, [text_encoder], [tokenizer])
     with torch.random.fork_rng(devices=[]):
         with torch.no_grad():  # c_null = the text encoder's output for "", (1, 77, 32)
             null_embeds = text_encoder(token_ids(tokenizer, [""]))[0]
-        _pretrain_tiny_unet(unet, scheduler, null_embeds)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        _pretrain_tiny_unet(unet, pipeline.scheduler, null_embeds)
+    return pipeline
 
 
 def _build_tiny_sdxl_pipeline():
@@ -210,52 +236,27 @@ def _build_tiny_sdxl_pipeline():
     (8 Fourier features each) to its time embedding: 32 + 6 x 8 = 80 inputs, as SDXL's 1280 + 6 x 256 = 2816.
     The VAE has SDXL's scaling factor and force_upcast (its fp16 path decodes in fp32).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer(pad_token="!")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64,  # 32 + 32: both encoders' features
-            attention_head_dim=(2, 4),  # SDXL counts heads per level (5, 10, 20)
-            use_linear_projection=True,  # as SDXL
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=80,  # pooled 32 + 6 size ids x 8
-            norm_num_groups=8,
+            **TINY_UNET
+            | dict(
+                cross_attention_dim=64,  # 32 + 32: both encoders' features
+                attention_head_dim=(2, 4),  # SDXL counts heads per level (5, 10, 20)
+                use_linear_projection=True,  # as SDXL
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=80,  # pooled 32 + 6 size ids x 8
+            )
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=32,
-            norm_num_groups=8,
-            scaling_factor=0.13025,  # SDXL's VAE
-            force_upcast=True,
-        )
+        vae = AutoencoderKL(**TINY_VAE, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(tokenizer_2), projection_dim=32))
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),  # SDXL's schedule is SD 1.x's (scaled-linear, leading)
-        force_zeros_for_empty_prompt=True,
-    )
+    return assemble_pipeline(unet, vae, [text_encoder, text_encoder_2], [tokenizer, tokenizer_2])
 
 
 def pipeline_folder(architecture="sd"):
@@ -302,49 +303,27 @@ def random_pipeline(name, dtype, device="cpu"):
     in fp32 and cast to `dtype` (SD 1.5: 1.07 G parameters, 4.3 GB in fp32; SDXL: 3.5 G, 14 GB). With
     device="meta" nothing is allocated (for counting FLOPs).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    StableDiffusionPipeline, StableDiffusionXLPipeline = pipeline_classes()
 
     config = architecture_config(name)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**config["unet"])
         vae = AutoencoderKL(**config["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+        text_encoders = [CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))]
         if name == "sdxl":
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))
+            text_encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])))
     if dtype != torch.float32:
         from diffusers.utils import logging as diffusers_logging
 
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # a cast with to() warns that no module needs fp32 (none does)
-        for module in [unet, vae, text_encoder] + ([text_encoder_2] if name == "sdxl" else []):
+        for module in [unet, vae, *text_encoders]:
             module.to(dtype)
         diffusers_logging.set_verbosity(verbosity)
-    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)  # SD 1.5's and SDXL's schedules are the same
-    if name == "sd15":
-        return StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=build_tiny_tokenizer(),
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=build_tiny_tokenizer(),
-        tokenizer_2=build_tiny_tokenizer(pad_token="!"),
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=config["force_zeros_for_empty_prompt"],
-    )
+    tokenizers = [build_tiny_tokenizer(), build_tiny_tokenizer(pad_token="!")][: len(text_encoders)]
+    return assemble_pipeline(unet, vae, text_encoders, tokenizers, config.get("force_zeros_for_empty_prompt", True))
 
 
 # ----------------------------------------------------------------------------------------------------------
