@@ -82,7 +82,7 @@ def load_reward(spec, device, dtype, tiny=False):
     """The reward `spec`, frozen on `device`: the shapes world's, a tiny one (`tiny`), or common.py's real one; an
     ensemble (common.EnsembleReward) of those for a spec with several members."""
     members = reward_members(spec)
-    if len(members) == 1 and members[0][0] == 1.0:
-        return load_single_reward(spec, device, dtype, tiny)
+    if len(members) == 1 and members[0][0] == 1.0:  # "aesthetic", "1*aesthetic": the reward itself
+        return load_single_reward(members[0][1], device, dtype, tiny)
     loaded = [(weight, name, load_single_reward(name, device, dtype, tiny)) for weight, name in members]
     return common.EnsembleReward(loaded, REWARD_SCALES)

@@ -228,6 +228,7 @@ def test_an_ensemble_is_the_weighted_sum_of_normalised_members_and_backpropagate
     assert images.grad.abs().sum() > 0
     single = worlds.load_reward("aesthetic", "cpu", torch.float32, tiny=True)
     assert not isinstance(single, common.EnsembleReward) and common.score_images(single, images, prompts)[1] == {}
+    assert isinstance(worlds.load_reward("1*aesthetic", "cpu", torch.float32, tiny=True), type(single))
     assert not worlds.reward_is_differentiable("aesthetic+jpeg_compressibility")
     assert not worlds.load_reward("aesthetic+jpeg_compressibility", "cpu", torch.float32, tiny=True).differentiable
 
