@@ -545,16 +545,16 @@ def append_jsonl(path, record):
         f.write(json.dumps({key: finite_or_none(value) for key, value in record.items()}, allow_nan=False) + "\n")
 
 
-def report(accelerator, values, step, grid_paths=None):
-    """Send the finite numbers of `values` (and the PNG grids of `grid_paths`, {tag: path}) to the --report-to
+def report(accelerator, values, step, grids=None):
+    """Send the finite numbers of `values` (and the PIL images of `grids`, {tag: image}) to the --report-to
     trackers at `step` (the epoch); the .jsonl files stay the record. Nothing without a tracker."""
     if not accelerator.trackers:
         return
     numbers = {key: value for key, value in values.items() if isinstance(value, (int, float)) and math.isfinite(value)}
     accelerator.log(numbers, step=step)
     for tracker in accelerator.trackers:
-        for tag, path in (grid_paths or {}).items():
-            image = np.asarray(Image.open(path).convert("RGB"))[None]  # (1, H, W, 3) uint8
+        for tag, grid in (grids or {}).items():
+            image = np.asarray(grid)[None]  # (1, H, W, 3) uint8
             options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
             tracker.log_images({tag: image}, step=step, **options)
 
@@ -791,7 +791,7 @@ def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null
     """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
     unet.eval()
     line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
-    grid_paths = {}
+    grids = {}
     for name, prompts in eval_sets.items():
         mean, std, member_means, grid = evaluate(
             args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape
@@ -800,11 +800,10 @@ def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null
         line |= {f"{name}_reward_{member}_mean": value for member, value in member_means.items()}
         if accelerator.is_main_process:
             grid_path = os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png")
-            save_image_grid(grid_path, grid[:32])
-            grid_paths[f"eval/{name}_grid"] = grid_path
+            grids[f"eval/{name}_grid"] = save_image_grid(grid_path, grid[:32])
     if accelerator.is_main_process:
         append_jsonl(os.path.join(run_dir, "eval.jsonl"), line)
-        report(accelerator, {f"eval/{key}": value for key, value in line.items()}, epoch, grid_paths)
+        report(accelerator, {f"eval/{key}": value for key, value in line.items()}, epoch, grids)
         tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
 
 
@@ -855,7 +854,8 @@ def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds,
 
 
 def save_image_grid(path, entries, columns=8, cell=128):
-    """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it."""
+    """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it; returns
+    the grid (a PIL RGB image)."""
     rows = math.ceil(len(entries) / columns)
     caption_height = 24
     grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
@@ -866,6 +866,7 @@ def save_image_grid(path, entries, columns=8, cell=128):
         draw.text((x + 2, y + cell + 1), prompt[:22], fill="black")
         draw.text((x + 2, y + cell + 12), f"{reward:.4g}", fill="black")
     grid.save(path)
+    return grid
 
 
 def save_checkpoint(folder, unet, optimizer, state):
