@@ -192,3 +192,71 @@ def test_paired_differences_pair_by_seed_not_by_position():
 
     finals = {"ddpo": {0: 0.50, 1: 0.60, 2: 0.70}, "ddpo_diffexp": {2: 0.75, 0: 0.52, 3: 0.99}}
     assert compare_methods.paired_differences(finals, "ddpo_diffexp", "ddpo") == pytest.approx([0.02, 0.05])
+
+
+def test_mean_pairwise_rms_on_known_images():
+    import compare_methods
+
+    images = torch.zeros(3, 4)
+    images[1] = 1.0  # RMS distance 1 from the others; rows 0 and 2 coincide
+    images[2] = 0.0
+    # ordered pairs of distinct rows: (0,1) (1,0) (1,2) (2,1) at 1, (0,2) (2,0) at 0 -> 4 / 6
+    assert compare_methods.mean_pairwise_rms(images) == pytest.approx(4 / 6)
+
+
+def test_summary_pairs_queries_and_differences_by_seed(monkeypatch):
+    """The query ratio and the paired differences use the same seed of both methods, whatever order runs came in;
+    a run that never reaches the target is counted out of the queries, not as zero."""
+    import compare_methods
+
+    monkeypatch.setattr(compare_methods, "diversity", lambda run_dir, prompts: 0.3)
+
+    def run(rewards):  # eval lines at 0, 320, 640 queries
+        lines = [
+            dict(reward_queries=q, seen_reward_mean=r, seen_reward_std=0.3, unseen_reward_mean=r, unseen_reward_std=0.3)
+            for q, r in zip((0, 320, 640), rewards)
+        ]
+        return lines, [dict(reward_mean=0.1), dict(reward_mean=0.3)]
+
+    runs = {
+        "ddpo": {0: run((0.4, 0.5, 0.6)), 1: run((0.4, 0.6, 0.7))},  # reach 0.5 at 320 and at 160 queries
+        "ddpo_diffexp": {1: run((0.4, 0.45, 0.8)), 0: run((0.4, 0.4, 0.45))},  # 320 + 320 / 7 on seed 1; never on 0
+    }
+    args = compare_methods.Args(seeds=[0, 1], reward="shapes_binary", methods=list(runs))
+    summary = compare_methods.summarise(args, runs, target=0.5)
+    ours = summary["ddpo_diffexp"]
+    assert ours["reached"] == 1 and ours["queries_to_target"]["mean"] == pytest.approx(320 + 320 / 7)
+    assert ours["queries_ratio_vs_baseline"]["mean"] == pytest.approx((320 + 320 / 7) / 160)  # seed 1 / seed 1
+    assert ours["seen_final_vs_baseline"]["mean"] == pytest.approx(((0.45 - 0.6) + (0.8 - 0.7)) / 2)
+    assert ours["training_hit_fraction"]["mean"] == pytest.approx(0.2)
+    assert summary["ddpo"]["seen"][1]["mean"] == pytest.approx(0.55)
+    table = compare_methods.markdown(args, summary, 0.5)
+    assert "| ddpo_diffexp | 0.400 -> 0.625" in table and "(1/2)" in table
+
+
+@pytest.mark.parametrize("variant, change", [("eq8", dict(prompt_weight_range=(1.0, 1.0))), ("eq7", dict(cfg_low=5.0))])
+def test_exploration_variants_share_the_noise_of_plain(variant, change):
+    """The mechanism benchmark pairs its samplers: Eq. 8 with w = 1, or Eq. 7 with w_l = w_h, is plain sampling, so
+    it must give plain's images exactly (the same x_T, step noise and prompts); with the real ranges it must not."""
+    from dataclasses import replace
+
+    import ddpo_diffexp
+    import exploration
+    from common import encode_prompts
+    from worlds import SHAPES_MODEL, load_pipeline
+
+    pipeline = load_pipeline(SHAPES_MODEL, "cpu", torch.float32)
+    script_args = ddpo_diffexp.parse_args(["--shapes"])
+    pipeline.scheduler.set_timesteps(script_args.num_steps)
+    null_embeds = encode_prompts(pipeline, [""], script_args.resolution)
+    prompts = ["a red triangle", "two blue squares", "a green circle below a yellow triangle"]
+    latents = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+
+    def images(name, settings):
+        return exploration.sample_variant(
+            ddpo_diffexp, pipeline, settings, prompts, latents, null_embeds, name, seed=3, batch_size=2
+        )
+
+    plain = images("plain", script_args)
+    assert torch.allclose(images(variant, replace(script_args, **change)), plain, atol=1e-4)  # w = 1: only rounding
+    assert not torch.allclose(images(variant, script_args), plain, atol=1e-3)

@@ -33,6 +33,7 @@ SHARED_BLOCKS = [
     ("function", "epoch_seed", SCRIPTS),
     ("function", "save_image_grid", SCRIPTS),
     ("function", "save_checkpoint", SCRIPTS),
+    ("function", "run_summary", SCRIPTS),
     ("function", "keep_lines_before", SCRIPTS),
     ("function", "stop_on_non_finite", SCRIPTS),
     ("function", "member_reward_means", SCRIPTS),

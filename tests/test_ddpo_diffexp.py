@@ -215,3 +215,18 @@ def test_tiny_preset_raises_the_reward(tmp_path):
     # a paired comparison (the same evaluation noise before and after), so sampling noise does not mask the gain; the
     # training batches' mean reward is too noisy at 32 samples an epoch to show it
     assert gain > 0.1 * first["seen_reward_std"], (gain, first, last)
+
+
+def test_run_summary_names_start_end_best_and_the_folders(tmp_path):
+    """The line every run ends with (the same helper in all four scripts, tests/test_copies.py)."""
+    lines = [(0, 0.494, 0.61), (5, 0.61, 0.66), (10, 0.60, 0.70)]
+    with open(tmp_path / "eval.jsonl", "w") as f:
+        for epoch, seen, unseen in lines:
+            f.write(
+                json.dumps(dict(epoch=epoch, eval_reward="shapes", seen_reward_mean=seen, unseen_reward_mean=unseen))
+                + "\n"
+            )
+    line = ddpo_diffexp.run_summary(str(tmp_path), 101.4)
+    assert line.startswith("done in 101 s: seen shapes reward 0.494 (epoch 0) -> 0.600 (epoch 10), best 0.610")
+    assert "(epoch 5); unseen 0.610 -> 0.700;" in line and f"grids in {tmp_path / 'samples'}" in line
+    assert ddpo_diffexp.run_summary(str(tmp_path / "none"), 3).startswith("done in 3 s (no evaluation)")

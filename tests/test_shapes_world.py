@@ -147,9 +147,11 @@ def test_ddpo_raises_the_exact_reward_on_the_shapes_world(tmp_path):
     """A short, seeded version of the README's quick start: the exact reward on the training prompts rises.
 
     Measured with these flags over seeds 0-3: +0.061 (seed 0, the one tested), +0.133, +0.078 and +0.097 after 3
-    epochs (4 epochs: +0.072, +0.116, +0.058, +0.075); the assertion asks for +0.04.
+    epochs (4 epochs: +0.072, +0.116, +0.058, +0.075); the assertion asks for +0.04. lr 1e-2 (the preset's 5e-3
+    is steadier over 20 epochs, but 1e-2 shows the rise within the 3 epochs a test can afford).
     """
     flags = "--shapes --seed 0 --epochs 3 --eval-every 3 --save-every 3 --eval-unseen-prompts unseen_shapes"
+    flags += " --learning-rate 1e-2"
     run_script("ddpo_diffexp.py", [*flags.split(), "--run-name", "shapes"], tmp_path)
     before, after = read_jsonl(tmp_path / "shapes" / "eval.jsonl")
     assert before["eval_reward"] == "shapes" and after["epoch"] == 3
