@@ -810,11 +810,11 @@ def run_summary(run_dir, seconds):
     best = max(lines, key=lambda line: line["seen_reward_mean"])
     unseen = ""
     if "unseen_reward_mean" in last:
-        unseen = f"; unseen {first['unseen_reward_mean']:.3f} -> {last['unseen_reward_mean']:.3f}"
+        unseen = f"; unseen {first['unseen_reward_mean']:.4g} -> {last['unseen_reward_mean']:.4g}"
     return (
-        f"done in {seconds:.0f} s: seen {last['eval_reward']} reward {first['seen_reward_mean']:.3f} (epoch "
-        f"{first['epoch']}) -> {last['seen_reward_mean']:.3f} (epoch {last['epoch']}), best "
-        f"{best['seen_reward_mean']:.3f} (epoch {best['epoch']}){unseen}; {where}"
+        f"done in {seconds:.0f} s: seen {last['eval_reward']} reward {first['seen_reward_mean']:.4g} (epoch "
+        f"{first['epoch']}) -> {last['seen_reward_mean']:.4g} (epoch {last['epoch']}), best "
+        f"{best['seen_reward_mean']:.4g} (epoch {best['epoch']}){unseen}; {where}"
     )
 
 

@@ -227,6 +227,6 @@ def test_run_summary_names_start_end_best_and_the_folders(tmp_path):
                 + "\n"
             )
     line = ddpo_diffexp.run_summary(str(tmp_path), 101.4)
-    assert line.startswith("done in 101 s: seen shapes reward 0.494 (epoch 0) -> 0.600 (epoch 10), best 0.610")
-    assert "(epoch 5); unseen 0.610 -> 0.700;" in line and f"grids in {tmp_path / 'samples'}" in line
+    assert line.startswith("done in 101 s: seen shapes reward 0.494 (epoch 0) -> 0.6 (epoch 10), best 0.61")
+    assert "(epoch 5); unseen 0.61 -> 0.7;" in line and f"grids in {tmp_path / 'samples'}" in line
     assert ddpo_diffexp.run_summary(str(tmp_path / "none"), 3).startswith("done in 3 s (no evaluation)")
