@@ -48,7 +48,7 @@ class Args:
     batch_size: int = 32
     """images per sampling batch"""
     output: str = "benchmarks/results/exploration/summary.json"
-    """where the numbers go (the table is printed)"""
+    """where the numbers go; table.md (also printed) goes beside it"""
 
 
 @torch.no_grad()
@@ -142,16 +142,20 @@ def main(args):
             f,
             indent=1,
         )
-    print(
-        f"\nseeds {' '.join(map(str, args.seeds))}, {args.images_per_prompt} images of each of {len(prompts)} seen "
-        "prompts per variant and seed, the pretrained shapes model; 95% bootstrap intervals over seeds\n"
-    )
-    print("| sampler | hit fraction | - plain (paired) | exact reward | - plain | diversity | - plain |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    lines = [
+        f"seeds {' '.join(map(str, args.seeds))}, {args.images_per_prompt} images of each of {len(prompts)} seen "
+        "prompts per variant and seed, the pretrained shapes model; 95% bootstrap intervals over seeds",
+        "",
+        "| sampler | hit fraction | - plain (paired) | exact reward | - plain | diversity | - plain |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for variant, stats in summary.items():
         cells = [interval_text(stats[key]) for key in ("hit", "hit_vs_plain", "exact", "exact_vs_plain")]
         cells += [interval_text(stats[key]) for key in ("diversity", "diversity_vs_plain")]
-        print(f"| {variant} | " + " | ".join(cells) + " |")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    with open(os.path.join(os.path.dirname(args.output) or ".", "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
