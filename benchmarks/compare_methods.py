@@ -35,6 +35,7 @@ only add their own runs; about 70 minutes for the first on 2 CPU cores, 30 for t
 """
 
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -147,31 +148,41 @@ def run_method(args, method, seed, epochs, eval_every):
     return read_jsonl(eval_path), read_jsonl(metrics_path)
 
 
-@torch.no_grad()
-def diversity(run_dir, prompts, images_per_prompt=8):
-    """Mean pairwise RMS pixel distance among one prompt's images (8 fixed noises), averaged over prompts."""
+@functools.cache
+def shapes_pipeline():
+    """The pretrained shapes model, loaded once per benchmark; diversity() puts each run's LoRA on it and takes it
+    off again."""
     from diffusers.utils import logging as diffusers_logging
 
     from worlds import SHAPES_MODEL, load_pipeline
 
     diffusers_logging.set_verbosity_error()  # no loading bars, no "no LoRA keys for the text encoder" notice
     diffusers_logging.disable_progress_bar()
-    pipeline = load_pipeline(SHAPES_MODEL, "cpu", torch.float32)
+    return load_pipeline(SHAPES_MODEL, "cpu", torch.float32)
+
+
+@torch.no_grad()
+def diversity(run_dir, prompts, images_per_prompt=8):
+    """Mean pairwise RMS pixel distance among one prompt's images (8 fixed noises), averaged over prompts."""
+    pipeline = shapes_pipeline()
     checkpoints = os.path.join(run_dir, "checkpoints")
     pipeline.load_lora_weights(os.path.join(checkpoints, sorted(os.listdir(checkpoints))[-1]))
-    distances = []
-    for index, prompt in enumerate(prompts):
-        generator = torch.Generator().manual_seed(1_000 + index)
-        images = pipeline(
-            [prompt] * images_per_prompt,
-            num_inference_steps=10,
-            guidance_scale=5.0,
-            height=32,
-            width=32,
-            generator=generator,
-            output_type="pt",
-        ).images.flatten(1)  # (N, 3 * 32 * 32)
-        distances.append(mean_pairwise_rms(images))
+    try:
+        distances = []
+        for index, prompt in enumerate(prompts):
+            generator = torch.Generator().manual_seed(1_000 + index)
+            images = pipeline(
+                [prompt] * images_per_prompt,
+                num_inference_steps=10,
+                guidance_scale=5.0,
+                height=32,
+                width=32,
+                generator=generator,
+                output_type="pt",
+            ).images.flatten(1)  # (N, 3 * 32 * 32)
+            distances.append(mean_pairwise_rms(images))
+    finally:
+        pipeline.unload_lora_weights()
     return float(np.mean(distances))
 
 
@@ -234,6 +245,7 @@ def verdict(stats, better_when_positive=True):
 def summarise(args, runs, target):
     """runs: {method: {seed: (eval lines, metrics lines)}} -> {method: statistics}, every interval over seeds."""
     baseline = runs.get(args.baseline)
+    prompt_sets = {split: load_prompt_set(split) for split in ("seen", "unseen")}
     summary = {}
     for method, by_seed in runs.items():
         seeds = sorted(by_seed)
@@ -244,7 +256,7 @@ def summarise(args, runs, target):
             values = np.array([[line[f"{split}_reward_mean"] for line in evals[seed]] for seed in seeds])
             stats[split] = [interval(column) for column in values.T]
             # standard error of one run's evaluation mean: per-image std / sqrt(images), averaged over runs
-            images = args.eval_images_per_prompt * len(load_prompt_set(split))
+            images = args.eval_images_per_prompt * len(prompt_sets[split])
             stats[f"{split}_eval_standard_error"] = float(
                 np.mean([evals[seed][-1][f"{split}_reward_std"] for seed in seeds]) / np.sqrt(images)
             )
@@ -268,7 +280,7 @@ def summarise(args, runs, target):
             stats["queries_ratio_vs_baseline"] = interval(ratios)
         stats["diversity"] = interval(
             [
-                diversity(os.path.join(args.runs_dir, run_name(args, method, seed)), load_prompt_set("unseen"))
+                diversity(os.path.join(args.runs_dir, run_name(args, method, seed)), prompt_sets["unseen"])
                 for seed in seeds
             ]
         )
@@ -289,16 +301,17 @@ def load_prompt_set(split):
 
 def markdown(args, summary, target):
     seeds = " ".join(map(str, args.seeds))
+    columns = ["method", "seen: start -> final", "unseen: start -> final", f"seen final - {args.baseline} (paired)"]
+    columns += [f"unseen final - {args.baseline} (paired)", "queries to target (runs that reached it)"]
+    columns += [f"queries / {args.baseline}'s (paired; never reached = budget)", "diversity"]
+    columns += ["training hit fraction"] if args.reward == "shapes_binary" else []
     lines = [
         f"seeds {seeds}, {args.reward_queries} reward queries per run, training reward `{args.reward}`, exact reward "
         f"evaluated on {args.eval_images_per_prompt} images per prompt (fixed noise), target {target:.3f}; "
         "every interval is a 95% percentile bootstrap over seeds",
         "",
-        f"| method | seen: start -> final | unseen: start -> final | seen final - {args.baseline} (paired) | "
-        f"unseen final - {args.baseline} (paired) | queries to target (runs that reached it) | queries / "
-        f"{args.baseline}'s (paired; never reached = budget) | diversity |"
-        + (" training hit fraction |" if args.reward == "shapes_binary" else ""),
-        "| --- " * (9 if args.reward == "shapes_binary" else 8) + "|",
+        "| " + " | ".join(columns) + " |",
+        "| --- " * len(columns) + "|",
     ]
     for method, stats in summary.items():
         row = [
