@@ -99,17 +99,16 @@ from tqdm.auto import tqdm
 from common import (
     first_line,
     add_lora,
-    dynamic_cfg_scale,
     encode_prompts,
+    guidance_scale_schedule,
     guided_noise_prediction,
     images_to_pil,
     is_sdxl,
     load_prompts,
-    random_word_token_mask,
+    randomly_weight_prompts,
     save_lora,
     score_images,
     unseen_twin,
-    weight_prompt_embeds,
 )
 
 # hub ids and folders go to common.py's loaders; worlds.py builds the offline names (--model tiny, --tiny,
@@ -982,12 +981,7 @@ def main(args):
         # CPU: same draws on any device
         generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
         # DiffExp Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
-        step_scales = torch.tensor(
-            [
-                dynamic_cfg_scale(t, args.cfg_low, args.cfg_high, args.t_thres) if use_dynamic_cfg else args.cfg_high
-                for t in timesteps.tolist()
-            ]
-        )
+        step_scales = guidance_scale_schedule(timesteps, args.cfg_low, args.cfg_high, args.t_thres, use_dynamic_cfg)
         unet.train()
         rewards, member_batches, losses, grad_steps, grad_norms = [], [], [], [], []
         # sampling is training: each batch's graph is used by its backward before the next batch is sampled
@@ -1001,11 +995,8 @@ def main(args):
             prompts = [train_prompts[i] for i in prompt_indices]
             prompt_embeds = encode_prompts(pipeline, prompts, args.resolution)  # c, (B, L, D)
             if use_prompt_weighting:  # DiffExp Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
-                token_mask = random_word_token_mask(pipeline, prompts, generator)  # (B, L)
-                low, high = args.prompt_weight_range
-                prompt_weights = low + (high - low) * torch.rand(args.train_batch_size, generator=generator)  # (B,)
-                prompt_embeds = weight_prompt_embeds(
-                    prompt_embeds, null_embeds, token_mask, prompt_weights.to(accelerator.device)
+                prompt_embeds = randomly_weight_prompts(
+                    pipeline, prompts, prompt_embeds, null_embeds, args.prompt_weight_range, generator
                 )
             guidance_scales = step_scales.expand(args.train_batch_size, -1)  # (B, T)
             latents = torch.randn((args.train_batch_size, *latent_shape), generator=generator).to(

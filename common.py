@@ -5,7 +5,8 @@
 2. reward wrappers: `load_reward` (aesthetic, pickscore, clipscore, imagereward, hpsv2(.1), jpeg_*), with
    differentiable tensor preprocessing for the CLIP-based ones;
 3. classifier-free guidance and prompt weighting: `encode_prompts`, `guided_noise_prediction` (Eq. 4),
-   `dynamic_cfg_scale` (DiffExp Eq. 7), `random_word_token_mask` and `weight_prompt_embeds` (DiffExp Eq. 8);
+   `dynamic_cfg_scale` and `guidance_scale_schedule` (DiffExp Eq. 7), `random_word_token_mask`,
+   `weight_prompt_embeds` and `randomly_weight_prompts` (DiffExp Eq. 8);
 4. prompt sets: `load_prompts`, `unseen_twin`.
 
 It imports nothing of this project. The offline worlds (tiny_world.py, shapes_world.py) build on it, and
@@ -766,6 +767,13 @@ def dynamic_cfg_scale(t, w_low, w_high, t_thres):
     return w_low if int(t) > t_thres else w_high
 
 
+def guidance_scale_schedule(timesteps, w_low, w_high, t_thres, dynamic):
+    """One CFG scale per denoising step of a sampling schedule, (T,): DiffExp Eq. 7's w(t) if dynamic, else w_high
+    at every step (plain CFG). The DiffExp scripts use one schedule for every sample of an epoch."""
+    scales = [dynamic_cfg_scale(t, w_low, w_high, t_thres) if dynamic else w_high for t in timesteps.tolist()]
+    return torch.tensor(scales)
+
+
 def random_word_token_mask(pipeline, prompts, generator):
     """Bool mask (B, L), L as encode_prompts' c: per prompt, every token of ONE uniformly random word (never BOS,
     EOS, padding, or SDXL's packed pooled row).
@@ -809,6 +817,19 @@ def weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, weights):
     weights = weights.to(prompt_embeds.dtype).view(-1, 1, 1)
     weighted = null_embeds + weights * (prompt_embeds - null_embeds)
     return torch.where(token_mask.unsqueeze(-1).to(prompt_embeds.device), weighted, prompt_embeds)
+
+
+def randomly_weight_prompts(pipeline, prompts, prompt_embeds, null_embeds, weight_range, generator):
+    """DiffExp Eq. 8 for a batch: every token of one uniformly random word of each prompt gets the weight
+    w_prompt ~ U(low, high), c[i] <- c_null[i] + w_prompt (c[i] - c_null[i]); a new word and weight per prompt.
+
+    prompts (B) are the texts of prompt_embeds (B, L, D); null_embeds (1, L, D) = encoding of "". The word is drawn
+    before the weights, both from generator, so a seeded run draws the same words and weights on any device.
+    """
+    token_mask = random_word_token_mask(pipeline, prompts, generator)  # (B, L)
+    low, high = weight_range
+    prompt_weights = low + (high - low) * torch.rand(len(prompts), generator=generator)  # (B,)
+    return weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, prompt_weights.to(prompt_embeds.device))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -54,28 +54,21 @@ class Args:
 @torch.no_grad()
 def sample_variant(script, pipeline, script_args, prompts, latents, null_embeds, variant, seed, batch_size):
     """Images (N, 3, H, W) of prompts (N) from latents x_T (N, 4, h, w) with the script's training sampler."""
-    from common import dynamic_cfg_scale, encode_prompts, random_word_token_mask, weight_prompt_embeds
+    from common import encode_prompts, guidance_scale_schedule, randomly_weight_prompts
 
     dynamic_cfg, prompt_weighting = VARIANTS[variant]
-    timesteps = pipeline.scheduler.timesteps
-    step_scales = torch.tensor(  # Eq. 7: (T,)
-        [
-            dynamic_cfg_scale(t, script_args.cfg_low, script_args.cfg_high, script_args.t_thres)
-            if dynamic_cfg
-            else script_args.cfg_high
-            for t in timesteps.tolist()
-        ]
+    step_scales = guidance_scale_schedule(  # Eq. 7: (T,)
+        pipeline.scheduler.timesteps, script_args.cfg_low, script_args.cfg_high, script_args.t_thres, dynamic_cfg
     )
     generator = torch.Generator().manual_seed(seed)  # the Eq. 8 draws and the per-step noise: paired over variants
     images = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start : start + batch_size]
         prompt_embeds = encode_prompts(pipeline, batch_prompts, script_args.resolution)  # (B, L, D)
-        if prompt_weighting:  # Eq. 8
-            token_mask = random_word_token_mask(pipeline, batch_prompts, generator)
-            low, high = script_args.prompt_weight_range
-            weights = low + (high - low) * torch.rand(len(batch_prompts), generator=generator)
-            prompt_embeds = weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, weights)
+        if prompt_weighting:  # Eq. 8, as ddpo_diffexp.main() section 2
+            prompt_embeds = randomly_weight_prompts(
+                pipeline, batch_prompts, prompt_embeds, null_embeds, script_args.prompt_weight_range, generator
+            )
         guidance_scales = step_scales.expand(len(batch_prompts), -1)  # (B, T)
         step_generator = torch.Generator().manual_seed(seed * 7_919 + start)  # same step noise in every variant
         _, _, batch_images = script.sample_trajectories(

@@ -164,14 +164,11 @@ def bench_sampling(pipeline, resolution, opts):
 
     def ours():  # ddpo_diffexp.main(), section 2, one batch, with --diffexp
         generator = torch.Generator().manual_seed(0)
-        step_scales = torch.tensor(
-            [common.dynamic_cfg_scale(t, defaults.cfg_low, cfg, defaults.t_thres) for t in timesteps.tolist()]
-        )
+        step_scales = common.guidance_scale_schedule(timesteps, defaults.cfg_low, cfg, defaults.t_thres, True)
         prompt_embeds = common.encode_prompts(pipeline, prompts, resolution)
-        token_mask = common.random_word_token_mask(pipeline, prompts, generator)
-        low, high = defaults.prompt_weight_range
-        prompt_weights = low + (high - low) * torch.rand(batch, generator=generator)
-        prompt_embeds = common.weight_prompt_embeds(prompt_embeds, null_embeds, token_mask, prompt_weights)
+        prompt_embeds = common.randomly_weight_prompts(
+            pipeline, prompts, prompt_embeds, null_embeds, defaults.prompt_weight_range, generator
+        )
         latents = torch.randn((batch, *latent_shape), generator=generator)
         return ddpo_diffexp.sample_trajectories(
             pipeline, unet, prompt_embeds, null_embeds, step_scales.expand(batch, -1), latents, 1.0, generator

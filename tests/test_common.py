@@ -22,6 +22,12 @@ def test_dynamic_cfg_scale_switches_after_t_thres():
     assert common.dynamic_cfg_scale(torch.tensor(981), 0.5, 7.5, 900) == 0.5  # a scheduler timestep tensor
 
 
+def test_guidance_scale_schedule_is_eq7_per_step_or_constant():
+    timesteps = torch.tensor([951, 901, 851, 1])  # a scheduler's descending timesteps
+    assert common.guidance_scale_schedule(timesteps, 1.0, 5.0, 900, True).tolist() == [1.0, 1.0, 5.0, 5.0]  # t > 900
+    assert common.guidance_scale_schedule(timesteps, 1.0, 5.0, 900, False).tolist() == [5.0] * 4  # plain CFG
+
+
 # ---------------------------------------------------------------------------------------------- Eq. 8
 def test_random_word_token_mask_selects_every_token_of_one_word(tiny_pipeline):
     tokenizer = tiny_pipeline.tokenizer  # character-level: "dolphin" is 7 tokens
@@ -62,6 +68,23 @@ def test_weight_prompt_embeds_matches_eq8_only_on_the_mask():
     assert not torch.allclose(weighted[mask], prompt_embeds[mask])
     identity = common.weight_prompt_embeds(prompt_embeds, null_embeds, mask, torch.ones(2))
     assert torch.allclose(identity, prompt_embeds, atol=1e-6)  # w = 1 is the identity
+
+
+def test_randomly_weight_prompts_weights_one_drawn_word_per_prompt(tiny_pipeline):
+    prompts = ["a dolphin riding a bike", "an ant playing chess"]
+    prompt_embeds = common.encode_prompts(tiny_pipeline, prompts, 32)  # (2, L, D)
+    null_embeds = common.encode_prompts(tiny_pipeline, [""], 32)  # (1, L, D)
+    weighted = common.randomly_weight_prompts(
+        tiny_pipeline, prompts, prompt_embeds, null_embeds, (1.0, 1.2), torch.Generator().manual_seed(3)
+    )
+    # the same draws by hand, in the same order: the word, then the weights
+    generator = torch.Generator().manual_seed(3)
+    mask = common.random_word_token_mask(tiny_pipeline, prompts, generator)
+    weights = 1.0 + 0.2 * torch.rand(2, generator=generator)
+    assert ((weights > 1.0) & (weights < 1.2)).all()
+    assert torch.equal(weighted, common.weight_prompt_embeds(prompt_embeds, null_embeds, mask, weights))
+    assert torch.equal(weighted[~mask], prompt_embeds[~mask])
+    assert not torch.allclose(weighted[mask], prompt_embeds[mask])
 
 
 # ---------------------------------------------------------------------------------------------- Eq. 4
