@@ -24,12 +24,15 @@ Diversity: mean pairwise RMS pixel distance between the 8 images (8 fixed noises
 final LoRA, averaged over prompts; lower means the method collapsed onto fewer layouts.
 
 Commands (benchmarks/README.md's tables and plots; runs are shared between them, so after the first the others
-only add their own runs; about 70 minutes for the first on 2 CPU cores, 30 for the second, 15 for the third):
+only add their own runs; about 70 minutes for the first on 2 CPU cores, 30 for the second, 20 for the third, 15
+for the fourth, and the fifth reuses the first's runs):
     python benchmarks/compare_methods.py
     python benchmarks/compare_methods.py --reward shapes_binary --methods ddpo ddpo_diffexp b2_diffurl ddpo_coca \
         --reward-queries 960 --evaluations 3 --output-dir benchmarks/results/binary
     python benchmarks/compare_methods.py --methods ddpo ddpo_diffexp ddpo_eq7 ddpo_eq8 \
         --output-dir benchmarks/results/ablation
+    python benchmarks/compare_methods.py --reward shapes_binary --methods ddpo ddpo_diffexp ddpo_eq7 ddpo_eq8 \
+        --reward-queries 960 --evaluations 3 --output-dir benchmarks/results/ablation_binary
     python benchmarks/compare_methods.py --methods alignprop alignprop_diffexp --baseline alignprop \
         --output-dir benchmarks/results/alignprop
 """
@@ -286,9 +289,15 @@ def summarise(args, runs, target):
         )
         if args.reward == "shapes_binary" and method not in NOT_FOR_BINARY:
             # the binary reward's training mean is the fraction of training samples that got every attribute
-            stats["training_hit_fraction"] = interval(
-                [np.mean([line["reward_mean"] for line in by_seed[seed][1]]) for seed in seeds]
-            )
+            hits = {seed: np.mean([line["reward_mean"] for line in by_seed[seed][1]]) for seed in seeds}
+            stats["training_hit_fraction"] = interval(list(hits.values()))
+            if baseline is not None and method != args.baseline:
+                baseline_hits = {
+                    seed: np.mean([line["reward_mean"] for line in lines]) for seed, (_, lines) in baseline.items()
+                }
+                stats["training_hit_fraction_vs_baseline"] = interval(
+                    paired_differences({"method": hits, "baseline": baseline_hits}, "method", "baseline")
+                )
         summary[method] = stats
     return summary
 
@@ -304,7 +313,8 @@ def markdown(args, summary, target):
     columns = ["method", "seen: start -> final", "unseen: start -> final", f"seen final - {args.baseline} (paired)"]
     columns += [f"unseen final - {args.baseline} (paired)", "queries to target (runs that reached it)"]
     columns += [f"queries / {args.baseline}'s (paired; never reached = budget)", "diversity"]
-    columns += ["training hit fraction"] if args.reward == "shapes_binary" else []
+    if args.reward == "shapes_binary":
+        columns += ["training hit fraction", f"hit fraction - {args.baseline} (paired)"]
     lines = [
         f"seeds {seeds}, {args.reward_queries} reward queries per run, training reward `{args.reward}`, exact reward "
         f"evaluated on {args.eval_images_per_prompt} images per prompt (fixed noise), target {target:.3f}; "
@@ -325,7 +335,7 @@ def markdown(args, summary, target):
             interval_text(stats["diversity"]),
         ]
         if args.reward == "shapes_binary":
-            row.append(interval_text(stats.get("training_hit_fraction")))
+            row += [interval_text(stats.get(f"training_hit_fraction{key}")) for key in ("", "_vs_baseline")]
         lines.append("| " + " | ".join(row) + " |")
     first = next(iter(summary.values()))
     lines += [

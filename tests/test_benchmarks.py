@@ -211,16 +211,17 @@ def test_summary_pairs_queries_and_differences_by_seed(monkeypatch):
 
     monkeypatch.setattr(compare_methods, "diversity", lambda run_dir, prompts: 0.3)
 
-    def run(rewards):  # eval lines at 0, 320, 640 queries
+    def run(rewards, hits=(0.1, 0.3)):  # eval lines at 0, 320, 640 queries; training rewards of 2 epochs
         lines = [
             dict(reward_queries=q, seen_reward_mean=r, seen_reward_std=0.3, unseen_reward_mean=r, unseen_reward_std=0.3)
             for q, r in zip((0, 320, 640), rewards)
         ]
-        return lines, [dict(reward_mean=0.1), dict(reward_mean=0.3)]
+        return lines, [dict(reward_mean=hit) for hit in hits]
 
     runs = {
         "ddpo": {0: run((0.4, 0.5, 0.6)), 1: run((0.4, 0.6, 0.7))},  # reach 0.5 at 320 and at 160 queries
-        "ddpo_diffexp": {1: run((0.4, 0.45, 0.8)), 0: run((0.4, 0.4, 0.45))},  # 320 + 320 / 7 on seed 1; never on 0
+        # 320 + 320 / 7 queries on seed 1, never on seed 0; seed 0 hits every attribute 0.1 less often than DDPO's
+        "ddpo_diffexp": {1: run((0.4, 0.45, 0.8)), 0: run((0.4, 0.4, 0.45), hits=(0.0, 0.2))},
     }
     args = compare_methods.Args(seeds=[0, 1], reward="shapes_binary", methods=list(runs), reward_queries=640)
     summary = compare_methods.summarise(args, runs, target=0.5)
@@ -229,7 +230,8 @@ def test_summary_pairs_queries_and_differences_by_seed(monkeypatch):
     # seed 1 / seed 1, and seed 0's never-reached run as the whole budget of 640 against DDPO's 320
     assert ours["queries_ratio_vs_baseline"]["mean"] == pytest.approx(((320 + 320 / 7) / 160 + 640 / 320) / 2)
     assert ours["seen_final_vs_baseline"]["mean"] == pytest.approx(((0.45 - 0.6) + (0.8 - 0.7)) / 2)
-    assert ours["training_hit_fraction"]["mean"] == pytest.approx(0.2)
+    assert ours["training_hit_fraction"]["mean"] == pytest.approx((0.1 + 0.2) / 2)
+    assert ours["training_hit_fraction_vs_baseline"]["mean"] == pytest.approx((-0.1 + 0.0) / 2)  # seed 0, seed 1
     assert summary["ddpo"]["seen"][1]["mean"] == pytest.approx(0.55)
     table = compare_methods.markdown(args, summary, 0.5)
     assert "| ddpo_diffexp | 0.400 -> 0.625" in table and "(1/2)" in table

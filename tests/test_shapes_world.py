@@ -148,10 +148,12 @@ def test_ddpo_raises_the_exact_reward_on_the_shapes_world(tmp_path):
 
     Measured with these flags over seeds 0-3: +0.061 (seed 0, the one tested), +0.133, +0.078 and +0.097 after 3
     epochs (4 epochs: +0.072, +0.116, +0.058, +0.075); the assertion asks for +0.04. lr 1e-2 (the preset's 5e-3
-    is steadier over 20 epochs, but 1e-2 shows the rise within the 3 epochs a test can afford).
+    is steadier over 20 epochs, but 1e-2 shows the rise within the 3 epochs a test can afford). Train batch 16
+    instead of the preset's 8 (which divides an update over 2 processes): the same update, one micro-batch of 16
+    instead of two of 8, the same gains to 3 decimals on those seeds, and 5 s faster here.
     """
     flags = "--shapes --seed 0 --epochs 3 --eval-every 3 --save-every 3 --eval-unseen-prompts unseen_shapes"
-    flags += " --learning-rate 1e-2"
+    flags += " --learning-rate 1e-2 --train-batch-size 16"
     run_script("ddpo_diffexp.py", [*flags.split(), "--run-name", "shapes"], tmp_path)
     before, after = read_jsonl(tmp_path / "shapes" / "eval.jsonl")
     assert before["eval_reward"] == "shapes" and after["epoch"] == 3
