@@ -245,6 +245,12 @@ def verdict(stats, better_when_positive=True):
     return "supported" if low > 0 else "contradicted" if high < 0 else "not resolved"
 
 
+def training_hit_fraction(metrics_lines):
+    """A shapes_binary run's mean training reward over its epochs: the fraction of its training samples that got
+    every attribute of their caption."""
+    return float(np.mean([line["reward_mean"] for line in metrics_lines]))
+
+
 def summarise(args, runs, target):
     """runs: {method: {seed: (eval lines, metrics lines)}} -> {method: statistics}, every interval over seeds."""
     baseline = runs.get(args.baseline)
@@ -288,13 +294,10 @@ def summarise(args, runs, target):
             ]
         )
         if args.reward == "shapes_binary" and method not in NOT_FOR_BINARY:
-            # the binary reward's training mean is the fraction of training samples that got every attribute
-            hits = {seed: np.mean([line["reward_mean"] for line in by_seed[seed][1]]) for seed in seeds}
+            hits = {seed: training_hit_fraction(by_seed[seed][1]) for seed in seeds}
             stats["training_hit_fraction"] = interval(list(hits.values()))
             if baseline is not None and method != args.baseline:
-                baseline_hits = {
-                    seed: np.mean([line["reward_mean"] for line in lines]) for seed, (_, lines) in baseline.items()
-                }
+                baseline_hits = {seed: training_hit_fraction(lines) for seed, (_, lines) in baseline.items()}
                 stats["training_hit_fraction_vs_baseline"] = interval(
                     paired_differences({"method": hits, "baseline": baseline_hits}, "method", "baseline")
                 )

@@ -164,7 +164,7 @@ def bench_sampling(pipeline, resolution, opts):
 
     def ours():  # ddpo_diffexp.main(), section 2, one batch, with --diffexp
         generator = torch.Generator().manual_seed(0)
-        step_scales = common.guidance_scale_schedule(timesteps, defaults.cfg_low, cfg, defaults.t_thres, True)
+        step_scales = common.guidance_scale_schedule(timesteps, defaults.cfg_low, cfg, defaults.t_thres, dynamic=True)
         prompt_embeds = common.encode_prompts(pipeline, prompts, resolution)
         prompt_embeds = common.randomly_weight_prompts(
             pipeline, prompts, prompt_embeds, null_embeds, defaults.prompt_weight_range, generator

@@ -150,7 +150,7 @@ def test_ddpo_raises_the_exact_reward_on_the_shapes_world(tmp_path):
     epochs (4 epochs: +0.072, +0.116, +0.058, +0.075); the assertion asks for +0.04. lr 1e-2 (the preset's 5e-3
     is steadier over 20 epochs, but 1e-2 shows the rise within the 3 epochs a test can afford). Train batch 16
     instead of the preset's 8 (which divides an update over 2 processes): the same update, one micro-batch of 16
-    instead of two of 8, the same gains to 3 decimals on those seeds, and 5 s faster here.
+    instead of two of 8, the same gains to 3 decimals on those seeds, and 2-5 s faster here.
     """
     flags = "--shapes --seed 0 --epochs 3 --eval-every 3 --save-every 3 --eval-unseen-prompts unseen_shapes"
     flags += " --learning-rate 1e-2 --train-batch-size 16"
