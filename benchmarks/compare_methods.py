@@ -251,6 +251,13 @@ def training_hit_fraction(metrics_lines):
     return float(np.mean([line["reward_mean"] for line in metrics_lines]))
 
 
+def lasting_rise(lines, gain=0.10, drift=0.01):
+    """The quick start's bar on one run (issue 17): its seen exact reward ends at least `gain` above its first
+    evaluation and within `drift` of its best one (no drift down)."""
+    seen = [line["seen_reward_mean"] for line in lines]
+    return seen[-1] - seen[0] >= gain and max(seen) - seen[-1] <= drift
+
+
 def summarise(args, runs, target):
     """runs: {method: {seed: (eval lines, metrics lines)}} -> {method: statistics}, every interval over seeds."""
     baseline = runs.get(args.baseline)
@@ -278,6 +285,7 @@ def summarise(args, runs, target):
         reached = {seed: queries_to_reach(evals[seed], target) for seed in seeds}
         stats["queries_to_target"] = interval(list(reached.values()))
         stats["reached"] = sum(value is not None for value in reached.values())
+        stats["lasting_rise"] = sum(lasting_rise(evals[seed]) for seed in seeds)
         if baseline is not None and method != args.baseline:
             # paired by seed, over the seeds whose baseline run reached the target; a run of the method that never
             # reached it counts as the whole budget, a lower bound of its queries (so the ratio is a lower bound too)
@@ -345,6 +353,10 @@ def markdown(args, summary, target):
         "",
         f"Standard error of one run's evaluation mean (per-image std / sqrt(images)): seen "
         f"{first['seen_eval_standard_error']:.3f}, unseen {first['unseen_eval_standard_error']:.3f}.",
+        "",
+        "Runs with a lasting rise (seen: end - start >= 0.10 and best - end <= 0.01, the quick start's bar): "
+        + ", ".join(f"{method} {stats['lasting_rise']}/{len(stats['seeds'])}" for method, stats in summary.items())
+        + ".",
         "",
         "Seen exact reward at each evaluation (mean [95% interval]):",
         "",

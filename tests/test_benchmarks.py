@@ -233,8 +233,23 @@ def test_summary_pairs_queries_and_differences_by_seed(monkeypatch):
     assert ours["training_hit_fraction"]["mean"] == pytest.approx((0.1 + 0.2) / 2)
     assert ours["training_hit_fraction_vs_baseline"]["mean"] == pytest.approx((-0.1 + 0.0) / 2)  # seed 0, seed 1
     assert summary["ddpo"]["seen"][1]["mean"] == pytest.approx(0.55)
+    assert summary["ddpo"]["lasting_rise"] == 2 and ours["lasting_rise"] == 1  # diffexp's seed 0 gains only 0.05
     table = compare_methods.markdown(args, summary, 0.5)
     assert "| ddpo_diffexp | 0.400 -> 0.625" in table and "(1/2)" in table
+    assert "lasting rise" in table and "ddpo 2/2, ddpo_diffexp 1/2." in table
+
+
+def test_lasting_rise_needs_the_gain_and_no_drift_down():
+    """The quick start's bar: end - start >= 0.10 and best - end <= 0.01."""
+    import compare_methods
+
+    def lines(*seen):
+        return [dict(seen_reward_mean=value) for value in seen]
+
+    assert compare_methods.lasting_rise(lines(0.50, 0.58, 0.605))
+    assert not compare_methods.lasting_rise(lines(0.50, 0.58, 0.595))  # gains 0.095
+    assert not compare_methods.lasting_rise(lines(0.50, 0.63, 0.615))  # gains 0.115 but ends 0.015 below its best
+    assert compare_methods.lasting_rise(lines(0.50, 0.615, 0.61))  # 0.005 below its best
 
 
 @pytest.mark.parametrize("variant, change", [("eq8", dict(prompt_weight_range=(1.0, 1.0))), ("eq7", dict(cfg_low=5.0))])
