@@ -797,6 +797,7 @@ def save_checkpoint(folder, unet, optimizer, state):
         )
         raise SystemExit(1)
 
+
 def run_summary(run_dir, seconds):
     """The line a run ends with: the evaluation reward at the first and the last evaluation, the best one, and
     where the sample grids and the LoRA checkpoints are."""
@@ -815,7 +816,6 @@ def run_summary(run_dir, seconds):
         f"{first['epoch']}) -> {last['seen_reward_mean']:.4g} (epoch {last['epoch']}), best "
         f"{best['seen_reward_mean']:.4g} (epoch {best['epoch']}){unseen}; {where}"
     )
-
 
 
 def main(args):
