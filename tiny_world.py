@@ -116,7 +116,13 @@ def text_config(tokenizer, hidden_size=32, intermediate_size=37, max_positions=7
     )
 
 
-TINY_PRETRAIN_STEPS = 150  # about 30 s on 2 CPU cores, once: the result is cached (see `pipeline_folder`)
+TINY_PRETRAIN_STEPS = 150  # about 30 s on 2 idle CPU cores (100 s on busy ones): its result is committed
+# The pretrained tiny UNet's weights (fp32, 3.8 MB), written by `python tiny_world.py` from the seeded pretraining
+# below, so that a fresh machine or CI does not spend the pretraining's 30-100 s before its first tiny run;
+# tests/test_tiny_world.py (-m slow) checks that the pretraining still reproduces them.
+TINY_UNET_WEIGHTS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "world", f"tiny-unet-{TINY_PRETRAIN_STEPS}.safetensors"
+)
 
 
 def _tiny_latent_data(batch_size, generator):
@@ -208,8 +214,13 @@ def assemble_pipeline(unet, vae, text_encoders, tokenizers, force_zeros_for_empt
     )
 
 
-def _build_tiny_pipeline():
-    """An SD-architecture pipeline, 32x32 images and 4x16x16 latents: random weights, UNet briefly pretrained."""
+def _build_tiny_pipeline(pretrain=False):
+    """An SD-architecture pipeline, 32x32 images and 4x16x16 latents: random weights, UNet briefly pretrained.
+
+    The UNet's pretrained weights come from TINY_UNET_WEIGHTS; with `pretrain` (or without that file) the seeded
+    pretraining computes them.
+    """
+    from safetensors.torch import load_file
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -220,6 +231,9 @@ def _build_tiny_pipeline():
         vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     pipeline = assemble_pipeline(unet, vae, [text_encoder], [tokenizer])
+    if not pretrain and os.path.exists(TINY_UNET_WEIGHTS):
+        unet.load_state_dict(load_file(TINY_UNET_WEIGHTS))  # strict: every key of TINY_UNET's architecture
+        return pipeline
     with torch.random.fork_rng(devices=[]):
         with torch.no_grad():  # c_null = the text encoder's output for "", (1, 77, 32)
             null_embeds = text_encoder(token_ids(tokenizer, [""]))[0]
@@ -266,7 +280,9 @@ def pipeline_folder(architecture="sd"):
     load the same weights from it with common.load_pipeline, as a hub model.
     """
     cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    name = f"tiny-sd-v1-{TINY_PRETRAIN_STEPS}" if architecture == "sd" else "tiny-sdxl-v1"
+    # v2: the UNet from TINY_UNET_WEIGHTS (a v1 folder pretrained its own, which differ by ~2e-5 with the number of
+    # threads that pretrained them)
+    name = f"tiny-sd-v2-{TINY_PRETRAIN_STEPS}" if architecture == "sd" else "tiny-sdxl-v1"
     folder = os.path.join(cache, "reward-finetuning", name)
     if not os.path.isdir(folder):
         pipeline = _build_tiny_pipeline() if architecture == "sd" else _build_tiny_sdxl_pipeline()
@@ -386,3 +402,13 @@ def load_reward(name, aesthetic_head_path=None):
     clip_model, tokenizer = _tiny_clip_model()
     # hpsv2 and clipscore: the cosine of the features, pickscore scaled by the CLIP's logit scale
     return ClipSimilarityReward(clip_model, tokenizer, use_logit_scale=name == "pickscore")
+
+
+if __name__ == "__main__":
+    # python tiny_world.py: rerun the seeded pretraining and write TINY_UNET_WEIGHTS (after a change of TINY_UNET,
+    # of the pretraining or of TINY_PRETRAIN_STEPS, which names the file and the cache folder)
+    from safetensors.torch import save_file
+
+    unet = _build_tiny_pipeline(pretrain=True).unet
+    save_file({name: tensor.contiguous() for name, tensor in unet.state_dict().items()}, TINY_UNET_WEIGHTS)
+    print(f"wrote {TINY_UNET_WEIGHTS}")

@@ -126,6 +126,26 @@ def test_tiny_pipeline_is_sd_shaped_with_sd15_schedule(tiny_pipeline):
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
+def test_the_tiny_unet_is_the_committed_pretrained_one(tiny_pipeline):
+    from safetensors.torch import load_file
+
+    committed = load_file(tiny_world.TINY_UNET_WEIGHTS)
+    weights = tiny_pipeline.unet.state_dict()
+    assert committed.keys() == weights.keys()
+    assert all(torch.equal(weights[name], committed[name]) for name in committed)
+
+
+@pytest.mark.slow
+def test_the_seeded_pretraining_reproduces_the_committed_tiny_unet():
+    """`python tiny_world.py` wrote world/tiny-unet-150.safetensors: the pretraining (30-100 s) still computes it."""
+    from safetensors.torch import load_file
+
+    committed = load_file(tiny_world.TINY_UNET_WEIGHTS)
+    pretrained = tiny_world._build_tiny_pipeline(pretrain=True).unet.state_dict()
+    for name, tensor in committed.items():  # float sums are ordered by the thread count and CPU: 2e-5 apart
+        assert torch.allclose(pretrained[name], tensor, atol=1e-4, rtol=1e-3), name
+
+
 def test_unreachable_model_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as error:
