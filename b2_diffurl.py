@@ -1107,7 +1107,7 @@ def main(args):
         unet.train()
         losses, approx_kls, clipfracs, grad_norms, visited_steps = [], [], [], [], set()
         micro_batches = math.ceil(max(kept_per_process) / args.train_batch_size)  # the same on every process
-        for inner_epoch in range(args.inner_epochs):
+        for inner_epoch in range(args.inner_epochs if micro_batches else 0):  # 0: no group kept a sample (below)
             # this process's kept rows in random order, then padding rows (row 0, advantage 0: no gradient) so that
             # every process runs micro_batches backward passes (deviation 4)
             order = kept[torch.randperm(len(kept), generator=generator)]
@@ -1171,7 +1171,7 @@ def main(args):
                     grad_norms.append(
                         optimizer_step(accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch)
                     )
-        if not losses:  # nothing kept on any process this stage: no update
+        if not losses:  # nothing kept on any process this stage (every branch within the thresholds): no update
             losses, approx_kls, clipfracs, grad_norms = [0.0], [0.0], [0.0], [0.0]
 
         # ==================================================================================================

@@ -9,7 +9,7 @@ import torch
 
 import b2_diffurl
 import ddpo_diffexp
-from conftest import ROOT, read_jsonl, run_script, with_values
+from conftest import ROOT, lora_tensors, read_jsonl, run_script, with_values
 
 
 # ---------------------------------------------------------------------------------------------- BPT schedule
@@ -223,3 +223,15 @@ def test_both_ablations_train_every_sample_on_every_step(run_flags, tmp_path):
     assert m["kept_samples"] == 8 and m["branch_step"] is None  # DDPO: no branching, no selection
     assert m["interval_steps"] == 4 and m["trained_step_indices"] == [0, 1, 2, 3]
     assert np.isfinite(m["loss"]) and m["loss"] != 0.0
+
+
+def test_a_stage_that_keeps_no_sample_makes_no_update(run_flags, tmp_path):
+    """With a sparse reward every branch of every group can score the same (z = 0 for all): Eq. 5 keeps nothing and
+    the stage must pass without an update (it stopped with a traceback on shapes_binary, seed 5)."""
+    flags = with_values(run_flags["b2_diffurl.py"], epochs="1")
+    flags += ["--positive-threshold", "1e9", "--negative-threshold", "-1e9", "--run-name", "none"]  # keep nothing
+    run_script("b2_diffurl.py", flags, tmp_path)
+    (m,) = read_jsonl(tmp_path / "none" / "metrics.jsonl")
+    assert m["kept_samples"] == 0 and m["loss"] == 0.0 and m["trained_step_indices"] == []
+    lora = lora_tensors(tmp_path / "none" / "checkpoints" / "epoch_0001")
+    assert all(not tensor.any() for name, tensor in lora.items() if "lora_B" in name)  # B = 0: the pretrained UNet
