@@ -1,11 +1,15 @@
-"""Shared test fixtures: the project root on sys.path, a tiny pipeline, a runner for the scripts, and one short
-finished run of each script that every test file reads (a run costs seconds; each script runs it once)."""
+"""Shared test fixtures: the project root on sys.path, a tiny pipeline, a runner for the scripts (forked from
+tests/script_server.py, which imports the libraries once), and one short finished run of each script that every
+test file reads (a run costs seconds; each script runs it once)."""
 
+import atexit
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -90,26 +94,85 @@ def tiny_pipeline():
     return load_pipeline("tiny", "cpu", torch.float32)
 
 
-def script_environment(processes=1):
+ENVIRONMENT = dict(os.environ)  # the session's, before any test patches it
+
+
+def script_environment(processes=1, base=None):
     """Offline, with a fixed number of OpenMP threads: the thread count changes the order of float sums, so a run
     and its resumed twin must use the same one. Several processes get one thread each, since 2 processes of 2
     threads on 2 cores spin-wait for each other (on a loaded machine a tiny run took 135 s with 2 threads, 28 s
     with 1)."""
     threads = 1 if processes > 1 else min(2, os.cpu_count() or 1)
-    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
+    base = os.environ if base is None else base
+    return dict(base, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
+
+
+class ScriptServer:
+    """The client of tests/script_server.py: runs `python script flags` as forks of one process that imported the
+    libraries once (3-4 s saved per run). Started on first use, stopped with the session."""
+
+    def __init__(self):
+        self.process = None
+        self.environment = None
+
+    def serves(self, env):
+        """Whether a run with environment `env` can be forked: the server's, up to the thread count."""
+        if self.process is None:
+            self.environment = script_environment(base=ENVIRONMENT)
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "tests", "script_server.py")],
+                cwd=ROOT,
+                env=self.environment,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,  # unbuffered bytes: readline() takes one reply and leaves the next for select()
+            )
+            atexit.register(self.stop)
+            assert json.loads(self.process.stdout.readline()) == {"ready": True}, "tests/script_server.py failed"
+        differs = {key for key in env.keys() | self.environment.keys() if env.get(key) != self.environment.get(key)}
+        return differs <= {"OMP_NUM_THREADS", "PYTEST_CURRENT_TEST"}  # pytest names the running test in the latter
+
+    def start(self, command, env, stdout, stderr):
+        """Fork `command` ([python, script, *flags]), its outputs in the files `stdout`, `stderr`; returns its pid."""
+        request = dict(argv=command[1:], cwd=ROOT, env=env, stdout=str(stdout), stderr=str(stderr))
+        self.process.stdin.write((json.dumps(request) + "\n").encode())
+        return json.loads(self.process.stdout.readline())["pid"]
+
+    def finished(self, timeout=0.0):
+        """Whether the run started last has ended (its return code is waiting), after at most `timeout` seconds."""
+        return bool(select.select([self.process.stdout], [], [], timeout)[0])
+
+    def wait(self, pid, timeout):
+        """The return code of the run `pid` (killed after `timeout` seconds, as subprocess.run does)."""
+        if not self.finished(timeout):
+            os.kill(pid, signal.SIGKILL)
+            json.loads(self.process.stdout.readline())
+            raise subprocess.TimeoutExpired(pid, timeout)
+        return json.loads(self.process.stdout.readline())["returncode"]
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+
+
+SCRIPT_SERVER = ScriptServer()
 
 
 def run_script(script, flags, tmp_path, launcher=(), check=True, timeout=600):
-    """Run a method script as a user would; returns the CompletedProcess."""
+    """Run a method script as a user would (forked from tests/script_server.py unless `launcher` starts it, e.g.
+    `accelerate launch`); returns a CompletedProcess with its return code, stdout and stderr."""
     command = [*launcher, os.path.join(ROOT, script)] if launcher else [sys.executable, os.path.join(ROOT, script)]
-    result = subprocess.run(
-        [*command, "--output-dir", str(tmp_path), *flags],
-        cwd=ROOT,
-        env=script_environment(processes=2 if launcher else 1),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    command += ["--output-dir", str(tmp_path), *flags]
+    env = script_environment(processes=2 if launcher else 1)
+    if not launcher and SCRIPT_SERVER.serves(env):
+        with tempfile.TemporaryDirectory() as outputs:
+            stdout, stderr = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
+            returncode = SCRIPT_SERVER.wait(SCRIPT_SERVER.start(command, env, stdout, stderr), timeout)
+            with open(stdout) as out, open(stderr) as err:
+                result = subprocess.CompletedProcess(command, returncode, out.read(), err.read())
+    else:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -134,19 +197,23 @@ def kill_after_first_checkpoint(script, flags, tmp_path, run_name="full"):
 
     Returns the names of the checkpoints it left.
     """
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *flags],
-        cwd=ROOT,
-        env=script_environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *flags]
     checkpoints = tmp_path / run_name / "checkpoints"
     deadline = time.time() + 300
-    while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    if SCRIPT_SERVER.serves(script_environment()):
+        pid = SCRIPT_SERVER.start(command, script_environment(), os.devnull, os.devnull)
+        while not (checkpoints / "epoch_0001").exists() and not SCRIPT_SERVER.finished(0.02) and time.time() < deadline:
+            pass
+        if not SCRIPT_SERVER.finished():
+            os.kill(pid, signal.SIGKILL)
+        SCRIPT_SERVER.wait(pid, timeout=60)
+    else:
+        process = subprocess.Popen(command, cwd=ROOT, env=script_environment(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     return sorted(os.listdir(checkpoints))
 
 

@@ -9,6 +9,7 @@ runs live in each script's own test file.
 
 import json
 import os
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -16,7 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MICRO_FLAGS, SCRIPTS, kill_after_first_checkpoint, lora_tensors, read_jsonl, run_script
+from conftest import (
+    MICRO_FLAGS,
+    ROOT,
+    SCRIPTS,
+    kill_after_first_checkpoint,
+    lora_tensors,
+    read_jsonl,
+    run_script,
+    script_environment,
+)
 
 EPOCHS = 2  # of every shared run (conftest.run_flags)
 
@@ -82,6 +92,23 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(script, finished
     assert [e["epoch"] for e in resumed_evaluations] == [
         e["epoch"] for e in read_jsonl(finished_runs(script) / "eval.jsonl")
     ]
+
+
+def test_a_run_forked_from_the_script_server_is_the_run_of_a_fresh_interpreter(finished_runs, run_flags, tmp_path):
+    """run_script forks its runs from tests/script_server.py, which imported the libraries once; a plain
+    `python ddpo_diffexp.py` (a fresh interpreter, with the same thread count) must write the same bits."""
+    script = "ddpo_diffexp.py"
+    command = [sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *run_flags[script]]
+    command += ["--run-name", "full"]
+    subprocess.run(command, cwd=ROOT, env=script_environment(), check=True, capture_output=True)
+    last = f"checkpoints/epoch_{EPOCHS:04d}"
+    fresh, forked = lora_tensors(tmp_path / "full" / last), lora_tensors(finished_runs(script) / last)
+    assert fresh.keys() == forked.keys() and all(torch.equal(fresh[key], forked[key]) for key in fresh)
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        fresh_lines, forked_lines = read_jsonl(tmp_path / "full" / name), read_jsonl(finished_runs(script) / name)
+        for line in (*fresh_lines, *forked_lines):
+            line.pop("seconds", None)
+        assert fresh_lines == forked_lines, name
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
