@@ -130,7 +130,9 @@ class ScriptServer:
             atexit.register(self.stop)
             assert json.loads(self.process.stdout.readline()) == {"ready": True}, "tests/script_server.py failed"
         differs = {key for key in env.keys() | self.environment.keys() if env.get(key) != self.environment.get(key)}
-        return differs <= {"OMP_NUM_THREADS", "PYTEST_CURRENT_TEST"}  # pytest names the running test in the latter
+        # pytest names the running test in PYTEST_CURRENT_TEST; torch sets TORCHINDUCTOR_CACHE_DIR in this process
+        # when a test loads its compiler (read only when compiling)
+        return differs <= {"OMP_NUM_THREADS", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
 
     def start(self, command, env, stdout, stderr):
         """Fork `command` ([python, script, *flags]), its outputs in the files `stdout`, `stderr`; returns its pid."""

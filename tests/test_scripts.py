@@ -20,6 +20,7 @@ import torch
 from conftest import (
     MICRO_FLAGS,
     ROOT,
+    SCRIPT_SERVER,
     SCRIPTS,
     kill_after_first_checkpoint,
     lora_tensors,
@@ -98,6 +99,7 @@ def test_a_run_forked_from_the_script_server_is_the_run_of_a_fresh_interpreter(f
     """run_script forks its runs from tests/script_server.py, which imported the libraries once; a plain
     `python ddpo_diffexp.py` (a fresh interpreter, with the same thread count) must write the same bits."""
     script = "ddpo_diffexp.py"
+    assert SCRIPT_SERVER.serves(script_environment())  # the suite's runs are forked (3-4 s faster each)
     command = [sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *run_flags[script]]
     command += ["--run-name", "full"]
     subprocess.run(command, cwd=ROOT, env=script_environment(), check=True, capture_output=True)
