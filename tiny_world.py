@@ -3,9 +3,10 @@
 Nothing here is trained on data. The pipeline has Stable Diffusion 1.x's architecture and DDIM schedule (real
 diffusers / transformers classes: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, a CLIPTokenizer whose
 vocab.json / merges.txt this file writes), at 32 px with 4 x 16 x 16 latents, random weights and a UNet briefly
-pretrained to denoise smooth random fields. The rewards are the real reward modules of common.py (the same
-preprocessing, heads and similarity) on tiny random CLIP towers. So every line of a method script runs
-offline, in seconds, exactly as it runs on SD 1.5; only the numbers mean nothing outside the tiny world.
+pretrained to denoise smooth random fields (its weights committed: world/tiny-unet-150.safetensors). The rewards
+are the real reward modules of common.py (the same preprocessing, heads and similarity) on tiny random CLIP
+towers. So every line of a method script runs offline, in seconds, exactly as it runs on SD 1.5; only the numbers
+mean nothing outside the tiny world.
 
 `--model tiny` and `--tiny` select it (worlds.py routes those names here).
 """
@@ -119,7 +120,7 @@ def text_config(tokenizer, hidden_size=32, intermediate_size=37, max_positions=7
 TINY_PRETRAIN_STEPS = 150  # about 30 s on 2 idle CPU cores (100 s on busy ones): its result is committed
 # The pretrained tiny UNet's weights (fp32, 3.8 MB), written by `python tiny_world.py` from the seeded pretraining
 # below, so that a fresh machine or CI does not spend the pretraining's 30-100 s before its first tiny run;
-# tests/test_tiny_world.py (-m slow) checks that the pretraining still reproduces them.
+# tests/test_common.py (-m slow) checks that the pretraining still reproduces them.
 TINY_UNET_WEIGHTS = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "world", f"tiny-unet-{TINY_PRETRAIN_STEPS}.safetensors"
 )
