@@ -22,6 +22,7 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,6 +85,9 @@ def run_child(request, reply_fd):
 
 
 def serve():
+    # torch and its libraries start 2 idle helper threads at import; a fork copies only this one, as a DataLoader
+    # worker's does (Python 3.12+ warns about any fork of a multi-threaded process)
+    warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded", category=DeprecationWarning)
     reply_fd = os.dup(1)  # replies go to the original stdout; anything else printed goes to stderr
     os.dup2(2, 1)
     preload()
