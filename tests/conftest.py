@@ -200,22 +200,16 @@ def kill_after_first_checkpoint(script, flags, tmp_path, run_name="full"):
     Returns the names of the checkpoints it left.
     """
     command = [sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *flags]
+    env = script_environment()
+    assert SCRIPT_SERVER.serves(env), "the suite's environment is the script server's (see ScriptServer.serves)"
+    pid = SCRIPT_SERVER.start(command, env, os.devnull, os.devnull)
     checkpoints = tmp_path / run_name / "checkpoints"
     deadline = time.time() + 300
-    if SCRIPT_SERVER.serves(script_environment()):
-        pid = SCRIPT_SERVER.start(command, script_environment(), os.devnull, os.devnull)
-        while not (checkpoints / "epoch_0001").exists() and not SCRIPT_SERVER.finished(0.02) and time.time() < deadline:
-            pass
-        if not SCRIPT_SERVER.finished():
-            os.kill(pid, signal.SIGKILL)
-        SCRIPT_SERVER.wait(pid, timeout=60)
-    else:
-        process = subprocess.Popen(command, cwd=ROOT, env=script_environment(), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)  # fmt: skip
-        while not (checkpoints / "epoch_0001").exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    while not (checkpoints / "epoch_0001").exists() and not SCRIPT_SERVER.finished(0.02) and time.time() < deadline:
+        pass
+    if not SCRIPT_SERVER.finished():  # still running: killed as a preempted job is
+        os.kill(pid, signal.SIGKILL)
+    SCRIPT_SERVER.wait(pid, timeout=60)
     return sorted(os.listdir(checkpoints))
 
 
