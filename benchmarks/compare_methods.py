@@ -40,6 +40,8 @@ seventh 10, about 15):
         --output-dir benchmarks/results/diffexp_20_seeds
     python benchmarks/compare_methods.py --methods ddpo_100 ddpo_coca_100 --baseline ddpo_100 --target 0.547 \
         --seeds $(seq 0 9) --output-dir benchmarks/results/coca_100_10_seeds
+The other 10-seed experiments (methods, binary, ablation_binary, eq7, eq8, alignprop, each `_10_seeds`) add seeds
+5-9 to these; their commands are in benchmarks/README.md's claims list and sections.
 """
 
 import csv
