@@ -278,3 +278,22 @@ def test_exploration_variants_share_the_noise_of_plain(variant, change):
     plain = images("plain", script_args)
     assert torch.allclose(images(variant, replace(script_args, **change)), plain, atol=1e-4)  # w = 1: only rounding
     assert not torch.allclose(images(variant, script_args), plain, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation_noise.py
+def test_variance_split_separates_evaluation_noise_from_training():
+    import evaluation_noise
+
+    # rows are seeds, columns noise sets: within-seed variance 2, and the row means 1, 2, 3 (variance 1) are
+    # exactly what a K = 2 average of that noise alone spreads, so the training's part is 0
+    within, between, averaged = evaluation_noise.variance_split([[0, 2], [1, 3], [2, 4]])
+    assert within == pytest.approx(np.sqrt(2))
+    assert averaged == pytest.approx(1.0)
+    assert between == 0.0
+    # a training spread of 0.03 under evaluation noise of 0.02, 4 evaluations of each of 4000 seeds
+    rng = np.random.default_rng(0)
+    gains = 0.1 + rng.normal(0, 0.03, (4000, 1)) + rng.normal(0, 0.02, (4000, 4))
+    within, between, averaged = evaluation_noise.variance_split(gains)
+    assert within == pytest.approx(0.02, rel=0.05)
+    assert between == pytest.approx(0.03, rel=0.05)
+    assert averaged == pytest.approx(np.sqrt(0.03**2 + 0.02**2 / 4), rel=0.05)

@@ -1,0 +1,166 @@
+"""How much of the quick start's spread over seeds is its evaluation's noise, and how much its training's?
+
+The quick start's bar (seen exact reward: end - start >= 0.10) is judged on one evaluation of 80 images, 4 per
+seen prompt from fixed noise that the seed draws. A run's measured gain is its training's gain plus that
+evaluation's noise. This benchmark takes the finished `ddpo` runs of compare_methods.py (each is `python
+ddpo_diffexp.py --shapes --seed S`) and evaluates the pretrained model (start) and the run's final LoRA (end)
+again under --noise-sets independent sets of evaluation noise, with the script's own `evaluate`. Noise set 0 is
+the run's own, so it must reproduce the run's eval.jsonl (checked). Over seeds it reports
+
+  within-seed   the evaluation's noise: the standard deviation of one run's gain over the noise sets;
+  between-seed  the training's: the spread over seeds of each run's gain averaged over the noise sets, less the
+                evaluation noise that average still has (its variance / K);
+  bar           the runs whose gain clears 0.10 with their own evaluation, and with the average over the K noise
+                sets (an evaluation of 4 K images per prompt).
+
+    python benchmarks/evaluation_noise.py           (the 20 seeds of diffexp_20_seeds, 8 noise sets: about 10 min)
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+NOISE_SET_STRIDE = 1_000  # noise set k of seed S evaluates as seed S + 1000 k: no two (S, k) share noise
+
+
+@dataclass
+class Args:
+    seeds: list[int] = field(default_factory=lambda: list(range(20)))
+    """the runs to re-evaluate, one per seed (runs-dir/ddpo_q1280_e4_seed<S>)"""
+    noise_sets: int = 8
+    """evaluations of each run's start and end, each with other noise; the first is the run's own"""
+    runs_dir: str = "benchmarks/results/runs"
+    """where compare_methods.py put its runs"""
+    run_name: str = "ddpo_q1280_e4_seed{seed}"
+    """a run's folder name in runs-dir"""
+    output: str = "benchmarks/results/evaluation_noise/summary.json"
+    """where the numbers go; table.md (also printed) goes beside it"""
+
+
+def variance_split(gains):
+    """Split the variance over seeds of gains (S, K) (seed, noise set) into evaluation noise and training.
+
+    Returns (within-seed std, between-seed std of the training's gains, std over seeds of the K-averaged gains).
+    The K-averaged gain of a seed is its training's gain plus evaluation noise of variance within^2 / K, so the
+    training's variance is the averaged gains' variance less within^2 / K (floored at 0).
+    """
+    gains = np.asarray(gains, dtype=float)
+    noise_sets = gains.shape[1]
+    within = float(np.sqrt(gains.var(axis=1, ddof=1).mean()))  # pooled over seeds
+    averaged = gains.mean(axis=1)  # (S,)
+    averaged_std = float(averaged.std(ddof=1))
+    between = float(np.sqrt(max(averaged_std**2 - within**2 / noise_sets, 0.0)))
+    return within, between, averaged_std
+
+
+@torch.no_grad()
+def main(args):
+    from accelerate import Accelerator
+    from diffusers.utils import logging as diffusers_logging
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    import ddpo_diffexp as script
+    from common import add_lora, encode_prompts, load_prompts
+    from compare_methods import LASTING_GAIN
+    from worlds import SHAPES_MODEL, load_pipeline, load_reward
+
+    diffusers_logging.set_verbosity_error()
+    accelerator = Accelerator(cpu=True)
+    script_args = script.parse_args(["--shapes"])
+    pipeline = load_pipeline(SHAPES_MODEL, "cpu", torch.float32)
+    pipeline.scheduler.set_timesteps(script_args.num_steps)
+    reward_fn = load_reward(script_args.reward, "cpu", torch.float32)
+    prompts = load_prompts(script_args.prompts)
+    null_embeds = encode_prompts(pipeline, [""], script_args.resolution)  # c_null, (1, L, D)
+    side = script_args.resolution // (2 ** (len(pipeline.vae.config.block_out_channels) - 1))
+    latent_shape = (pipeline.unet.config.in_channels, side, side)
+    add_lora(pipeline.unet, script_args.lora_rank)
+    # A = B = 0: the LoRA adds nothing, so this is the pretrained model that every run starts from
+    pretrained = {key: torch.zeros_like(value) for key, value in get_peft_model_state_dict(pipeline.unet).items()}
+
+    def seen_reward(seed, noise_set):
+        evaluation_args = replace(script_args, seed=seed + NOISE_SET_STRIDE * noise_set)
+        mean, _, _, _ = script.evaluate(
+            evaluation_args, accelerator, pipeline, pipeline.unet, reward_fn, prompts, null_embeds, latent_shape
+        )
+        return mean
+
+    per_seed = {}
+    for seed in args.seeds:
+        run_dir = os.path.join(args.runs_dir, args.run_name.format(seed=seed))
+        with open(os.path.join(run_dir, "eval.jsonl")) as f:
+            logged = [json.loads(line)["seen_reward_mean"] for line in f]
+        final = script.checkpoint_folders(run_dir)[-1]
+        state = torch.load(os.path.join(final, "training_state.pt"), map_location="cpu", weights_only=False)
+        if state["epoch"] != script_args.epochs:
+            raise SystemExit(f"error: {run_dir} is not finished (epoch {state['epoch']} of {script_args.epochs})")
+        starts, ends = [], []
+        for noise_set in range(args.noise_sets):
+            set_peft_model_state_dict(pipeline.unet, pretrained)
+            starts.append(seen_reward(seed, noise_set))
+            set_peft_model_state_dict(pipeline.unet, state["lora"])
+            ends.append(seen_reward(seed, noise_set))
+        # noise set 0 is the run's own evaluation: the same numbers as its eval.jsonl, or this measures nothing
+        if abs(starts[0] - logged[0]) > 1e-3 or abs(ends[0] - logged[-1]) > 1e-3:
+            raise SystemExit(
+                f"error: seed {seed}: noise set 0 gives {starts[0]:.4f} -> {ends[0]:.4f}, the run logged "
+                f"{logged[0]:.4f} -> {logged[-1]:.4f}"
+            )
+        per_seed[seed] = dict(start=starts, end=ends, gain=[e - s for s, e in zip(starts, ends)])
+        gains = per_seed[seed]["gain"]
+        print(f"seed {seed}: gains " + " ".join(f"{g:+.3f}" for g in gains) + f", mean {np.mean(gains):+.3f}")
+
+    gains = np.array([per_seed[seed]["gain"] for seed in args.seeds])  # (S, K)
+    within, between, averaged_std = variance_split(gains)
+    own_std = float(gains[:, 0].std(ddof=1))
+    passes_own = int((gains[:, 0] >= LASTING_GAIN).sum())
+    passes_averaged = int((gains.mean(axis=1) >= LASTING_GAIN).sum())
+    summary = dict(
+        seeds=args.seeds,
+        noise_sets=args.noise_sets,
+        images_per_evaluation=len(prompts) * script_args.eval_images_per_prompt,
+        mean_gain=float(gains.mean()),
+        own_evaluation_std=own_std,
+        within_seed_std=within,
+        between_seed_std=between,
+        averaged_std=averaged_std,
+        evaluation_share_of_variance=within**2 / max(within**2 + between**2, 1e-12),
+        passes_own_evaluation=passes_own,
+        passes_averaged_evaluation=passes_averaged,
+        per_seed=per_seed,
+    )
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(summary, f, indent=1)
+    images = summary["images_per_evaluation"]
+    lines = [
+        f"seeds {args.seeds[0]}-{args.seeds[-1]} ({len(args.seeds)} `ddpo` runs, the quick start of each seed), "
+        f"{args.noise_sets} evaluations of {images} seen images each at the start and the end",
+        "",
+        "| quantity | value |",
+        "| --- | --- |",
+        f"| mean gain (end - start) | {gains.mean():+.3f} |",
+        f"| std over seeds of the gain, the run's own evaluation | {own_std:.3f} |",
+        f"| std of one run's gain over evaluation noise (within-seed) | {within:.3f} |",
+        f"| std over seeds of the training's gain (between-seed) | {between:.3f} |",
+        f"| share of the variance that is evaluation noise, within^2 / (within^2 + between^2) | "
+        f"{summary['evaluation_share_of_variance']:.2f} |",
+        f"| runs with gain >= {LASTING_GAIN}: own evaluation / averaged over {args.noise_sets} | "
+        f"{passes_own}/{len(args.seeds)} / {passes_averaged}/{len(args.seeds)} |",
+    ]
+    with open(os.path.join(os.path.dirname(args.output) or ".", "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
