@@ -11,9 +11,12 @@ the run's own, so it must reproduce the run's eval.jsonl (checked). Over seeds i
   between-seed  the training's: the spread over seeds of each run's gain averaged over the noise sets, less the
                 evaluation noise that average still has (its variance / K);
   bar           the runs whose gain clears 0.10 with their own evaluation, and with the average over the K noise
-                sets (an evaluation of 4 K images per prompt).
+                sets (an evaluation of 4 K images per prompt);
+  drift         the same for the bar's other half, from the run's middle checkpoint (epoch 10 of 20, the last one
+                before the end): the noise of end - middle, and the runs whose middle beats their end by more than
+                0.01 (so that their best evaluation is more than 0.01 above the end).
 
-    python benchmarks/evaluation_noise.py           (the 20 seeds of diffexp_20_seeds, 8 noise sets: about 10 min)
+    python benchmarks/evaluation_noise.py           (the 20 seeds of diffexp_20_seeds, 8 noise sets: about 15 min)
 """
 
 import json
@@ -70,7 +73,7 @@ def main(args):
 
     import ddpo_diffexp as script
     from common import add_lora, encode_prompts, load_prompts
-    from compare_methods import LASTING_GAIN
+    from compare_methods import LASTING_DRIFT, LASTING_GAIN
     from worlds import SHAPES_MODEL, load_pipeline, load_reward
 
     diffusers_logging.set_verbosity_error()
@@ -99,23 +102,34 @@ def main(args):
         run_dir = os.path.join(args.runs_dir, args.run_name.format(seed=seed))
         with open(os.path.join(run_dir, "eval.jsonl")) as f:
             logged = [json.loads(line)["seen_reward_mean"] for line in f]
-        final = script.checkpoint_folders(run_dir)[-1]
-        state = torch.load(os.path.join(final, "training_state.pt"), map_location="cpu", weights_only=False)
+        middle_folder, final_folder = script.checkpoint_folders(run_dir)[-2:]
+        middle, state = (
+            torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=False)
+            for folder in (middle_folder, final_folder)
+        )
         if state["epoch"] != script_args.epochs:
             raise SystemExit(f"error: {run_dir} is not finished (epoch {state['epoch']} of {script_args.epochs})")
-        starts, ends = [], []
+        middle_index = middle["epoch"] // script_args.eval_every  # its line in eval.jsonl
+        starts, middles, ends = [], [], []
         for noise_set in range(args.noise_sets):
-            set_peft_model_state_dict(pipeline.unet, pretrained)
-            starts.append(seen_reward(seed, noise_set))
-            set_peft_model_state_dict(pipeline.unet, state["lora"])
-            ends.append(seen_reward(seed, noise_set))
+            for lora, values in ((pretrained, starts), (middle["lora"], middles), (state["lora"], ends)):
+                set_peft_model_state_dict(pipeline.unet, lora)
+                values.append(seen_reward(seed, noise_set))
         # noise set 0 is the run's own evaluation: the same numbers as its eval.jsonl, or this measures nothing
-        if abs(starts[0] - logged[0]) > 1e-3 or abs(ends[0] - logged[-1]) > 1e-3:
+        reproduced = (starts[0], middles[0], ends[0])
+        if max(abs(a - b) for a, b in zip(reproduced, (logged[0], logged[middle_index], logged[-1]))) > 1e-3:
             raise SystemExit(
-                f"error: seed {seed}: noise set 0 gives {starts[0]:.4f} -> {ends[0]:.4f}, the run logged "
-                f"{logged[0]:.4f} -> {logged[-1]:.4f}"
+                f"error: seed {seed}: noise set 0 gives {' -> '.join(f'{v:.4f}' for v in reproduced)}, the run "
+                f"logged {logged[0]:.4f} -> {logged[middle_index]:.4f} -> {logged[-1]:.4f}"
             )
-        per_seed[seed] = dict(start=starts, end=ends, gain=[e - s for s, e in zip(starts, ends)])
+        per_seed[seed] = dict(
+            middle_epoch=middle["epoch"],
+            start=starts,
+            middle=middles,
+            end=ends,
+            gain=[e - s for s, e in zip(starts, ends)],
+            end_minus_middle=[e - m for m, e in zip(middles, ends)],
+        )
         gains = per_seed[seed]["gain"]
         print(f"seed {seed}: gains " + " ".join(f"{g:+.3f}" for g in gains) + f", mean {np.mean(gains):+.3f}")
 
@@ -124,6 +138,10 @@ def main(args):
     own_std = float(gains[:, 0].std(ddof=1))
     passes_own = int((gains[:, 0] >= LASTING_GAIN).sum())
     passes_averaged = int((gains.mean(axis=1) >= LASTING_GAIN).sum())
+    settles = np.array([per_seed[seed]["end_minus_middle"] for seed in args.seeds])  # (S, K)
+    settle_within, settle_between, _ = variance_split(settles)
+    drifts_own = int((settles[:, 0] < -LASTING_DRIFT).sum())
+    drifts_averaged = int((settles.mean(axis=1) < -LASTING_DRIFT).sum())
     summary = dict(
         seeds=args.seeds,
         noise_sets=args.noise_sets,
@@ -136,6 +154,11 @@ def main(args):
         evaluation_share_of_variance=within**2 / max(within**2 + between**2, 1e-12),
         passes_own_evaluation=passes_own,
         passes_averaged_evaluation=passes_averaged,
+        mean_end_minus_middle=float(settles.mean()),
+        end_minus_middle_within_seed_std=settle_within,
+        end_minus_middle_between_seed_std=settle_between,
+        middle_beats_end_own_evaluation=drifts_own,
+        middle_beats_end_averaged_evaluation=drifts_averaged,
         per_seed=per_seed,
     )
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
@@ -156,6 +179,11 @@ def main(args):
         f"{summary['evaluation_share_of_variance']:.2f} |",
         f"| runs with gain >= {LASTING_GAIN}: own evaluation / averaged over {args.noise_sets} | "
         f"{passes_own}/{len(args.seeds)} / {passes_averaged}/{len(args.seeds)} |",
+        f"| mean end - middle (epoch {per_seed[args.seeds[0]]['middle_epoch']}) | {settles.mean():+.3f} |",
+        f"| std of one run's end - middle over evaluation noise / the training's over seeds | "
+        f"{settle_within:.3f} / {settle_between:.3f} |",
+        f"| runs whose middle beats the end by more than {LASTING_DRIFT}: own evaluation / averaged over "
+        f"{args.noise_sets} | {drifts_own}/{len(args.seeds)} / {drifts_averaged}/{len(args.seeds)} |",
     ]
     with open(os.path.join(os.path.dirname(args.output) or ".", "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
