@@ -101,7 +101,7 @@ def main(args):
     for seed in args.seeds:
         run_dir = os.path.join(args.runs_dir, args.run_name.format(seed=seed))
         with open(os.path.join(run_dir, "eval.jsonl")) as f:
-            logged = [json.loads(line)["seen_reward_mean"] for line in f]
+            logged = {line["epoch"]: line["seen_reward_mean"] for line in map(json.loads, f)}  # epoch -> reward
         middle_folder, final_folder = script.checkpoint_folders(run_dir)[-2:]
         middle, state = (
             torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=False)
@@ -109,7 +109,6 @@ def main(args):
         )
         if state["epoch"] != script_args.epochs:
             raise SystemExit(f"error: {run_dir} is not finished (epoch {state['epoch']} of {script_args.epochs})")
-        middle_index = middle["epoch"] // script_args.eval_every  # its line in eval.jsonl
         starts, middles, ends = [], [], []
         for noise_set in range(args.noise_sets):
             for lora, values in ((pretrained, starts), (middle["lora"], middles), (state["lora"], ends)):
@@ -117,10 +116,11 @@ def main(args):
                 values.append(seen_reward(seed, noise_set))
         # noise set 0 is the run's own evaluation: the same numbers as its eval.jsonl, or this measures nothing
         reproduced = (starts[0], middles[0], ends[0])
-        if max(abs(a - b) for a, b in zip(reproduced, (logged[0], logged[middle_index], logged[-1]))) > 1e-3:
+        expected = tuple(logged[epoch] for epoch in (0, middle["epoch"], state["epoch"]))
+        if max(abs(a - b) for a, b in zip(reproduced, expected)) > 1e-3:
             raise SystemExit(
                 f"error: seed {seed}: noise set 0 gives {' -> '.join(f'{v:.4f}' for v in reproduced)}, the run "
-                f"logged {logged[0]:.4f} -> {logged[middle_index]:.4f} -> {logged[-1]:.4f}"
+                f"logged {' -> '.join(f'{v:.4f}' for v in expected)}"
             )
         per_seed[seed] = dict(
             middle_epoch=middle["epoch"],

@@ -12,8 +12,8 @@ subprocesses (the same metrics and LoRA tensors; tests/test_scripts.py compares 
 Protocol, one JSON object a line: a request {"argv", "cwd", "env", "stdout", "stderr"} is answered by {"pid"}
 at once and by {"returncode"} when the child ends (killed by signal N: -N, as subprocess reports it). conftest.py
 starts the server with the environment of the runs and falls back to ordinary subprocesses for a run whose
-environment differs in anything but OMP_NUM_THREADS (huggingface_hub and others read theirs at import), and for
-multi-process launches.
+environment differs in anything but OMP_NUM_THREADS, PYTEST_CURRENT_TEST and TORCHINDUCTOR_CACHE_DIR
+(huggingface_hub and others read theirs at import; see ScriptServer.serves), and for multi-process launches.
 """
 
 import atexit
