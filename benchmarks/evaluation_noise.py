@@ -12,9 +12,10 @@ the run's own, so it must reproduce the run's eval.jsonl (checked). Over seeds i
                 evaluation noise that average still has (its variance / K);
   bar           the runs whose gain clears 0.10 with their own evaluation, and with the average over the K noise
                 sets (an evaluation of 4 K images per prompt);
-  drift         the same for the bar's other half, from the run's middle checkpoint (epoch 10 of 20, the last one
-                before the end): the noise of end - middle, and the runs whose middle beats their end by more than
-                0.01 (so that their best evaluation is more than 0.01 above the end).
+  drift         the same for the bar's other half, from the run's middle checkpoint (--middle-epoch, 10 of 20:
+                the last checkpoint before the end that the preset itself saves): the noise of end - middle, and
+                the runs whose middle beats their end by more than 0.01 (so that their best evaluation is more than
+                0.01 above the end).
 
     python benchmarks/evaluation_noise.py           (the 20 seeds of diffexp_20_seeds, 8 noise sets: about 15 min)
 """
@@ -45,6 +46,9 @@ class Args:
     """where compare_methods.py put its runs"""
     run_name: str = "ddpo_q1280_e4_seed{seed}"
     """a run's folder name in runs-dir"""
+    middle_epoch: int = 10
+    """the checkpoint the drift half of the bar is judged from (the preset saves every 10 epochs of 20, the
+    benchmark's runs every 5)"""
     output: str = "benchmarks/results/evaluation_noise/summary.json"
     """where the numbers go; table.md (also printed) goes beside it"""
 
@@ -65,15 +69,21 @@ def variance_split(gains):
     return within, between, averaged_std
 
 
-@torch.no_grad()
-def main(args):
+def shapes_evaluator():
+    """What re-evaluating a `--shapes` run of ddpo_diffexp.py needs, with the script's own `evaluate`.
+
+    Returns (script, script_args, prompt_sets, pretrained, evaluate): prompt_sets {"seen": [...], "unseen": [...]};
+    pretrained is a LoRA state dict of zeros (A = B = 0 adds nothing: the model every run starts from); and
+    evaluate(lora, seed, noise_set, prompt_set="seen", **overrides) loads that LoRA state into the UNet and returns
+    the mean exact reward of the set's evaluation images, drawn from the noise of seed + NOISE_SET_STRIDE * noise_set,
+    with the preset's flags replaced by overrides (e.g. cfg_high=3.0).
+    """
     from accelerate import Accelerator
     from diffusers.utils import logging as diffusers_logging
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     import ddpo_diffexp as script
-    from common import add_lora, encode_prompts, load_prompts
-    from compare_methods import LASTING_DRIFT, LASTING_GAIN
+    from common import add_lora, encode_prompts, load_prompts, unseen_twin
     from worlds import SHAPES_MODEL, load_pipeline, load_reward
 
     diffusers_logging.set_verbosity_error()
@@ -82,38 +92,50 @@ def main(args):
     pipeline = load_pipeline(SHAPES_MODEL, "cpu", torch.float32)
     pipeline.scheduler.set_timesteps(script_args.num_steps)
     reward_fn = load_reward(script_args.reward, "cpu", torch.float32)
-    prompts = load_prompts(script_args.prompts)
+    prompt_sets = {"seen": load_prompts(script_args.prompts), "unseen": load_prompts(unseen_twin(script_args.prompts))}
     null_embeds = encode_prompts(pipeline, [""], script_args.resolution)  # c_null, (1, L, D)
     side = script_args.resolution // (2 ** (len(pipeline.vae.config.block_out_channels) - 1))
     latent_shape = (pipeline.unet.config.in_channels, side, side)
     add_lora(pipeline.unet, script_args.lora_rank)
-    # A = B = 0: the LoRA adds nothing, so this is the pretrained model that every run starts from
     pretrained = {key: torch.zeros_like(value) for key, value in get_peft_model_state_dict(pipeline.unet).items()}
 
-    def seen_reward(seed, noise_set):
-        evaluation_args = replace(script_args, seed=seed + NOISE_SET_STRIDE * noise_set)
+    @torch.no_grad()
+    def evaluate(lora, seed, noise_set, prompt_set="seen", **overrides):
+        set_peft_model_state_dict(pipeline.unet, lora)
+        evaluation_args = replace(script_args, seed=seed + NOISE_SET_STRIDE * noise_set, **overrides)
+        prompts = prompt_sets[prompt_set]
         mean, _, _, _ = script.evaluate(
             evaluation_args, accelerator, pipeline, pipeline.unet, reward_fn, prompts, null_embeds, latent_shape
         )
         return mean
+
+    return script, script_args, prompt_sets, pretrained, evaluate
+
+
+def checkpoint_state(script, run_dir, epoch):
+    """The training state a run saved after `epoch` (SystemExit with one line if it has no such checkpoint)."""
+    folders = {int(os.path.basename(folder)[len("epoch_") :]): folder for folder in script.checkpoint_folders(run_dir)}
+    if epoch not in folders:
+        raise SystemExit(f"error: {run_dir} has no checkpoint of epoch {epoch} (it has {sorted(folders) or 'none'})")
+    return torch.load(os.path.join(folders[epoch], "training_state.pt"), map_location="cpu", weights_only=False)
+
+
+def main(args):
+    from compare_methods import LASTING_DRIFT, LASTING_GAIN
+
+    script, script_args, prompt_sets, pretrained, evaluate = shapes_evaluator()
+    prompts = prompt_sets["seen"]
 
     per_seed = {}
     for seed in args.seeds:
         run_dir = os.path.join(args.runs_dir, args.run_name.format(seed=seed))
         with open(os.path.join(run_dir, "eval.jsonl")) as f:
             logged = {line["epoch"]: line["seen_reward_mean"] for line in map(json.loads, f)}  # epoch -> reward
-        middle_folder, final_folder = script.checkpoint_folders(run_dir)[-2:]
-        middle, state = (
-            torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=False)
-            for folder in (middle_folder, final_folder)
-        )
-        if state["epoch"] != script_args.epochs:
-            raise SystemExit(f"error: {run_dir} is not finished (epoch {state['epoch']} of {script_args.epochs})")
+        middle, state = (checkpoint_state(script, run_dir, epoch) for epoch in (args.middle_epoch, script_args.epochs))
         starts, middles, ends = [], [], []
         for noise_set in range(args.noise_sets):
             for lora, values in ((pretrained, starts), (middle["lora"], middles), (state["lora"], ends)):
-                set_peft_model_state_dict(pipeline.unet, lora)
-                values.append(seen_reward(seed, noise_set))
+                values.append(evaluate(lora, seed, noise_set))
         # noise set 0 is the run's own evaluation: the same numbers as its eval.jsonl, or this measures nothing
         reproduced = (starts[0], middles[0], ends[0])
         expected = tuple(logged[epoch] for epoch in (0, middle["epoch"], state["epoch"]))

@@ -1,0 +1,154 @@
+"""How the shapes world's exact reward depends on the guidance scale w, before and after DDPO trains at w = 5.
+
+Every `--shapes` preset samples and evaluates with classifier-free guidance w = 5 (`--cfg-high`, DDPO's and
+DiffExp's scale for Stable Diffusion). This benchmark asks what the pretrained model and the quick start's trained
+LoRA score at other scales: it takes the finished `ddpo` runs of compare_methods.py (each is `python
+ddpo_diffexp.py --shapes --seed S`) and evaluates the pretrained model and each run's final LoRA at every scale of
+--scales, on the seen and the unseen prompts, under --noise-sets sets of evaluation noise, with the script's own
+`evaluate` (benchmarks/evaluation_noise.py's `shapes_evaluator`). Noise set 0 at w = 5 is the run's own evaluation
+and must reproduce its eval.jsonl (checked). Per scale it reports
+
+  pretrained    the pretrained model's mean reward over the seeds' noise, with its 95% bootstrap interval over seeds;
+  DDPO          the same for the runs' final LoRA (trained at w = 5, evaluated at w);
+  gain          DDPO - pretrained, paired by seed and noise set: what the training at w = 5 adds at this scale;
+  tiers         the pretrained model's reward on the captions of each tier of the world's long tail (shapes_world.py
+                PAIR_TIERS: "a <colour> <shape>" and "two <colour> <shape>s" for the 5 common, medium and rare
+                pairs), at each scale: whether the model is weak on the rare pairs, or only under strong guidance.
+
+    python benchmarks/guidance.py            (seeds 0-5 of the runs, 2 noise sets, 6 scales: about 11 min)
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Args:
+    seeds: list[int] = field(default_factory=lambda: list(range(6)))
+    """the runs to evaluate, one per seed (runs-dir/ddpo_q1280_e4_seed<S>)"""
+    scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0, 7.5])
+    """guidance scales w to evaluate at (the presets' is 5.0)"""
+    noise_sets: int = 2
+    """evaluations of each model at each scale, each with other noise; the first is the run's own"""
+    runs_dir: str = "benchmarks/results/runs"
+    """where compare_methods.py put its runs"""
+    run_name: str = "ddpo_q1280_e4_seed{seed}"
+    """a run's folder name in runs-dir"""
+    tier_images_per_prompt: int = 16
+    """images per caption of the tier table, under each of the first tier-seeds seeds' evaluation noise"""
+    tier_seeds: int = 3
+    """how many of the seeds' evaluation noise the tier table uses"""
+    output: str = "benchmarks/results/guidance/summary.json"
+    """where the numbers go; table.md (also printed) goes beside it"""
+
+
+def main(args):
+    from compare_methods import interval, interval_text
+    from evaluation_noise import checkpoint_state, shapes_evaluator
+    from shapes_world import PAIR_TIERS
+
+    script, script_args, prompt_sets, pretrained, evaluate = shapes_evaluator()
+    preset_scale = script_args.cfg_high
+    if preset_scale not in args.scales:
+        raise SystemExit(f"error: --scales must include the presets' w = {preset_scale} (it checks the runs' logs)")
+
+    # the tier table: the pretrained model only, on single and double objects of each tier's 5 colour-shape pairs
+    for tier, pairs in PAIR_TIERS.items():  # the evaluator looks its prompt sets up by name
+        prompt_sets[f"one {tier}"] = [f"a {colour} {shape}" for colour, shape in pairs]
+        prompt_sets[f"two {tier}"] = [f"two {colour} {shape}s" for colour, shape in pairs]
+    tier_names = [name for name in prompt_sets if name not in ("seen", "unseen")]
+    tier_settings = dict(eval_images_per_prompt=args.tier_images_per_prompt)
+    tier_rewards = {}  # (tier set, scale) -> mean over the tier-seeds evaluations
+    for scale in args.scales:
+        for name in tier_names:
+            values = [
+                evaluate(pretrained, seed, 0, name, cfg_high=scale, **tier_settings)
+                for seed in args.seeds[: args.tier_seeds]
+            ]
+            tier_rewards[name, scale] = float(np.mean(values))
+        print(f"w {scale:g}: " + ", ".join(f"{name} {tier_rewards[name, scale]:.3f}" for name in tier_names))
+    for name in tier_names:
+        del prompt_sets[name]
+
+    # rewards[set][model][scale] = one value per seed, each averaged over the noise sets
+    rewards = {name: {"pretrained": {}, "ddpo": {}} for name in prompt_sets}
+    for seed in args.seeds:
+        run_dir = os.path.join(args.runs_dir, args.run_name.format(seed=seed))
+        with open(os.path.join(run_dir, "eval.jsonl")) as f:
+            logged = {line["epoch"]: line for line in map(json.loads, f)}  # epoch -> its evaluation
+        state = checkpoint_state(script, run_dir, script_args.epochs)
+        for scale in args.scales:
+            for name in prompt_sets:
+                noise_sets = range(args.noise_sets)
+                values = {
+                    model: [evaluate(lora, seed, noise_set, name, cfg_high=scale) for noise_set in noise_sets]
+                    for model, lora in (("pretrained", pretrained), ("ddpo", state["lora"]))
+                }
+                if scale == preset_scale:  # noise set 0 at the presets' scale is the run's own evaluation
+                    expected = (logged[0][f"{name}_reward_mean"], logged[state["epoch"]][f"{name}_reward_mean"])
+                    reproduced = (values["pretrained"][0], values["ddpo"][0])
+                    if max(abs(a - b) for a, b in zip(reproduced, expected)) > 1e-3:
+                        raise SystemExit(
+                            f"error: seed {seed}, {name}: noise set 0 gives {reproduced[0]:.4f} -> {reproduced[1]:.4f}"
+                            f", the run logged {expected[0]:.4f} -> {expected[1]:.4f}"
+                        )
+                for model in values:
+                    rewards[name][model].setdefault(scale, []).append(float(np.mean(values[model])))
+            print(
+                f"seed {seed}, w {scale:g}: seen pretrained {rewards['seen']['pretrained'][scale][-1]:.3f}, "
+                f"DDPO {rewards['seen']['ddpo'][scale][-1]:.3f}"
+            )
+
+    summary = dict(
+        seeds=args.seeds,
+        noise_sets=args.noise_sets,
+        preset_scale=preset_scale,
+        scales={},
+        tiers={name: {f"{scale:g}": tier_rewards[name, scale] for scale in args.scales} for name in tier_names},
+    )
+    lines = [
+        f"seeds {args.seeds[0]}-{args.seeds[-1]} ({len(args.seeds)} `ddpo` runs, the quick start of each seed, "
+        f"trained at w = {preset_scale:g}); each cell averages {args.noise_sets} evaluations per seed "
+        f"({len(prompt_sets['seen'])} seen, {len(prompt_sets['unseen'])} unseen prompts x "
+        f"{script_args.eval_images_per_prompt} images each); 95% bootstrap intervals over seeds",
+        "",
+        "| w | seen: pretrained | seen: DDPO (trained at w = 5) | seen: DDPO - pretrained | unseen: pretrained "
+        "| unseen: DDPO | unseen: DDPO - pretrained |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for scale in args.scales:
+        row, cells = {}, [f"{scale:g}"]
+        for name in prompt_sets:
+            start, end = rewards[name]["pretrained"][scale], rewards[name]["ddpo"][scale]
+            gain = [e - s for s, e in zip(start, end)]
+            row[name] = dict(pretrained=interval(start), ddpo=interval(end), gain=interval(gain))
+            cells += [interval_text(start), interval_text(end), interval_text(gain)]
+        summary["scales"][f"{scale:g}"] = row
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"The pretrained model on each tier of the long tail (5 captions each, {args.tier_images_per_prompt} images "
+        f"per caption under each of {min(args.tier_seeds, len(args.seeds))} seeds' noise):",
+        "",
+        "| w | " + " | ".join(tier_names) + " |",
+        "| --- |" + " --- |" * len(tier_names),
+    ]
+    for scale in args.scales:
+        lines.append(f"| {scale:g} | " + " | ".join(f"{tier_rewards[name, scale]:.3f}" for name in tier_names) + " |")
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(os.path.dirname(args.output) or ".", "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
