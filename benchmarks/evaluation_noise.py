@@ -76,7 +76,7 @@ def shapes_evaluator():
     pretrained is a LoRA state dict of zeros (A = B = 0 adds nothing: the model every run starts from); and
     evaluate(lora, seed, noise_set, prompt_set="seen", **overrides) loads that LoRA state into the UNet and returns
     the mean exact reward of the set's evaluation images, drawn from the noise of seed + NOISE_SET_STRIDE * noise_set,
-    with the preset's flags replaced by overrides (e.g. cfg_high=3.0).
+    with the preset's flags replaced by overrides (e.g. cfg_high=3.0, or num_steps=50).
     """
     from accelerate import Accelerator
     from diffusers.utils import logging as diffusers_logging
@@ -103,6 +103,7 @@ def shapes_evaluator():
     def evaluate(lora, seed, noise_set, prompt_set="seen", **overrides):
         set_peft_model_state_dict(pipeline.unet, lora)
         evaluation_args = replace(script_args, seed=seed + NOISE_SET_STRIDE * noise_set, **overrides)
+        pipeline.scheduler.set_timesteps(evaluation_args.num_steps)  # the sampler walks scheduler.timesteps
         prompts = prompt_sets[prompt_set]
         mean, _, _, _ = script.evaluate(
             evaluation_args, accelerator, pipeline, pipeline.unet, reward_fn, prompts, null_embeds, latent_shape

@@ -13,9 +13,13 @@ and must reproduce its eval.jsonl (checked). Per scale it reports
   gain          DDPO - pretrained, paired by seed and noise set: what the training at w = 5 adds at this scale;
   tiers         the pretrained model's reward on the captions of each tier of the world's long tail (shapes_world.py
                 PAIR_TIERS: "a <colour> <shape>" and "two <colour> <shape>s" for the 5 common, medium and rare
-                pairs), at each scale: whether the model is weak on the rare pairs, or only under strong guidance.
+                pairs), at each scale: whether the model is weak on the rare pairs, or only under strong guidance;
+  samplers      the pretrained model's seen reward at each scale with other samplers than the presets' (eta 1,
+                10 steps): AlignProp's deterministic DDIM (eta 0, as alignprop_diffexp.py --shapes samples at
+                w = 7.5), and eta 1 with 20 and 50 steps: whether the distortion at w = 5 is the guidance's or that
+                of few stochastic steps.
 
-    python benchmarks/guidance.py            (seeds 0-5 of the runs, 2 noise sets, 6 scales: about 11 min)
+    python benchmarks/guidance.py            (seeds 0-5 of the runs, 2 noise sets, 6 scales: about 16 min)
 """
 
 import json
@@ -45,6 +49,8 @@ class Args:
     """images per caption of the tier table, under each of the first tier-seeds seeds' evaluation noise"""
     tier_seeds: int = 3
     """how many of the seeds' evaluation noise the tier table uses"""
+    sampler_seeds: int = 3
+    """how many of the seeds' evaluation noise the 20- and 50-step columns use (the eta 0 column uses every seed's)"""
     output: str = "benchmarks/results/guidance/summary.json"
     """where the numbers go; table.md (also printed) goes beside it"""
 
@@ -76,6 +82,21 @@ def main(args):
         print(f"w {scale:g}: " + ", ".join(f"{name} {tier_rewards[name, scale]:.3f}" for name in tier_names))
     for name in tier_names:
         del prompt_sets[name]
+
+    # the pretrained model under other samplers, on the seen prompts: AlignProp's deterministic DDIM (eta 0), and
+    # the DDPO family's eta 1 with more steps than the presets' 10
+    samplers = {
+        "eta 0, 10 steps": (dict(eta=0.0), args.seeds),
+        "eta 1, 20 steps": (dict(num_steps=20), args.seeds[: args.sampler_seeds]),
+        "eta 1, 50 steps": (dict(num_steps=50), args.seeds[: args.sampler_seeds]),
+    }
+    sampler_rewards = {}  # (sampler, scale) -> one value per seed, under the seed's own noise
+    for sampler, (settings, seeds) in samplers.items():
+        for scale in args.scales:
+            sampler_rewards[sampler, scale] = [
+                evaluate(pretrained, seed, 0, "seen", cfg_high=scale, **settings) for seed in seeds
+            ]
+        print(f"{sampler}: " + ", ".join(f"w {w:g} {np.mean(sampler_rewards[sampler, w]):.3f}" for w in args.scales))
 
     # rewards[set][model][scale] = one value per seed, each averaged over the noise sets
     rewards = {name: {"pretrained": {}, "ddpo": {}} for name in prompt_sets}
@@ -132,6 +153,21 @@ def main(args):
             cells += [interval_text(start), interval_text(end), interval_text(gain)]
         summary["scales"][f"{scale:g}"] = row
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The pretrained model's seen reward under other samplers (the presets': eta 1, 10 steps; each seed's own "
+        f"noise; the 20- and 50-step columns on the first {min(args.sampler_seeds, len(args.seeds))} seeds):",
+        "",
+        "| w | " + " | ".join(samplers) + " |",
+        "| --- |" + " --- |" * len(samplers),
+    ]
+    for scale in args.scales:
+        lines.append(
+            f"| {scale:g} | " + " | ".join(interval_text(sampler_rewards[name, scale]) for name in samplers) + " |"
+        )
+    summary["samplers"] = {
+        name: {f"{scale:g}": interval(sampler_rewards[name, scale]) for scale in args.scales} for name in samplers
+    }
     lines += [
         "",
         f"The pretrained model on each tier of the long tail (5 captions each, {args.tier_images_per_prompt} images "
