@@ -17,9 +17,11 @@ and must reproduce its eval.jsonl (checked). Per scale it reports
   samplers      the pretrained model's seen reward at each scale with other samplers than the presets' (eta 1,
                 10 steps): AlignProp's deterministic DDIM (eta 0, as alignprop_diffexp.py --shapes samples at
                 w = 7.5), and eta 1 with 20 and 50 steps: whether the distortion at w = 5 is the guidance's or that
-                of few stochastic steps.
+                of few stochastic steps;
+  diffusers     the same question asked of diffusers' own StableDiffusionPipeline.__call__ on the world's model
+                (its DDIMScheduler, its guidance), independently of the scripts' sampler.
 
-    python benchmarks/guidance.py            (seeds 0-5 of the runs, 2 noise sets, 6 scales: about 16 min)
+    python benchmarks/guidance.py            (seeds 0-5 of the runs, 2 noise sets, 6 scales: about 17 min)
 """
 
 import json
@@ -28,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +53,8 @@ class Args:
     tier_seeds: int = 3
     """how many of the seeds' evaluation noise the tier table uses"""
     sampler_seeds: int = 3
-    """how many of the seeds' evaluation noise the 20- and 50-step columns use (the eta 0 column uses every seed's)"""
+    """how many of the seeds' evaluation noise the 20- and 50-step columns and the diffusers table use (the eta 0
+    column uses every seed's)"""
     output: str = "benchmarks/results/guidance/summary.json"
     """where the numbers go; table.md (also printed) goes beside it"""
 
@@ -97,6 +101,39 @@ def main(args):
                 evaluate(pretrained, seed, 0, "seen", cfg_high=scale, **settings) for seed in seeds
             ]
         print(f"{sampler}: " + ", ".join(f"w {w:g} {np.mean(sampler_rewards[sampler, w]):.3f}" for w in args.scales))
+
+    # diffusers' own pipeline on the world's model: the distortion is the model's, not the scripts' sampler's
+    from diffusers.utils import logging as diffusers_logging
+
+    from shapes_world import exact_scores
+    from worlds import SHAPES_MODEL, load_pipeline
+
+    diffusers_logging.set_verbosity_error()
+    pipeline = load_pipeline(SHAPES_MODEL, "cpu", torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    captions = [prompt for prompt in prompt_sets["seen"] for _ in range(script_args.eval_images_per_prompt)]
+    diffusers_settings = {  # name -> (steps, eta, w); diffusers' w = 1 turns guidance off (the conditional model)
+        "10 steps, eta 1, w 5 (the presets')": (script_args.num_steps, 1.0, preset_scale),
+        "10 steps, eta 1, w 1": (script_args.num_steps, 1.0, 1.0),
+        "10 steps, eta 0, w 5": (script_args.num_steps, 0.0, preset_scale),
+        "50 steps, eta 1, w 5": (50, 1.0, preset_scale),
+    }
+    diffusers_rewards = {}  # setting -> one value per seed
+    for name, (steps, eta, scale) in diffusers_settings.items():
+        diffusers_rewards[name] = []
+        for seed in args.seeds[: args.sampler_seeds]:
+            images = pipeline(
+                captions,
+                num_inference_steps=steps,
+                eta=eta,
+                guidance_scale=scale,
+                height=script_args.resolution,
+                width=script_args.resolution,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pt",
+            ).images  # (B, 3, H, W) in [0, 1]
+            diffusers_rewards[name].append(float(exact_scores(images, captions).mean()))
+        print(f"diffusers, {name}: {np.mean(diffusers_rewards[name]):.3f}")
 
     # rewards[set][model][scale] = one value per seed, each averaged over the noise sets
     rewards = {name: {"pretrained": {}, "ddpo": {}} for name in prompt_sets}
@@ -168,6 +205,16 @@ def main(args):
     summary["samplers"] = {
         name: {f"{scale:g}": interval(sampler_rewards[name, scale]) for scale in args.scales} for name in samplers
     }
+    summary["diffusers"] = {name: interval(values) for name, values in diffusers_rewards.items()}
+    lines += [
+        "",
+        f"diffusers' StableDiffusionPipeline on the world's model, seen prompts ({script_args.eval_images_per_prompt} "
+        f"images each, generator seeded by each of the first {min(args.sampler_seeds, len(args.seeds))} seeds):",
+        "",
+        "| setting | seen exact reward |",
+        "| --- | --- |",
+        *(f"| {name} | {interval_text(values)} |" for name, values in diffusers_rewards.items()),
+    ]
     lines += [
         "",
         f"The pretrained model on each tier of the long tail (5 captions each, {args.tier_images_per_prompt} images "
