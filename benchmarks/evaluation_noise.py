@@ -113,6 +113,18 @@ def shapes_evaluator():
     return script, script_args, prompt_sets, pretrained, evaluate
 
 
+def require_runs(runs_dir, run_name, seeds):
+    """The seeds' run folders, or SystemExit with one line naming the command that makes the missing ones."""
+    run_dirs = {seed: os.path.join(runs_dir, run_name.format(seed=seed)) for seed in seeds}
+    missing = [seed for seed, run_dir in run_dirs.items() if not os.path.isfile(os.path.join(run_dir, "eval.jsonl"))]
+    if missing:
+        raise SystemExit(
+            f"error: no run of seed(s) {' '.join(map(str, missing))} in {runs_dir}; make them with `python "
+            f"benchmarks/compare_methods.py --methods ddpo --seeds {' '.join(map(str, seeds))} --runs-dir {runs_dir}`"
+        )
+    return run_dirs
+
+
 def checkpoint_state(script, run_dir, epoch):
     """The training state a run saved after `epoch` (SystemExit with one line if it has no such checkpoint)."""
     folders = {int(os.path.basename(folder)[len("epoch_") :]): folder for folder in script.checkpoint_folders(run_dir)}
@@ -124,12 +136,13 @@ def checkpoint_state(script, run_dir, epoch):
 def main(args):
     from compare_methods import LASTING_DRIFT, LASTING_GAIN
 
+    run_dirs = require_runs(args.runs_dir, args.run_name, args.seeds)
     script, script_args, prompt_sets, pretrained, evaluate = shapes_evaluator()
     prompts = prompt_sets["seen"]
 
     per_seed = {}
     for seed in args.seeds:
-        run_dir = os.path.join(args.runs_dir, args.run_name.format(seed=seed))
+        run_dir = run_dirs[seed]
         with open(os.path.join(run_dir, "eval.jsonl")) as f:
             logged = {line["epoch"]: line["seen_reward_mean"] for line in map(json.loads, f)}  # epoch -> reward
         middle, state = (checkpoint_state(script, run_dir, epoch) for epoch in (args.middle_epoch, script_args.epochs))

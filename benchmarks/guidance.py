@@ -1,12 +1,12 @@
-"""How the shapes world's exact reward depends on the guidance scale w, before and after DDPO trains at w = 5.
+"""How the shapes world's exact reward depends on the guidance scale w and the sampler, before and after DDPO.
 
-Every `--shapes` preset samples and evaluates with classifier-free guidance w = 5 (`--cfg-high`, DDPO's and
-DiffExp's scale for Stable Diffusion). This benchmark asks what the pretrained model and the quick start's trained
-LoRA score at other scales: it takes the finished `ddpo` runs of compare_methods.py (each is `python
-ddpo_diffexp.py --shapes --seed S`) and evaluates the pretrained model and each run's final LoRA at every scale of
---scales, on the seen and the unseen prompts, under --noise-sets sets of evaluation noise, with the script's own
-`evaluate` (benchmarks/evaluation_noise.py's `shapes_evaluator`). Noise set 0 at w = 5 is the run's own evaluation
-and must reproduce its eval.jsonl (checked). Per scale it reports
+The DDPO-family `--shapes` presets sample, train and evaluate with 10 DDIM steps of eta 1 and classifier-free
+guidance w = 5 (`--cfg-high`, DDPO's and DiffExp's scale for Stable Diffusion). This benchmark asks what the
+pretrained model and the quick start's trained LoRA score at other scales: it takes the finished `ddpo` runs of
+compare_methods.py (each is `python ddpo_diffexp.py --shapes --seed S`) and evaluates the pretrained model and each
+run's final LoRA at every scale of --scales, on the seen and the unseen prompts, under --noise-sets sets of
+evaluation noise, with the script's own `evaluate` (benchmarks/evaluation_noise.py's `shapes_evaluator`). Noise set
+0 at w = 5 is the run's own evaluation and must reproduce its eval.jsonl (checked). Per scale it reports
 
   pretrained    the pretrained model's mean reward over the seeds' noise, with its 95% bootstrap interval over seeds;
   DDPO          the same for the runs' final LoRA (trained at w = 5, evaluated at w);
@@ -61,9 +61,10 @@ class Args:
 
 def main(args):
     from compare_methods import interval, interval_text
-    from evaluation_noise import checkpoint_state, shapes_evaluator
+    from evaluation_noise import checkpoint_state, require_runs, shapes_evaluator
     from shapes_world import PAIR_TIERS
 
+    run_dirs = require_runs(args.runs_dir, args.run_name, args.seeds)
     script, script_args, prompt_sets, pretrained, evaluate = shapes_evaluator()
     preset_scale = script_args.cfg_high
     if preset_scale not in args.scales:
@@ -138,7 +139,7 @@ def main(args):
     # rewards[set][model][scale] = one value per seed, each averaged over the noise sets
     rewards = {name: {"pretrained": {}, "ddpo": {}} for name in prompt_sets}
     for seed in args.seeds:
-        run_dir = os.path.join(args.runs_dir, args.run_name.format(seed=seed))
+        run_dir = run_dirs[seed]
         with open(os.path.join(run_dir, "eval.jsonl")) as f:
             logged = {line["epoch"]: line for line in map(json.loads, f)}  # epoch -> its evaluation
         state = checkpoint_state(script, run_dir, script_args.epochs)

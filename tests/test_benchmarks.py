@@ -320,3 +320,16 @@ def test_shapes_evaluator_reproduces_a_committed_start_and_its_overrides_reach_t
     # the shapes world's pretrained model scores higher without guidance (unseen, 6 seeds: 0.763 against 0.599 at
     # w = 5; benchmarks/README.md, "Guidance in the shapes world"), against an evaluation noise of about 0.04
     assert unguided > preset + 0.08
+
+
+def test_missing_runs_give_one_error_line_with_the_command_that_makes_them(tmp_path):
+    import evaluation_noise
+
+    (tmp_path / "ddpo_seed0").mkdir()
+    (tmp_path / "ddpo_seed0" / "eval.jsonl").write_text("{}\n")
+    assert evaluation_noise.require_runs(str(tmp_path), "ddpo_seed{seed}", [0]) == {0: str(tmp_path / "ddpo_seed0")}
+    with pytest.raises(SystemExit) as error:
+        evaluation_noise.require_runs(str(tmp_path), "ddpo_seed{seed}", [0, 1])
+    message = str(error.value)
+    assert message.startswith("error: no run of seed(s) 1 in ") and "\n" not in message
+    assert f"compare_methods.py --methods ddpo --seeds 0 1 --runs-dir {tmp_path}" in message
