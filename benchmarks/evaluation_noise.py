@@ -74,8 +74,8 @@ def shapes_evaluator():
 
     Returns (script, script_args, prompt_sets, pretrained, evaluate): prompt_sets {"seen": [...], "unseen": [...]};
     pretrained is a LoRA state dict of zeros (A = B = 0 adds nothing: the model every run starts from); and
-    evaluate(lora, seed, noise_set, prompt_set="seen", **overrides) loads that LoRA state into the UNet and returns
-    the mean exact reward of the set's evaluation images, drawn from the noise of seed + NOISE_SET_STRIDE * noise_set,
+    evaluate(lora, seed, noise_set, prompts, **overrides) loads that LoRA state into the UNet and returns the mean
+    exact reward of the prompts' evaluation images, drawn from the noise of seed + NOISE_SET_STRIDE * noise_set,
     with the preset's flags replaced by overrides (e.g. cfg_high=3.0, or num_steps=50).
     """
     from accelerate import Accelerator
@@ -100,11 +100,10 @@ def shapes_evaluator():
     pretrained = {key: torch.zeros_like(value) for key, value in get_peft_model_state_dict(pipeline.unet).items()}
 
     @torch.no_grad()
-    def evaluate(lora, seed, noise_set, prompt_set="seen", **overrides):
+    def evaluate(lora, seed, noise_set, prompts, **overrides):
         set_peft_model_state_dict(pipeline.unet, lora)
         evaluation_args = replace(script_args, seed=seed + NOISE_SET_STRIDE * noise_set, **overrides)
         pipeline.scheduler.set_timesteps(evaluation_args.num_steps)  # the sampler walks scheduler.timesteps
-        prompts = prompt_sets[prompt_set]
         mean, _, _, _ = script.evaluate(
             evaluation_args, accelerator, pipeline, pipeline.unet, reward_fn, prompts, null_embeds, latent_shape
         )
@@ -123,6 +122,16 @@ def require_runs(runs_dir, run_name, seeds):
             f"benchmarks/compare_methods.py --methods ddpo --seeds {' '.join(map(str, seeds))} --runs-dir {runs_dir}`"
         )
     return run_dirs
+
+
+def require_reproduced(what, reproduced, expected, tolerance=1e-3):
+    """SystemExit with one line unless noise set 0's rewards are the run's logged ones: otherwise the evaluator is
+    not the run's evaluation, and what it measures means nothing."""
+    if max(abs(a - b) for a, b in zip(reproduced, expected)) > tolerance:
+        raise SystemExit(
+            f"error: {what}: noise set 0 gives {' -> '.join(f'{v:.4f}' for v in reproduced)}, the run "
+            f"logged {' -> '.join(f'{v:.4f}' for v in expected)}"
+        )
 
 
 def checkpoint_state(script, run_dir, epoch):
@@ -149,15 +158,11 @@ def main(args):
         starts, middles, ends = [], [], []
         for noise_set in range(args.noise_sets):
             for lora, values in ((pretrained, starts), (middle["lora"], middles), (state["lora"], ends)):
-                values.append(evaluate(lora, seed, noise_set))
+                values.append(evaluate(lora, seed, noise_set, prompts))
         # noise set 0 is the run's own evaluation: the same numbers as its eval.jsonl, or this measures nothing
         reproduced = (starts[0], middles[0], ends[0])
         expected = tuple(logged[epoch] for epoch in (0, middle["epoch"], state["epoch"]))
-        if max(abs(a - b) for a, b in zip(reproduced, expected)) > 1e-3:
-            raise SystemExit(
-                f"error: seed {seed}: noise set 0 gives {' -> '.join(f'{v:.4f}' for v in reproduced)}, the run "
-                f"logged {' -> '.join(f'{v:.4f}' for v in expected)}"
-            )
+        require_reproduced(f"seed {seed}", reproduced, expected)
         per_seed[seed] = dict(
             middle_epoch=middle["epoch"],
             start=starts,

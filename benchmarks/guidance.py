@@ -61,7 +61,7 @@ class Args:
 
 def main(args):
     from compare_methods import interval, interval_text
-    from evaluation_noise import checkpoint_state, require_runs, shapes_evaluator
+    from evaluation_noise import checkpoint_state, require_reproduced, require_runs, shapes_evaluator
     from shapes_world import PAIR_TIERS
 
     run_dirs = require_runs(args.runs_dir, args.run_name, args.seeds)
@@ -71,22 +71,21 @@ def main(args):
         raise SystemExit(f"error: --scales must include the presets' w = {preset_scale} (it checks the runs' logs)")
 
     # the tier table: the pretrained model only, on single and double objects of each tier's 5 colour-shape pairs
-    for tier, pairs in PAIR_TIERS.items():  # the evaluator looks its prompt sets up by name
-        prompt_sets[f"one {tier}"] = [f"a {colour} {shape}" for colour, shape in pairs]
-        prompt_sets[f"two {tier}"] = [f"two {colour} {shape}s" for colour, shape in pairs]
-    tier_names = [name for name in prompt_sets if name not in ("seen", "unseen")]
+    tier_sets = {}  # e.g. "two rare" -> ["two red triangles", ...]
+    for tier, pairs in PAIR_TIERS.items():
+        tier_sets[f"one {tier}"] = [f"a {colour} {shape}" for colour, shape in pairs]
+        tier_sets[f"two {tier}"] = [f"two {colour} {shape}s" for colour, shape in pairs]
+    tier_names = list(tier_sets)
     tier_settings = dict(eval_images_per_prompt=args.tier_images_per_prompt)
     tier_rewards = {}  # (tier set, scale) -> mean over the tier-seeds evaluations
     for scale in args.scales:
-        for name in tier_names:
+        for name, captions in tier_sets.items():
             values = [
-                evaluate(pretrained, seed, 0, name, cfg_high=scale, **tier_settings)
+                evaluate(pretrained, seed, 0, captions, cfg_high=scale, **tier_settings)
                 for seed in args.seeds[: args.tier_seeds]
             ]
             tier_rewards[name, scale] = float(np.mean(values))
         print(f"w {scale:g}: " + ", ".join(f"{name} {tier_rewards[name, scale]:.3f}" for name in tier_names))
-    for name in tier_names:
-        del prompt_sets[name]
 
     # the pretrained model under other samplers, on the seen prompts: AlignProp's deterministic DDIM (eta 0), and
     # the DDPO family's eta 1 with more steps than the presets' 10
@@ -99,7 +98,7 @@ def main(args):
     for sampler, (settings, seeds) in samplers.items():
         for scale in args.scales:
             sampler_rewards[sampler, scale] = [
-                evaluate(pretrained, seed, 0, "seen", cfg_high=scale, **settings) for seed in seeds
+                evaluate(pretrained, seed, 0, prompt_sets["seen"], cfg_high=scale, **settings) for seed in seeds
             ]
         print(f"{sampler}: " + ", ".join(f"w {w:g} {np.mean(sampler_rewards[sampler, w]):.3f}" for w in args.scales))
 
@@ -144,20 +143,15 @@ def main(args):
             logged = {line["epoch"]: line for line in map(json.loads, f)}  # epoch -> its evaluation
         state = checkpoint_state(script, run_dir, script_args.epochs)
         for scale in args.scales:
-            for name in prompt_sets:
+            for name, prompts in prompt_sets.items():
                 noise_sets = range(args.noise_sets)
                 values = {
-                    model: [evaluate(lora, seed, noise_set, name, cfg_high=scale) for noise_set in noise_sets]
+                    model: [evaluate(lora, seed, noise_set, prompts, cfg_high=scale) for noise_set in noise_sets]
                     for model, lora in (("pretrained", pretrained), ("ddpo", state["lora"]))
                 }
                 if scale == preset_scale:  # noise set 0 at the presets' scale is the run's own evaluation
                     expected = (logged[0][f"{name}_reward_mean"], logged[state["epoch"]][f"{name}_reward_mean"])
-                    reproduced = (values["pretrained"][0], values["ddpo"][0])
-                    if max(abs(a - b) for a, b in zip(reproduced, expected)) > 1e-3:
-                        raise SystemExit(
-                            f"error: seed {seed}, {name}: noise set 0 gives {reproduced[0]:.4f} -> {reproduced[1]:.4f}"
-                            f", the run logged {expected[0]:.4f} -> {expected[1]:.4f}"
-                        )
+                    require_reproduced(f"seed {seed}, {name}", (values["pretrained"][0], values["ddpo"][0]), expected)
                 for model in values:
                     rewards[name][model].setdefault(scale, []).append(float(np.mean(values[model])))
             print(

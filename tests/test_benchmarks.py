@@ -306,8 +306,9 @@ def test_shapes_evaluator_reproduces_a_committed_start_and_its_overrides_reach_t
     state that the forked script runs of other tests must not inherit)."""
     code = (
         "import sys; sys.path.insert(0, 'benchmarks'); import evaluation_noise as e\n"
-        "_, _, _, pretrained, evaluate = e.shapes_evaluator()\n"
-        "print('REWARDS', evaluate(pretrained, 0, 0, 'unseen'), evaluate(pretrained, 0, 0, 'unseen', cfg_high=1.0))\n"
+        "_, _, sets, pretrained, evaluate = e.shapes_evaluator()\n"
+        "print('REWARDS', evaluate(pretrained, 0, 0, sets['unseen']), evaluate(pretrained, 0, 0, sets['unseen'], "
+        "cfg_high=1.0))\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(
