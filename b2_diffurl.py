@@ -66,7 +66,7 @@ Commands
     python b2_diffurl.py --preset b2-template3
   Tiny CPU run (offline, a few minutes on 2 cores):
     python b2_diffurl.py --tiny --reward jpeg_compressibility
-  Shapes world (offline, about 3.5 min; seeds 0-9: seen exact reward 0.485 -> 0.569 [0.527, 0.610];
+  Shapes world (offline, 2.5-3.5 min; seeds 0-9: seen exact reward 0.485 -> 0.569 [0.527, 0.610];
   benchmarks/README.md):
     python b2_diffurl.py --shapes
 """

@@ -65,7 +65,7 @@ Commands
     accelerate launch --num_processes 4 ddpo_coca.py --preset coca-aesthetic
   Tiny CPU run (offline, about three minutes on 2 cores):
     python ddpo_coca.py --tiny --reward jpeg_compressibility
-  Shapes world (offline, about 3 min; seeds 0-9: seen exact reward 0.485 -> 0.583 [0.558, 0.607];
+  Shapes world (offline, 3-3.5 min; seeds 0-9: seen exact reward 0.485 -> 0.583 [0.558, 0.607];
   benchmarks/README.md):
     python ddpo_coca.py --shapes
 """

@@ -37,8 +37,8 @@ Commands
     python ddpo_diffexp.py --preset diffexp-fig4a   (Fig. 4 (a); PRESETS.md gives every value's source)
   Tiny CPU run (offline, about a minute on 2 cores; the tiny aesthetic reward rises, jpeg_compressibility barely moves):
     python ddpo_diffexp.py --tiny --reward aesthetic
-  Shapes world (offline, 123-146 s on 2 idle cores; seeds 0-19: seen exact reward 0.483 -> 0.589 [0.572, 0.607],
-  a rise on every seed, +0.10 or more on 11 of 20; benchmarks/README.md):
+  Shapes world (offline, 123-223 s on 2 idle cores, by machine; seeds 0-19: seen exact reward 0.483 -> 0.589
+  [0.572, 0.607], a rise on every seed, +0.10 or more on 11 of 20; benchmarks/README.md):
     python ddpo_diffexp.py --shapes
 """
 
