@@ -761,6 +761,7 @@ def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null
             args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape
         )
         line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
+        line[f"{name}_images"] = len(prompts) * args.eval_images_per_prompt
         line |= {f"{name}_reward_{member}_mean": value for member, value in member_means.items()}
         if accelerator.is_main_process:
             grid_path = os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png")
@@ -865,13 +866,16 @@ def run_summary(run_dir, seconds):
         return f"done in {seconds:.0f} s (no evaluation); {where}"
     first, last = lines[0], lines[-1]
     best = max(lines, key=lambda line: line["seen_reward_mean"])
+    error = ""
+    if "seen_images" in last:  # the standard error of one evaluation's mean, std / sqrt(n): how far apart is apart
+        error = f", each +- {last['seen_reward_std'] / math.sqrt(last['seen_images']):.2g} (standard error)"
     unseen = ""
     if "unseen_reward_mean" in last:
         unseen = f"; unseen {first['unseen_reward_mean']:.4g} -> {last['unseen_reward_mean']:.4g}"
     return (
         f"done in {seconds:.0f} s: seen {last['eval_reward']} reward {first['seen_reward_mean']:.4g} (epoch "
         f"{first['epoch']}) -> {last['seen_reward_mean']:.4g} (epoch {last['epoch']}), best "
-        f"{best['seen_reward_mean']:.4g} (epoch {best['epoch']}){unseen}; {where}"
+        f"{best['seen_reward_mean']:.4g} (epoch {best['epoch']}){error}{unseen}; {where}"
     )
 
 

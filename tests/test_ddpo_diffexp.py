@@ -230,3 +230,9 @@ def test_run_summary_names_start_end_best_and_the_folders(tmp_path):
     assert line.startswith("done in 101 s: seen shapes reward 0.494 (epoch 0) -> 0.6 (epoch 10), best 0.61")
     assert "(epoch 5); unseen 0.61 -> 0.7;" in line and f"grids in {tmp_path / 'samples'}" in line
     assert ddpo_diffexp.run_summary(str(tmp_path / "none"), 3).startswith("done in 3 s (no evaluation)")
+    assert "standard error" not in line  # an eval.jsonl from before the image count was logged
+    with open(tmp_path / "eval.jsonl", "a") as f:  # 80 images with a per-image std of 0.36: 0.36 / sqrt(80) = 0.040
+        last = dict(epoch=15, eval_reward="shapes", seen_reward_mean=0.6, seen_reward_std=0.36, seen_images=80)
+        f.write(json.dumps(last) + "\n")
+    line = ddpo_diffexp.run_summary(str(tmp_path), 5)
+    assert "-> 0.6 (epoch 15), best 0.61 (epoch 5), each +- 0.04 (standard error);" in line, line

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import load_prompts
 from conftest import (
     MICRO_FLAGS,
     ROOT,
@@ -45,6 +46,10 @@ def test_run_writes_finite_metrics_grids_and_checkpoints(script, finished_runs):
     assert evaluations[0]["epoch"] == 0 and evaluations[-1]["epoch"] == EPOCHS  # before training and after it
     assert all(np.isfinite(e["seen_reward_mean"]) for e in evaluations)
     assert [e["reward_queries"] for e in evaluations] == [8 * e["epoch"] for e in evaluations]
+    # the image count behind each mean, for the summary's standard error std / sqrt(n)
+    run_args = json.load(open(run / "args.json"))
+    expected_images = len(load_prompts(run_args["prompts"])) * run_args["eval_images_per_prompt"]
+    assert all(e["seen_images"] == expected_images for e in evaluations), (expected_images, evaluations)
     assert (run / "samples" / f"eval_seen_epoch_{EPOCHS:04d}.png").exists()
     assert json.load(open(run / "args.json"))["epochs"] == EPOCHS
     assert sorted(os.listdir(run / "checkpoints")) == [f"epoch_{epoch:04d}" for epoch in range(1, EPOCHS + 1)]
