@@ -14,7 +14,9 @@ second and rare (1 in ~130 objects) on the third. It was meant to make the pretr
 triangle" as SD is on "a dolphin riding a bike"; measured, it is not (benchmarks/guidance.py): without guidance the
 model draws a rare pair alone about as well as a common one, and the fine-tuning prompts' room to improve comes
 from the presets' sampler, 10 stochastic (eta 1) steps at guidance w = 5, which distorts shapes and colours (the
-pretrained model scores about 0.48 on them there, 0.77 without guidance and 0.76 with 50 steps).
+pretrained model scores about 0.48 on them there, 0.77 without guidance and 0.76 with 50 steps). Trained with the
+rare pairs held out (`--rare-weight 0`), the model is weak on them under every sampler (a rare pair alone 0.70, a
+common one 0.97, without guidance); AlignProp then learns the tail in 20 epochs and DDPO hardly (benchmarks/README.md).
 
 This file holds
   1. the world: caption grammar, parsing, rendering (`render`), and `sample_captions` with the long tail;
@@ -78,6 +80,9 @@ class Args:
     """images per UNet / reward step"""
     caption_dropout: float = 0.1
     """probability that a training caption is replaced by "" (classifier-free guidance needs eps(x_t, t, ""))"""
+    rare_weight: float = 0.05
+    """sampling weight of each rare colour-shape pair (TIER_WEIGHTS["rare"], the committed world's; common 1.0,
+    medium 0.3): 0.005 makes a rare pair 1 in ~1300 objects, 0 holds the rare pairs out (benchmarks/README.md)"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,10 +172,12 @@ def parse_caption_or_raise(caption):
     return parsed
 
 
-def sample_captions(count, generator):
-    """`count` captions from the pretraining distribution (numpy Generator): long-tailed colour-shape pairs."""
+def sample_captions(count, generator, rare_weight=TIER_WEIGHTS["rare"]):
+    """`count` captions from the pretraining distribution (numpy Generator): long-tailed colour-shape pairs, each
+    rare pair drawn with weight rare_weight (0: never)."""
     pairs = [pair for tier in PAIR_TIERS.values() for pair in tier]
-    weights = np.array([TIER_WEIGHTS[tier] for tier, tier_pairs in PAIR_TIERS.items() for _ in tier_pairs])
+    tier_weights = TIER_WEIGHTS | {"rare": rare_weight}
+    weights = np.array([tier_weights[tier] for tier, tier_pairs in PAIR_TIERS.items() for _ in tier_pairs])
     weights = weights / weights.sum()
     kinds = list(CAPTION_KINDS)
     captions = []
@@ -527,7 +534,7 @@ def train_vae(vae, args, generator, log):
     vae.train()
     for step in range(args.vae_steps):
         # (B, 3, 32, 32) in [-1, 1]
-        images = render_batch(sample_captions(args.vae_batch_size, generator), generator) * 2 - 1
+        images = render_batch(sample_captions(args.vae_batch_size, generator, args.rare_weight), generator) * 2 - 1
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
@@ -626,10 +633,10 @@ def train_learned_reward(model, generated_images, generated_captions, args, gene
     half = args.batch_size // 2
     for step in range(args.reward_steps):
         rows = torch.randint(len(generated_captions), (half,))
-        rendered_captions = sample_captions(half, generator)
+        rendered_captions = sample_captions(half, generator, args.rare_weight)
         images = torch.cat([generated_images[rows], render_batch(rendered_captions, generator)])  # (B, 3, 32, 32)
         captions = [generated_captions[i] for i in rows.tolist()] + rendered_captions
-        random_captions = sample_captions(len(captions), generator)
+        random_captions = sample_captions(len(captions), generator, args.rare_weight)
         captions = [random if generator.random() < 0.5 else own for own, random in zip(captions, random_captions)]
         images = (images + 0.03 * torch.randn_like(images)).clamp(0, 1)  # slight noise: smoother gradients
         loss = F.mse_loss(model(images, captions), exact_scores(images, captions))
@@ -672,7 +679,7 @@ def main(args):
     # 1. VAE (32 px <-> 4 x 8 x 8), then its scaling_factor from the latents of 20k rendered images
     if "vae" in args.stages:
         train_vae(vae, args, generator, log)
-        captions = sample_captions(20_000, generator)
+        captions = sample_captions(20_000, generator, args.rare_weight)
         latent_means, latent_stds = encode_dataset(vae, captions, generator)
         vae.register_to_config(scaling_factor=1.0 / latent_means.std().item())  # SD's 0.18215: unit-variance latents
         vae.save_pretrained(os.path.join(model_folder, "vae"))
@@ -718,7 +725,7 @@ def main(args):
         )
         pipeline.set_progress_bar_config(disable=True)
         generator = np.random.default_rng(args.seed)
-        generated_captions = sample_captions(1024, generator)
+        generated_captions = sample_captions(1024, generator, args.rare_weight)
         generated_images = generate(pipeline, generated_captions, args.seed)
         log(
             f"pretrained model: exact reward {exact_scores(generated_images, generated_captions).mean():.3f} on its "

@@ -35,6 +35,20 @@ def test_captions_round_trip_and_have_a_long_tail():
     assert shapes_world.parse_caption("a dog riding a bike") is None
 
 
+def test_rare_weight_thins_or_holds_out_the_rare_pairs():
+    """`python shapes_world.py --rare-weight W`: the default is the committed world's draw, 0 holds the tail out."""
+    default = sample_captions(3000, np.random.default_rng(0))
+    assert sample_captions(3000, np.random.default_rng(0), rare_weight=0.05) == default
+    rare_pairs = [f"{colour} {shape}" for colour, shape in shapes_world.PAIR_TIERS["rare"]]
+
+    def rare_objects(captions):
+        text = " ".join(captions)
+        return sum(text.count(pair) for pair in rare_pairs)
+
+    thinned, held_out = (sample_captions(3000, np.random.default_rng(0), rare_weight=w) for w in (0.005, 0.0))
+    assert rare_objects(default) > 3 * rare_objects(thinned) > 0 and rare_objects(held_out) == 0
+
+
 # ---------------------------------------------------------------------------------------------- exact reward
 def test_exact_reward_is_one_on_every_rendered_caption():
     generator = np.random.default_rng(1)
