@@ -51,7 +51,7 @@ def test_run_writes_finite_metrics_grids_and_checkpoints(script, finished_runs):
     expected_images = len(load_prompts(run_args["prompts"])) * run_args["eval_images_per_prompt"]
     assert all(e["seen_images"] == expected_images for e in evaluations), (expected_images, evaluations)
     assert (run / "samples" / f"eval_seen_epoch_{EPOCHS:04d}.png").exists()
-    assert json.load(open(run / "args.json"))["epochs"] == EPOCHS
+    assert run_args["epochs"] == EPOCHS
     assert sorted(os.listdir(run / "checkpoints")) == [f"epoch_{epoch:04d}" for epoch in range(1, EPOCHS + 1)]
 
 

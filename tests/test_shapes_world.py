@@ -39,6 +39,7 @@ def test_rare_weight_thins_or_holds_out_the_rare_pairs():
     """`python shapes_world.py --rare-weight W`: the default is the committed world's draw, 0 holds the tail out."""
     default = sample_captions(3000, np.random.default_rng(0))
     assert sample_captions(3000, np.random.default_rng(0), rare_weight=0.05) == default
+    assert shapes_world.Args().rare_weight == shapes_world.TIER_WEIGHTS["rare"]  # the flag's default is the table's
     rare_pairs = [f"{colour} {shape}" for colour, shape in shapes_world.PAIR_TIERS["rare"]]
 
     def rare_objects(captions):
