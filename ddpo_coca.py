@@ -767,19 +767,38 @@ def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantag
 # ----------------------------------------------------------------------------------------------------------
 
 
-def optimizer_step(accelerator, optimizer, lora_parameters, max_grad_norm, epoch):
-    """Clip the accumulated gradient, step and zero it; returns the gradient norm before clipping.
+def optimizer_step(accelerator, optimizer, lora_parameters, max_grad_norm, epoch, skipped_in_a_row):
+    """Clip the accumulated gradient, step and zero it; returns (gradient norm before clipping, skips in a row).
 
-    A non-finite gradient norm stops the run before the step; a step that leaves a non-finite LoRA parameter (an
-    overflowing update, say) stops it before anything can save that parameter.
+    fp16 on a GPU: accelerate multiplies the loss by a GradScaler's scale S (2^16 at first), so an overflowing
+    backward gives a non-finite norm by design. The scaler then skips the step (LoRA and AdamW state unchanged)
+    and halves S; the norm is returned as it is, and the epoch counts it in `skipped_steps`. 17 skips in a row
+    stop the run: S has gone from 2^16 to 2^-1, and a gradient that overflows even when the loss is scaled DOWN is
+    not an overflow of the scaling but a non-finite loss or gradient, which no scale mends.
+    Without a scaler (bf16, fp32) a non-finite norm stops the run before the step. A step that leaves a
+    non-finite LoRA parameter (an overflowing update, say) stops it before anything can save that parameter.
     """
     grad_norm = float(accelerator.clip_grad_norm_(lora_parameters, max_grad_norm))
-    stop_on_non_finite(accelerator, epoch, "gradient norm", grad_norm)
+    if accelerator.scaler is None:
+        stop_on_non_finite(accelerator, epoch, "gradient norm", grad_norm)
     optimizer.step()
     optimizer.zero_grad()
+    if accelerator.scaler is not None and optimizer.step_was_skipped:
+        skipped_in_a_row += 1
+        if skipped_in_a_row >= 17:
+            scale = accelerator.scaler.get_scale()
+            what = f"gradient norm in {skipped_in_a_row} fp16 steps in a row (loss scale {scale})"
+            stop_on_non_finite(accelerator, epoch, what, grad_norm)
+        return grad_norm, skipped_in_a_row
     lora_sum = float(sum(parameter.detach().float().sum() for parameter in lora_parameters))
     stop_on_non_finite(accelerator, epoch, "LoRA parameters after the update", lora_sum)
-    return grad_norm
+    return grad_norm, 0
+
+
+def grad_norm_summary(grad_norms):
+    """[mean gradient norm of the applied steps (NaN if none was), number of steps the fp16 loss scaler skipped]."""
+    applied = [norm for norm in grad_norms if math.isfinite(norm)]  # a skipped step's norm is inf or NaN
+    return [float(np.mean(applied)) if applied else math.nan, len(grad_norms) - len(applied)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -881,6 +900,9 @@ def save_checkpoint(folder, unet, optimizer, state):
         os.makedirs(temporary)
         save_lora(unet, temporary)
         training_state = dict(state, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict())
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's under fp16 (a GPU), else None
+        if scaler is not None:  # fp16's loss scale: a resumed run must not restart it at 2^16
+            training_state["scaler"] = scaler.state_dict()
         torch.save(training_state, os.path.join(temporary, "training_state.pt"))
         os.replace(temporary, folder)
     except OSError as error:  # ENOSPC (disk full), EDQUOT, EIO, ...
@@ -986,11 +1008,14 @@ def main(args):
 
         set_peft_model_state_dict(pipeline.unet, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
+        if accelerator.scaler is not None and "scaler" in state:
+            accelerator.scaler.load_state_dict(state["scaler"])
         accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
     # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
     unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
     samples_per_process = args.samples_per_epoch // accelerator.num_processes
     micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+    skipped_in_a_row = state.get("skipped_in_a_row", 0)  # optimiser steps the fp16 loss scaler skipped in a row
 
     # Method-specific setup
     # per-prompt reward buffers of the advantage normalisation (deviation 6), restored on resume
@@ -1149,18 +1174,20 @@ def main(args):
                     approx_kls.append(approx_kl.item())
                     clipfracs.append(clipfrac.item())
                     if ends_update:
-                        grad_norms.append(
-                            optimizer_step(accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch)
+                        grad_norm, skipped_in_a_row = optimizer_step(
+                            accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch, skipped_in_a_row
                         )
+                        grad_norms.append(grad_norm)
 
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint
         # ==================================================================================================
         statistics = torch.tensor(
-            [np.mean(losses), np.mean(approx_kls), np.mean(clipfracs), np.mean(grad_norms)], device=accelerator.device
+            [np.mean(losses), np.mean(approx_kls), np.mean(clipfracs), *grad_norm_summary(grad_norms)],
+            device=accelerator.device,
         )
-        loss_mean, approx_kl_mean, clipfrac_mean, grad_norm_mean = (
-            accelerator.gather(statistics).view(-1, 4).mean(0).tolist()
+        loss_mean, approx_kl_mean, clipfrac_mean, grad_norm_mean, skipped_steps = (
+            accelerator.gather(statistics).view(-1, 5).mean(0).tolist()
         )
         stop_on_non_finite(accelerator, epoch, "loss", loss_mean)
         metrics = dict(
@@ -1173,6 +1200,7 @@ def main(args):
             approx_kl=approx_kl_mean,
             clipfrac=clipfrac_mean,
             grad_norm=grad_norm_mean,
+            skipped_steps=round(skipped_steps),
             dynamic_cfg=use_dynamic_cfg,
             prompt_weighting=use_prompt_weighting,
             seconds=round(time.time() - epoch_start, 3),
@@ -1209,7 +1237,7 @@ def main(args):
                     os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"),
                     accelerator.unwrap_model(unet),
                     optimizer,
-                    dict(epoch=epoch + 1, reward_history=history),
+                    dict(epoch=epoch + 1, reward_history=history, skipped_in_a_row=skipped_in_a_row),
                 )
             accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -51,6 +51,7 @@ SHARED_BLOCKS = [
     ("function", "append_jsonl", SCRIPTS),
     ("function", "report", SCRIPTS),
     ("function", "optimizer_step", SCRIPTS),
+    ("function", "grad_norm_summary", SCRIPTS),
     ("function", "run_evaluation", DIFFEXP),
     ("section", "1. Setup", SCRIPTS),
 ]

@@ -32,9 +32,10 @@ def problems(script, flags, num_processes=1):
 
 
 class MainProcess:
-    """The two things the guards ask of accelerate's Accelerator, for calling them without one."""
+    """The things the guards ask of accelerate's Accelerator, for calling them without one (no fp16 loss scaler)."""
 
     is_main_process = True
+    scaler = None
     print = staticmethod(print)
     clip_grad_norm_ = staticmethod(torch.nn.utils.clip_grad_norm_)
 
@@ -248,17 +249,17 @@ def test_non_finite_gradients_or_parameters_stop_before_they_are_applied_or_save
     optimizer = torch.optim.AdamW([parameter], lr=0.1)
     parameter.grad = torch.tensor([1.0, float("nan"), 0.0])
     with pytest.raises(SystemExit) as stop:
-        module.optimizer_step(MainProcess, optimizer, [parameter], 1.0, epoch=3)
+        module.optimizer_step(MainProcess, optimizer, [parameter], 1.0, 3, 0)
     assert stop.value.code == 1 and torch.equal(parameter.detach(), torch.ones(3))  # the step was not applied
     assert "error: epoch 3: non-finite gradient norm (nan)" in capsys.readouterr().err
     optimizer = torch.optim.SGD([parameter], lr=1e38)  # an update that overflows the parameters
     parameter.grad = torch.full((3,), 10.0)
     with pytest.raises(SystemExit):
-        module.optimizer_step(MainProcess, optimizer, [parameter], 100.0, epoch=4)
+        module.optimizer_step(MainProcess, optimizer, [parameter], 100.0, 4, 0)
     assert "error: epoch 4: non-finite LoRA parameters after the update" in capsys.readouterr().err
     parameter.data.fill_(1.0)
     parameter.grad = torch.full((3,), 2.0)
-    assert module.optimizer_step(MainProcess, torch.optim.SGD([parameter], lr=0.1), [parameter], 1.0, 0) > 0
+    assert module.optimizer_step(MainProcess, torch.optim.SGD([parameter], lr=0.1), [parameter], 1.0, 0, 0)[0] > 0
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

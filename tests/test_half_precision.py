@@ -128,3 +128,90 @@ def test_fp16_weights_with_a_gradient_scaler_step_the_fp32_lora(tiny_pipeline):
     scaled_backward()
     with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
         scaler.unscale_(torch.optim.AdamW(lora, lr=1e-3))
+
+
+SCRIPTS = ["ddpo_diffexp.py", "alignprop_diffexp.py", "b2_diffurl.py", "ddpo_coca.py"]
+
+
+@pytest.fixture
+def fp16_accelerator():
+    """accelerate's fp16 setting as a GPU has it (native AMP, a GradScaler at 2^16), on this CPU: accelerate builds
+    no scaler for a CPU, so the test hands it a real torch.amp.GradScaler; its shared state is reset around it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # another test's Accelerator fixed mixed_precision="no"
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    yield accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_fp16_overflow_skips_the_step_and_only_17_in_a_row_stop_the_run(script, tiny_pipeline, fp16_accelerator,
+                                                                          tmp_path, capsys):  # fmt: skip
+    """Issue 30: the loss scaler's skipped step must not stop the run. An injected infinite gradient is skipped
+    (LoRA and AdamW state unchanged, the scale halved, the norm counted as skipped), a finite step after it applies
+    and resets the count, the checkpoint keeps the scale, and the 17th skip in a row stops the run in one line."""
+    import copy
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    unet = copy.deepcopy(tiny_pipeline.unet)
+    lora = common.add_lora(unet, 4)
+    optimizer = fp16_accelerator.prepare(torch.optim.AdamW(lora, lr=1e-2))
+    scaler = fp16_accelerator.scaler
+
+    def step(loss_factor, skipped_in_a_row):
+        fp16_accelerator.backward(sum((parameter**2).sum() for parameter in lora) * loss_factor)
+        return module.optimizer_step(fp16_accelerator, optimizer, lora, 1.0, 0, skipped_in_a_row)
+
+    grad_norm, skipped = step(1.0, 0)  # a finite step is applied
+    assert math.isfinite(grad_norm) and grad_norm > 0 and skipped == 0 and scaler.get_scale() == 2.0**16
+    before = [parameter.detach().clone() for parameter in lora]
+    adam_before = copy.deepcopy(optimizer.state_dict()["state"])
+    grad_norm, skipped = step(math.inf, 0)  # an overflow: skipped, nothing changes but the scale
+    assert not math.isfinite(grad_norm) and skipped == 1 and scaler.get_scale() == 2.0**15
+    assert all(torch.equal(parameter, old) for parameter, old in zip(lora, before))
+    adam_after = optimizer.state_dict()["state"]
+    assert all(torch.equal(adam_after[i][key], adam_before[i][key]) for i in adam_before for key in adam_before[i])
+    assert module.grad_norm_summary([grad_norm, 2.0, 4.0]) == [3.0, 1]  # the epoch's mean leaves the skip out
+    assert math.isnan(module.grad_norm_summary([grad_norm])[0])
+    grad_norm, skipped = step(1.0, skipped)  # the next finite step applies and ends the run of skips
+    assert math.isfinite(grad_norm) and skipped == 0
+    assert any(not torch.equal(parameter, old) for parameter, old in zip(lora, before))
+
+    module.save_checkpoint(str(tmp_path / "epoch_0001"), unet, optimizer, dict(epoch=1, skipped_in_a_row=0))
+    saved = torch.load(tmp_path / "epoch_0001" / "training_state.pt", weights_only=False)
+    assert saved["scaler"]["scale"] == 2.0**15  # a resumed run continues at the scale it had reached
+
+    for _ in range(16):
+        grad_norm, skipped = step(math.inf, skipped)
+    assert skipped == 16 and scaler.get_scale() == 2.0**-1
+    with pytest.raises(SystemExit) as stop:
+        step(math.inf, skipped)
+    assert stop.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "17 fp16 steps in a row" in error, error
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_non_finite_gradient_without_a_loss_scaler_stops_the_run(script, tiny_pipeline, capsys, request):
+    import copy
+    import importlib
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    module = importlib.import_module(script[:-3])
+    accelerator = Accelerator(cpu=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    assert accelerator.scaler is None
+    lora = common.add_lora(copy.deepcopy(tiny_pipeline.unet), 4)
+    optimizer = accelerator.prepare(torch.optim.AdamW(lora, lr=1e-2))
+    accelerator.backward(sum((parameter**2).sum() for parameter in lora) * math.inf)
+    before = [parameter.detach().clone() for parameter in lora]
+    with pytest.raises(SystemExit) as stop:
+        module.optimizer_step(accelerator, optimizer, lora, 1.0, 3, 0)
+    assert stop.value.code == 1 and "epoch 3: non-finite gradient norm" in capsys.readouterr().err
+    assert all(torch.equal(parameter, old) for parameter, old in zip(lora, before))
