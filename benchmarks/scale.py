@@ -1,19 +1,30 @@
-"""What each method costs at its paper setting on the real SD 1.5 / SDXL architectures, before renting a GPU.
+"""What each method costs at its paper presets on the real SD 1.5 / SDXL architectures, before renting a GPU.
+
+One row per GPU preset of every script (each script's PRESETS, less the CPU presets "tiny" and "shapes"; AlignProp's
+presets also with --truncation fixed --grad-steps 1), read from the PRESETS dicts, so a new preset gets its row.
+The model (SDXL when args.model names "xl", SD 1.5's architecture otherwise) and the resolution come from the
+preset's args. Per row: the epochs, the FLOPs of an epoch and of the whole run, the training step's memory, and
+the minutes per epoch and hours per run on each GPU of GPUS. Every figure is a prediction, not a measurement.
+
+What is counted: the sampling UNet calls (`common.guided_noise_prediction`, Eq. 4: one call on the doubled batch),
+the training UNet calls with the scripts' LoRA (`common.add_lora`) forward and backward, the VAE decode (and its
+backward for AlignProp), the text encoder(s), and the reward's vision tower (and its backward for AlignProp).
+What is not: evaluation (every eval_every epochs: it samples every prompt's eval images), the reward's text tower,
+data loading and Python overhead, checkpoints; in the memory column, the reward model's weights and activations.
 
 FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode runs each network once on the meta
-device (no weights are allocated) with the code the scripts call: `common.guided_noise_prediction` (Eq. 4, one
-UNet call on the doubled batch), the UNet with the scripts' LoRA (`common.add_lora`) forward and backward, the VAE
-decode (and its backward for AlignProp), the text encoder(s) and the reward's vision tower. It counts matmuls,
-convolutions and attention (2 FLOPs per multiply-add), the same convention as the estimates it is checked
-against. An epoch's FLOPs are these unit costs times the calls per epoch of benchmarks/call_counts.py, whose
-formulas tests/test_benchmarks.py checks against the calls the scripts really make.
+device (no weights are allocated) with the code the scripts call. It counts matmuls, convolutions and attention
+(2 FLOPs per multiply-add), the same convention as the estimates it is checked against. An epoch's FLOPs are these
+unit costs times the calls per epoch of benchmarks/call_counts.py, whose formulas tests/test_benchmarks.py checks
+against the calls the scripts really make. Units are counted in bf16; the presets' fp16 has the same FLOPs, bytes
+and dense peak. The reward's tower is the preset's reward mapped by REWARD_TOWERS (an ensemble sums its members').
 
 Peak memory of a training step is measured on the meta device too: iteration_cost.TensorMemory adds up the
 bytes of every storage an op creates and subtracts them when it is freed (autograd's saved tensors stay alive
 until the backward), so the peak is the step's activation memory; weights, LoRA, its gradients and AdamW's state
 are added from their sizes. With CUDA present, `--measure` times real calls on the random architecture instead.
 
-    python benchmarks/scale.py                # the table (a CPU, about a minute)
+    python benchmarks/scale.py                # the table (a CPU, under a minute)
     python benchmarks/scale.py --json out.json
     python benchmarks/scale.py --measure      # on a GPU: time one epoch slice of each method (see the README)
     python benchmarks/scale.py --overhead     # the sampler's overhead over bare UNet calls at SD 1.5 size (CPU)
@@ -49,6 +60,42 @@ VISION_TOWERS = {
     "clipscore": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                       patch_size=14, image_size=224, projection_dim=1024),
 }  # fmt: skip
+TOWER_NAMES = {"aesthetic": "CLIP ViT-L/14", "clipscore": "CLIP ViT-H/14"}
+# The tower of VISION_TOWERS each reward runs on its images (common.load_reward). PickScore and HPSv2 are fine-tuned
+# ViT-H/14 CLIPs, CLIPScore's architecture; ImageReward's BLIP ViT-L/16 has no entry, and ViT-L/14 stands in for it
+# (256 patches against its 196: an overcount). The JPEG rewards run no network. The rows' notes name the stand-ins.
+REWARD_TOWERS = {
+    "aesthetic": "aesthetic",
+    "clipscore": "clipscore",
+    "pickscore": "clipscore",
+    "hpsv2": "clipscore",
+    "hpsv2.1": "clipscore",
+    "imagereward": "aesthetic",
+    "jpeg_compressibility": None,
+    "jpeg_incompressibility": None,
+}
+SCRIPTS = ("ddpo_diffexp", "alignprop_diffexp", "b2_diffurl", "ddpo_coca")
+CPU_PRESETS = ("tiny", "shapes")  # the tiny and shapes worlds: they run on a CPU and get no row
+# What the table counts and what it leaves out, printed under it (and said in the module docstring)
+COUNTED = (
+    "sampling UNet calls, training UNet forward + backward (LoRA), VAE decode (+ backward for AlignProp), "
+    "text encoder(s), the reward's vision tower (+ backward for AlignProp)"
+)
+NOT_COUNTED = (
+    "evaluation (every eval_every epochs), the reward's text tower, data loading and Python overhead, "
+    "checkpoints; in the memory column, the reward model's weights and activations"
+)
+
+
+def reward_towers(reward):
+    """The VISION_TOWERS entries a reward spec runs per image, one per member: "pickscore" -> ["clipscore"],
+    "hpsv2+aesthetic+pickscore" -> ["clipscore", "aesthetic", "clipscore"] (a weight changes the reward, not its
+    cost); a tower's own name is also accepted."""
+    towers = []
+    for _, name in common.parse_reward_spec(reward):
+        if REWARD_TOWERS[name] is not None:
+            towers.append(REWARD_TOWERS[name])
+    return towers
 
 
 def flops(function):
@@ -156,89 +203,136 @@ def _unit_costs(architecture, resolution, dtype):
 
 
 def epoch_flops(counts, unit, args, reward, images, prompts):
-    """FLOPs of an epoch from call_counts' per-epoch counts: rows x per-row cost, images x per-image cost."""
+    """FLOPs of an epoch from call_counts' per-epoch counts: rows x per-row cost, images x per-image cost. `reward`
+    is a reward spec (an ensemble runs each member's tower, reward_towers) or a VISION_TOWERS name."""
     rows_backward = 2 * args.train_batch_size * counts["unet_backward"]  # each backward call runs 2b rows
     total = counts["unet_rows"] * unit["unet_forward_per_row"] + rows_backward * unit["unet_backward_per_row"]
     total += images * unit["vae_decode_per_image"] + prompts * unit["text_encoder_per_prompt"]
-    total += images * unit["reward_forward_per_image"][reward]
+    towers = reward_towers(reward)
+    total += images * sum(unit["reward_forward_per_image"][tower] for tower in towers)
     if counts["vae_backward"]:
-        total += images * (unit["vae_backward_per_image"] + unit["reward_backward_per_image"][reward])
+        total += images * unit["vae_backward_per_image"]
+        total += images * sum(unit["reward_backward_per_image"][tower] for tower in towers)
     return total
 
 
-def method_rows(units):
-    """One row per method at its paper preset (PRESETS.md), with the assumption behind data-dependent counts."""
-    import alignprop_diffexp
-    import b2_diffurl
-    import ddpo_coca
-    import ddpo_diffexp
+def model_setting(args):
+    """(architecture, label) of a preset's model: SDXL's when its name says "xl", SD 1.5's otherwise (SD 1.4 has
+    SD 1.5's architecture)."""
+    if "xl" in args.model.lower():
+        return "sdxl", "SDXL"
+    if "v1-4" in args.model:
+        return "sd15", "SD 1.4 (= SD 1.5's)"
+    return "sd15", "SD 1.5"
 
-    rows = []
-    sd15, sdxl = units[("sd15", 512)], units[("sdxl", 1024)]
 
-    def add(name, setting, unit, kind, args, counts, reward, prompts, note=""):
-        total = epoch_flops(counts, unit, args, reward, args.samples_per_epoch, prompts)
-        if kind == "alignprop" and unit["architecture"] == "sdxl":  # block checkpointing: one more forward per backward
-            total += 2 * args.train_batch_size * counts["unet_backward"] * unit["unet_forward_per_row"]
-        rows.append(dict(name=name, setting=setting, unit=unit, kind=kind, args=args, flops=total, note=note))
+K1 = ["--truncation", "fixed", "--grad-steps", "1"]  # AlignProp's memory-light setting (the release's *_k1 configs)
 
-    args = ddpo_diffexp.parse_args(["--preset", "diffexp-fig4a"])
-    add(
-        "ddpo_diffexp.py --preset diffexp-fig4a",
-        "SD 1.5, 512 px",
-        sd15,
-        "ddpo",
-        args,
-        call_counts.ddpo_epoch(args),
-        "aesthetic",
-        args.samples_per_epoch,
-    )
-    for preset, unit, setting in (("diffexp-fig4a", sd15, "SD 1.5, 512 px"), ("diffexp-fig10b", sdxl, "SDXL, 1024 px")):
-        args = alignprop_diffexp.parse_args(["--preset", preset])
+
+def preset_runs():
+    """Every run the table prices, before any FLOPs: the GPU presets of each script in SCRIPTS, in its PRESETS order
+    (all but CPU_PRESETS), and each AlignProp preset again with K1 unless it is K = 1 already. Each run: its name
+    (the command line, the key of table's `measured`), script, preset, argv, parsed args, architecture, resolution,
+    setting (the model in words) and kind ("alignprop" or "ddpo": memory_gb's)."""
+    import importlib
+
+    runs = []
+    for script in SCRIPTS:
+        module = importlib.import_module(script)
+        for preset in module.PRESETS:
+            if preset in CPU_PRESETS:
+                continue
+            variants = [[]]
+            if script == "alignprop_diffexp":
+                args = module.parse_args(["--preset", preset])
+                if not (args.truncation == "fixed" and args.grad_steps == 1):
+                    variants.append(K1)
+            for extra in variants:
+                argv = ["--preset", preset] + extra
+                args = module.parse_args(argv)
+                architecture, model = model_setting(args)
+                runs.append(
+                    dict(
+                        name=" ".join([f"{script}.py"] + argv),
+                        script=script,
+                        preset=preset,
+                        argv=argv,
+                        args=args,
+                        architecture=architecture,
+                        resolution=args.resolution,
+                        setting=f"{model}, {args.resolution} px",
+                        kind="alignprop" if script == "alignprop_diffexp" else "ddpo",
+                    )
+                )
+    return runs
+
+
+def epoch_plan(run):
+    """(call counts of each epoch, images per epoch, text-encoder prompts per epoch, notes) of one of preset_runs'
+    runs. Where a count is data-dependent, the note says which value stands in for it."""
+    args = run["args"]
+    if run["script"] == "b2_diffurl":  # an epoch is a stage; tau, the trained steps, grows stage by stage
+        groups = args.samples_per_epoch // args.num_branches
+        counts = [call_counts.b2_stage(args, stage, 2 * groups) for stage in range(args.epochs)]
+        return counts, args.samples_per_epoch, groups, ["upper bound: 2 kept trajectories per branch group"]
+    if run["script"] == "alignprop_diffexp":
         batches = args.samples_per_epoch // args.train_batch_size
-        counts = call_counts.alignprop_epoch(args, [args.num_steps / 2] * batches)  # per_step: E[K] = T / 2
-        add(
-            f"alignprop_diffexp.py --preset {preset}",
-            setting,
-            unit,
-            "alignprop",
-            args,
-            counts,
-            "aesthetic",
-            args.samples_per_epoch,
-            "per_step truncation: E[K] = T / 2 kept steps per batch",
+        if args.truncation == "fixed":
+            counts = call_counts.alignprop_epoch(args)
+            note = f"K = {args.grad_steps}" + (" (the release's *_k1 configs)" if run["argv"][2:] == K1 else "")
+        elif args.truncation == "per_step":
+            counts = call_counts.alignprop_epoch(args, [args.num_steps / 2] * batches)
+            note = "per_step truncation: E[K] = T / 2 kept steps per batch"
+        else:  # gaussian: a batch checkpoints from its earliest start
+            kept = args.num_steps - call_counts.expected_min_start(args.num_steps, args.train_batch_size)
+            counts = call_counts.alignprop_epoch(args, [kept] * batches)
+            note = f"gaussian truncation: E[K] = {kept:.1f} kept steps per batch (its earliest start)"
+        return [counts] * args.epochs, args.samples_per_epoch, args.samples_per_epoch, [note]
+    notes = []
+    if args.backward_passes_per_update:
+        notes.append(f"an optimiser step per {args.backward_passes_per_update} backward passes changes no FLOPs")
+    return [call_counts.ddpo_epoch(args)] * args.epochs, args.samples_per_epoch, args.samples_per_epoch, notes
+
+
+def preset_rows(units):
+    """preset_runs with their costs on `units` ({(architecture, resolution): unit_costs(...)}, one per pair the runs
+    need): each run's dict plus unit, reward, epochs, flops_by_epoch (B2: by stage), run_flops (their sum: the
+    whole run, evaluation left out), memory_gb (memory_gb's training step) and note."""
+    rows = []
+    for run in preset_runs():
+        args = run["args"]
+        unit = units[(run["architecture"], run["resolution"])]
+        counts_by_epoch, images, prompts, notes = epoch_plan(run)
+        flops_by_epoch = []
+        for counts in counts_by_epoch:
+            total = epoch_flops(counts, unit, args, args.reward, images, prompts)
+            if run["kind"] == "alignprop" and run["architecture"] == "sdxl":
+                # alignprop_diffexp.py checkpoints SDXL's UNet block by block: one more forward per backward
+                total += 2 * args.train_batch_size * counts["unet_backward"] * unit["unet_forward_per_row"]
+            flops_by_epoch.append(total)
+        if run["script"] == "b2_diffurl":
+            notes.insert(0, f"stages 0 to {args.epochs - 1}: trained steps tau grow, so does the cost")
+        if args.reward not in VISION_TOWERS:
+            towers = " + ".join(TOWER_NAMES[tower] for tower in reward_towers(args.reward)) or "no network"
+            notes.append(f"reward {args.reward} counted as {towers}")
+        rows.append(
+            dict(
+                run,
+                unit=unit,
+                reward=args.reward,
+                epochs=args.epochs,
+                flops_by_epoch=flops_by_epoch,
+                run_flops=sum(flops_by_epoch),
+                memory_gb=memory_gb(unit, run["kind"], args.train_batch_size),
+                note="; ".join(notes),
+            )
         )
-        k1 = alignprop_diffexp.parse_args(["--preset", preset, "--truncation", "fixed", "--grad-steps", "1"])
-        add(
-            "... --truncation fixed --grad-steps 1",
-            setting,
-            unit,
-            "alignprop",
-            k1,
-            call_counts.alignprop_epoch(k1),
-            "aesthetic",
-            k1.samples_per_epoch,
-            "K = 1 (the release's *_k1 configs)",
-        )
-    args = b2_diffurl.parse_args(["--preset", "b2-template1"])
-    groups = args.samples_per_epoch // args.num_branches
-    for stage in (0, args.epochs - 1):
-        add(
-            f"b2_diffurl.py --preset b2-template1, stage {stage}",
-            "SD 1.4 (= SD 1.5's), 512 px",
-            sd15,
-            "ddpo",
-            args,
-            call_counts.b2_stage(args, stage, 2 * groups),
-            "clipscore",
-            groups,
-            "upper bound: 2 kept trajectories per branch group",
-        )
-    args = ddpo_coca.parse_args(["--preset", "coca-aesthetic"])
-    add("ddpo_coca.py --preset coca-aesthetic", "SD 1.4 (= SD 1.5's), 512 px", sd15, "ddpo", args,
-        call_counts.ddpo_epoch(args), "aesthetic", args.samples_per_epoch,
-        "the released _100 schedule changes optimiser steps, not FLOPs")  # fmt: skip
     return rows
+
+
+def gpu_minutes(flops_count, gpu):
+    """Minutes of `flops_count` FLOPs on one GPU of GPUS at UTILISATION of its dense peak."""
+    return flops_count / (gpu["peak_tflops"] * TERA * UTILISATION) / 60
 
 
 def memory_gb(unit, kind, train_batch_size):
@@ -254,41 +348,87 @@ def memory_gb(unit, kind, train_batch_size):
     return (unit["weight_bytes"] + unit["optimizer_bytes"] + train_batch_size * per_sample) / 1e9
 
 
-def table(units):
-    lines = [
-        "| method (preset) | model | PFLOP per epoch | training-step memory (GB) | A100 min / epoch | H100 min / "
-        "epoch | note |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in method_rows(units):
-        minutes = [row["flops"] / (gpu["peak_tflops"] * TERA * UTILISATION) / 60 for gpu in GPUS.values()]
-        memory = memory_gb(row["unit"], row["kind"], row["args"].train_batch_size)
-        lines.append(
-            f"| `{row['name']}` | {row['setting']} | {row['flops'] / 1e15:.1f} | {memory:.1f} "
-            f"(b = {row['args'].train_batch_size}) | {minutes[0]:.1f} | {minutes[1]:.1f} | {row['note']} |"
-        )
+def table(units, measured=None):
+    """The markdown table of preset_rows: every figure predicted. `measured` ({row name: {column label: value}},
+    e.g. {"ddpo_diffexp.py --preset diffexp-fig4a": {"H200 min / epoch": 0.9}}) adds a "measured <label>" column
+    per label, blank in the rows without one."""
+    rows = preset_rows(units)
+    measured = measured or {}
+    unknown = sorted(set(measured) - {row["name"] for row in rows})
+    if unknown:
+        raise ValueError(f"measured names rows the table has not: {', '.join(unknown)}")
+    labels = list(dict.fromkeys(label for values in measured.values() for label in values))
+    header = ["run", "model", "epochs", "evaluations (not counted)", "predicted PFLOP / epoch", "predicted PFLOP / run",
+              "predicted training-step memory (GB)"]  # fmt: skip
+    for name in GPUS:
+        header += [f"predicted {name} min / epoch", f"predicted {name} h / run"]
+    header += [f"measured {label}" for label in labels] + ["note"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+
+    def per_epoch(values):  # B2's stages differ: first to last
+        first, last = values[0], values[-1]
+        return f"{first:.1f}" if f"{first:.1f}" == f"{last:.1f}" else f"{first:.1f} to {last:.1f}"
+
+    for row in rows:
+        evaluations = call_counts.evaluations_per_run(row["args"])
+        cells = [f"`{row['name']}`", row["setting"], str(row["epochs"]), str(evaluations),
+                 per_epoch([value / 1e15 for value in row["flops_by_epoch"]]), f"{row['run_flops'] / 1e15:,.0f}",
+                 f"{row['memory_gb']:.1f} (b = {row['args'].train_batch_size})"]  # fmt: skip
+        for gpu in GPUS.values():
+            cells += [per_epoch([gpu_minutes(value, gpu) for value in row["flops_by_epoch"]]),
+                      f"{gpu_minutes(row['run_flops'], gpu) / 60:.1f}"]  # fmt: skip
+        values = measured.get(row["name"], {})
+        cells += [_measured_cell(values.get(label)) for label in labels] + [row["note"]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _measured_cell(value):
+    if value is None:
+        return ""
+    return f"{value:.1f}" if isinstance(value, (int, float)) else str(value)
+
+
+def footer(seconds):
+    """What the table assumes, counts and leaves out, wrapped for the README (lines of at most 116 characters)."""
+    import textwrap
+
+    peaks = ", ".join(f"{name} {gpu['peak_tflops']} TFLOP/s" for name, gpu in GPUS.items())
+    paragraphs = [
+        f"Counted on the meta device in {seconds:.0f} s. Every figure is predicted: time at {UTILISATION:.0%} of the "
+        f"dense bf16 peak ({peaks}; an H200 has the H100 SXM's), as the time of one GPU: the FLOPs are totals over "
+        "all processes, so P GPUs take about 1 / P of it. Memory is one process's at its train batch size b.",
+        f"Counted: {COUNTED}.",
+        f"Not counted: {NOT_COUNTED}.",
+    ]
+    return "\n\n".join(textwrap.fill(paragraph, 116) for paragraph in paragraphs)  # markdown paragraphs
+
+
+ARCHITECTURE_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+
+
 def units_table(units):
-    lines = ["| unit (bf16, batch 1) | SD 1.5, 512 px | SDXL, 1024 px |", "| --- | --- | --- |"]
-    sd15, sdxl = units[("sd15", 512)], units[("sdxl", 1024)]
+    keys = sorted(units)
+    header = " | ".join(f"{ARCHITECTURE_NAMES[architecture]}, {resolution} px" for architecture, resolution in keys)
+    lines = [f"| unit (bf16, batch 1) | {header} |", "| --- |" + " --- |" * len(keys)]
+
+    def line(label, key, scale, digits):
+        lines.append(f"| {label} | " + " | ".join(f"{units[k][key] / scale:.{digits}f}" for k in keys) + " |")
+
     for label, key in [("UNet forward, TFLOP per row", "unet_forward_per_row"),
                        ("UNet backward with LoRA, TFLOP per row", "unet_backward_per_row"),
                        ("VAE decode, TFLOP per image", "vae_decode_per_image"),
                        ("VAE backward, TFLOP per image", "vae_backward_per_image"),
                        ("text encoder(s), TFLOP per prompt", "text_encoder_per_prompt")]:  # fmt: skip
-        lines.append(f"| {label} | {sd15[key] / TERA:.3f} | {sdxl[key] / TERA:.3f} |")
-    lines.append(
-        f"| LoRA rank 4 parameters (M) | {sd15['lora_parameters'] / 1e6:.3f} | {sdxl['lora_parameters'] / 1e6:.3f} |"
-    )
-    lines.append(f"| frozen weights (GB, bf16) | {sd15['weight_bytes'] / 1e9:.2f} | {sdxl['weight_bytes'] / 1e9:.2f} |")
+        line(label, key, TERA, 3)
+    line("LoRA rank 4 parameters (M)", "lora_parameters", 1e6, 3)
+    line("frozen weights (GB, bf16)", "weight_bytes", 1e9, 2)
     for label, key in [
         ("training UNet call, activations per sample (GB)", "unet_step_activation_bytes_per_sample"),
         ("the same, the UNet checkpointed block by block (GB)", "unet_checkpointed_activation_bytes_per_sample"),
         ("VAE decode + backward, activations per image (GB)", "vae_backward_activation_bytes_per_image"),
     ]:
-        lines.append(f"| {label} | {sd15[key] / 1e9:.2f} | {sdxl[key] / 1e9:.2f} |")  # fmt: skip
+        line(label, key, 1e9, 2)
     return "\n".join(lines)
 
 
@@ -362,15 +502,13 @@ def main(argv=None):
                 json.dump(results, f, indent=2)
         return
     start = time.time()
-    units = {("sd15", 512): unit_costs("sd15", 512), ("sdxl", 1024): unit_costs("sdxl", 1024)}
+    keys = sorted({(run["architecture"], run["resolution"]) for run in preset_runs()})
+    units = {key: unit_costs(*key) for key in keys}
     print(units_table(units))
     print()
     print(table(units))
-    peaks = ", ".join(f"{name} {gpu['peak_tflops']} TFLOP/s" for name, gpu in GPUS.items())
-    seconds = time.time() - start
-    print(
-        f"\n(counted on the meta device in {seconds:.0f} s; time at {UTILISATION:.0%} of the dense bf16 peak: {peaks})"
-    )
+    print()
+    print(footer(time.time() - start))
     if options.json:
         with open(options.json, "w") as f:
             json.dump({f"{a}@{r}": u for (a, r), u in units.items()}, f, indent=2)

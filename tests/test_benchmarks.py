@@ -169,6 +169,144 @@ def test_scale_sd15_units_agree_with_the_independent_estimates():
     assert unit["lora_parameters"] / 1e6 == pytest.approx(0.80, rel=0.15)
 
 
+def fake_units():
+    """unit_costs-shaped dicts with made-up, distinct numbers of the real ones' size (TFLOP; SDXL's 8x SD 1.5's), so
+    the row building is tested without the ~20 s of counting on the meta device."""
+
+    def unit(architecture, resolution, size):
+        scale = 1e12 * size
+        return dict(
+            architecture=architecture,
+            resolution=resolution,
+            unet_forward_per_row=3.0 * scale,
+            unet_backward_per_row=5.0 * scale,
+            vae_decode_per_image=7.0 * scale,
+            vae_backward_per_image=11.0 * scale,
+            reward_forward_per_image={"aesthetic": 13e12, "clipscore": 29e12},
+            reward_backward_per_image={"aesthetic": 17e12, "clipscore": 31e12},
+            text_encoder_per_prompt=19.0 * scale,
+            weight_bytes=2e9 * size,
+            lora_parameters=1e6 * size,
+            optimizer_bytes=16e6 * size,
+            unet_step_activation_bytes_per_sample=10e9 * size,
+            vae_backward_activation_bytes_per_image=3e9 * size,
+            unet_checkpointed_activation_bytes_per_sample=1e9 * size,
+        )
+
+    return {("sd15", 512): unit("sd15", 512, 1.0), ("sdxl", 1024): unit("sdxl", 1024, 8.0)}
+
+
+def test_scale_has_a_row_for_every_gpu_preset_of_every_script():
+    import scale
+
+    import alignprop_diffexp
+    import b2_diffurl
+    import ddpo_coca
+    import ddpo_diffexp
+
+    modules = (ddpo_diffexp, alignprop_diffexp, b2_diffurl, ddpo_coca)
+    assert scale.SCRIPTS == tuple(module.__name__ for module in modules)
+    expected = {(m.__name__, p) for m in modules for p in m.PRESETS if p not in ("tiny", "shapes")}
+    rows = scale.preset_rows(fake_units())
+    assert {(row["script"], row["preset"]) for row in rows} == expected
+    assert {
+        ("ddpo_diffexp", "diffexp-fig4b"),
+        ("b2_diffurl", "b2-template3"),
+        ("alignprop_diffexp", "diffexp-fig10a"),
+    } < expected
+    names = [row["name"] for row in rows]
+    assert len(set(names)) == len(names)  # the keys of table(measured=...)
+    k1 = [row for row in rows if row["name"].endswith("--truncation fixed --grad-steps 1")]
+    assert {row["preset"] for row in k1} == set(alignprop_diffexp.PRESETS) - {"tiny", "shapes"}
+    by_name = {row["name"]: row for row in rows}
+    fig10b = by_name["alignprop_diffexp.py --preset diffexp-fig10b"]
+    assert (fig10b["architecture"], fig10b["resolution"], fig10b["unit"]["architecture"]) == ("sdxl", 1024, "sdxl")
+    assert by_name["ddpo_coca.py --preset coca-aesthetic"]["unit"]["architecture"] == "sd15"
+
+
+def test_scale_whole_run_is_the_sum_of_its_epochs():
+    import scale
+
+    units = fake_units()
+    sd15 = units[("sd15", 512)]
+    rows = {row["name"]: row for row in scale.preset_rows(units)}
+    for row in rows.values():
+        assert len(row["flops_by_epoch"]) == row["epochs"] == row["args"].epochs
+        assert row["run_flops"] == pytest.approx(sum(row["flops_by_epoch"]))
+    ddpo = rows["ddpo_diffexp.py --preset diffexp-fig4a"]
+    epoch = scale.epoch_flops(call_counts.ddpo_epoch(ddpo["args"]), sd15, ddpo["args"], "aesthetic", 64, 64)
+    assert ddpo["run_flops"] == pytest.approx(200 * epoch)
+    b2 = rows["b2_diffurl.py --preset b2-template1"]
+    args = b2["args"]
+    groups = args.samples_per_epoch // args.num_branches
+    stages = [
+        scale.epoch_flops(call_counts.b2_stage(args, stage, 2 * groups), sd15, args, "clipscore", 1280, groups)
+        for stage in range(args.epochs)
+    ]
+    assert b2["run_flops"] == pytest.approx(sum(stages)) and stages[-1] > stages[0]  # tau grows over the stages
+    # the printed hours are the run's FLOPs at UTILISATION of each GPU's peak, and epochs x the minutes per epoch
+    cells = next(line for line in scale.table(units).splitlines() if "`ddpo_diffexp.py --preset diffexp-fig4a`" in line)
+    cells = [cell.strip() for cell in cells.split("|")[1:-1]]
+    assert cells[2] == "200" and cells[3] == str(call_counts.evaluations_per_run(ddpo["args"]))
+    for index, gpu in enumerate(scale.GPUS.values()):
+        minutes, hours = float(cells[7 + 2 * index]), float(cells[8 + 2 * index])
+        assert minutes == pytest.approx(epoch / (gpu["peak_tflops"] * scale.TERA * scale.UTILISATION) / 60, abs=0.051)
+        assert hours == pytest.approx(
+            200 * epoch / (gpu["peak_tflops"] * scale.TERA * scale.UTILISATION) / 3600, abs=0.051
+        )
+
+
+def test_scale_reward_towers_follow_the_preset_reward():
+    import common
+    import scale
+
+    assert scale.reward_towers("aesthetic") == ["aesthetic"] and scale.reward_towers("pickscore") == ["clipscore"]
+    assert scale.reward_towers("hpsv2+aesthetic+0.5*pickscore") == ["clipscore", "aesthetic", "clipscore"]
+    assert set(scale.REWARD_TOWERS) == set(common.REWARD_NAMES)  # every reward has its tower (or none)
+    units = fake_units()
+    rows = {row["name"]: row for row in scale.preset_rows(units)}
+    ensemble = rows["alignprop_diffexp.py --preset diffexp-fig10a"]
+    single = rows["alignprop_diffexp.py --preset diffexp-fig4a"]  # the same counts, the aesthetic reward alone
+    assert ensemble["reward"] == "hpsv2+aesthetic+pickscore"
+    assert "counted as CLIP ViT-H/14 + CLIP ViT-L/14 + CLIP ViT-H/14" in ensemble["note"]
+    # same counts, 64 images an epoch: the ensemble adds two ViT-H/14 forwards and backwards per image
+    extra = 64 * 2 * (29e12 + 31e12) * ensemble["epochs"]
+    assert ensemble["run_flops"] - single["run_flops"] == pytest.approx(extra)
+    assert "counted as" in rows["ddpo_diffexp.py --preset diffexp-fig4b"]["note"]  # pickscore: a stand-in, said so
+
+
+def test_scale_footer_and_docstring_say_what_is_not_counted():
+    import scale
+
+    printed = scale.footer(20)
+    assert all(len(line) <= 120 for line in printed.splitlines())  # pasted into benchmarks/README.md as it is
+    text = " ".join(printed.split())  # words, whatever the line breaks
+    assert "Every figure is predicted" in text
+    not_counted = text[text.index("Not counted:") :]
+    docstring = " ".join(scale.__doc__.split())
+    for words in ("evaluation", "reward's text tower", "data loading", "Python overhead", "checkpoints", "weights"):
+        assert words in not_counted and words in docstring[docstring.index("What is not:") :], words
+    for words in ("sampling UNet", "VAE decode", "text encoder", "vision tower"):
+        assert words in text[text.index("Counted:") : text.index("Not counted:")], words
+
+
+def test_scale_table_marks_predictions_and_adds_measured_columns_on_request():
+    import scale
+
+    units = fake_units()
+    plain = scale.table(units).splitlines()
+    header = [cell.strip() for cell in plain[0].split("|")[1:-1]]
+    assert not any("measured" in cell for cell in header)
+    assert all(cell.startswith("predicted") for cell in header if "PFLOP" in cell or "min" in cell or "h / run" in cell)
+    name = "ddpo_diffexp.py --preset diffexp-fig4a"
+    lines = scale.table(units, measured={name: {"H200 min / epoch": 0.93}}).splitlines()
+    assert lines[0].split("|")[-3].strip() == "measured H200 min / epoch"
+    assert len(lines) == len(plain) and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert next(line for line in lines if f"`{name}`" in line).split("|")[-3].strip() == "0.9"
+    with pytest.raises(ValueError):
+        scale.table(units, measured={"no such run": {"H200 min / epoch": 1.0}})
+
+
 # ---------------------------------------------------------------------------------------------- compare_methods.py
 def test_bootstrap_interval_on_known_data():
     import compare_methods
