@@ -317,14 +317,16 @@ def random_pipeline(name, dtype, device="cpu"):
 
     Nothing is downloaded: the tokenizers are this file's byte-level CLIPTokenizer (ids < 514 of the encoders'
     49408), so prompts tokenise differently from the real vocabulary but every tensor has its real shape. Built
-    in fp32 and cast to `dtype` (SD 1.5: 1.07 G parameters, 4.3 GB in fp32; SDXL: 3.5 G, 14 GB). With
-    device="meta" nothing is allocated (for counting FLOPs).
+    in fp32 on `device` and cast to `dtype` (SD 1.5: 1.07 G parameters, 4.3 GB in fp32; SDXL: 3.5 G, 14 GB); the
+    weights depend on the device's random generator (seeded 0 either way). With device="meta" nothing is
+    allocated (for counting FLOPs).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = architecture_config(name)
-    with torch.random.fork_rng(devices=[]), torch.device(device):
+    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []  # its RNG draws the weights there
+    with torch.random.fork_rng(devices=cuda), torch.device(device):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**config["unet"])
         vae = AutoencoderKL(**config["vae"])

@@ -64,7 +64,8 @@ def load_pipeline(model, device, dtype):
         if name not in tiny_world.RANDOM_ARCHITECTURES:
             choices = ", ".join(RANDOM_PREFIX + n for n in tiny_world.RANDOM_ARCHITECTURES)
             raise SystemExit(f"error: unknown architecture '{model}'; choose one of {choices}")
-        return common.prepare_pipeline(tiny_world.random_pipeline(name, dtype), device, dtype)
+        # built on `device` itself: random initialisation of SDXL's 3.5 G parameters takes a minute on a CPU
+        return common.prepare_pipeline(tiny_world.random_pipeline(name, dtype, device=device), device, dtype)
     folders = {TINY_MODEL: "sd", TINY_SDXL_MODEL: "sdxl"}
     folder = tiny_world.pipeline_folder(folders[model]) if model in folders else model
     return common.load_pipeline(folder, device, dtype)

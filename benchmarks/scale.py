@@ -294,6 +294,22 @@ def epoch_plan(run):
     return [call_counts.ddpo_epoch(args)] * args.epochs, args.samples_per_epoch, args.samples_per_epoch, notes
 
 
+def run_costs(run, unit):
+    """(FLOPs of each epoch, training-step memory in GB, notes) of a run (preset_runs' dict: script, args, argv,
+    architecture, kind) on `unit` (unit_costs of its architecture and resolution). benchmarks/gpu.py prices its
+    reduced runs with it too."""
+    args = run["args"]
+    counts_by_epoch, images, prompts, notes = epoch_plan(run)
+    flops_by_epoch = []
+    for counts in counts_by_epoch:
+        total = epoch_flops(counts, unit, args, args.reward, images, prompts)
+        if run["kind"] == "alignprop" and run["architecture"] == "sdxl":
+            # alignprop_diffexp.py checkpoints SDXL's UNet block by block: one more forward per backward
+            total += 2 * args.train_batch_size * counts["unet_backward"] * unit["unet_forward_per_row"]
+        flops_by_epoch.append(total)
+    return flops_by_epoch, memory_gb(unit, run["kind"], args.train_batch_size), notes
+
+
 def preset_rows(units):
     """preset_runs with their costs on `units` ({(architecture, resolution): unit_costs(...)}, one per pair the runs
     need): each run's dict plus unit, reward, epochs, flops_by_epoch (B2: by stage), run_flops (their sum: the
@@ -302,14 +318,7 @@ def preset_rows(units):
     for run in preset_runs():
         args = run["args"]
         unit = units[(run["architecture"], run["resolution"])]
-        counts_by_epoch, images, prompts, notes = epoch_plan(run)
-        flops_by_epoch = []
-        for counts in counts_by_epoch:
-            total = epoch_flops(counts, unit, args, args.reward, images, prompts)
-            if run["kind"] == "alignprop" and run["architecture"] == "sdxl":
-                # alignprop_diffexp.py checkpoints SDXL's UNet block by block: one more forward per backward
-                total += 2 * args.train_batch_size * counts["unet_backward"] * unit["unet_forward_per_row"]
-            flops_by_epoch.append(total)
+        flops_by_epoch, memory, notes = run_costs(run, unit)
         if run["script"] == "b2_diffurl":
             notes.insert(0, f"stages 0 to {args.epochs - 1}: trained steps tau grow, so does the cost")
         if args.reward not in VISION_TOWERS:
@@ -323,7 +332,7 @@ def preset_rows(units):
                 epochs=args.epochs,
                 flops_by_epoch=flops_by_epoch,
                 run_flops=sum(flops_by_epoch),
-                memory_gb=memory_gb(unit, run["kind"], args.train_batch_size),
+                memory_gb=memory,
                 note="; ".join(notes),
             )
         )

@@ -472,3 +472,75 @@ def test_missing_runs_give_one_error_line_with_the_command_that_makes_them(tmp_p
     message = str(error.value)
     assert message.startswith("error: no run of seed(s) 1 in ") and "\n" not in message
     assert f"compare_methods.py --methods ddpo --seeds 0 1 --runs-dir {tmp_path}" in message
+
+
+# ---------------------------------------------------------------------------------------------- gpu.py
+GPU_RESULTS = os.path.join(ROOT, "benchmarks", "results", "gpu_nvidia_h200")
+# what gpu.py's reduced runs may change of a preset: sample counts, length, evaluation and outputs, the model
+REDUCED = {"samples_per_epoch", "samples_per_update", "epochs", "eval_every", "save_every", "eval_images_per_prompt"}
+REDUCED |= {"prompts", "model", "output_dir", "run_name"}
+
+
+def test_gpu_runs_are_the_presets_with_fewer_samples(tmp_path):
+    """Every method run of gpu.py is its preset with a reduced sample count (nothing else of the method changed),
+    passes the script's own flag checks, and holds at least one optimiser step."""
+    import importlib
+
+    import gpu
+
+    for name, script, preset, flags in gpu.METHOD_RUNS + [gpu.SDXL_RUN]:
+        module = importlib.import_module(script)
+        _, argv, _ = gpu.method_argv(name, script, preset, flags, str(tmp_path), smoke=False)
+        args, preset_args = module.parse_args(argv), module.parse_args(["--preset", preset])
+        module.check_args(args, 1)
+        changed = {key for key, value in vars(args).items() if getattr(preset_args, key) != value}
+        assert changed <= REDUCED, (name, changed - REDUCED)
+        assert args.samples_per_epoch >= args.samples_per_update and args.mixed_precision == "fp16"
+        assert args.model == ("random:sdxl" if "SDXL" in name else "random:sd15")
+
+
+def test_gpu_sampling_and_training_step_measure_finite_figures():
+    """Parts 1 and 2 at tiny size: both samplers run the same work, FLOPs are counted on the timed call."""
+    import gpu
+
+    pipeline = gpu.build_pipeline("tiny", "cpu", torch.float32)
+    settings = dict(batch=2, steps=2, resolution=32, cfg=5.0, eta=1.0)
+    facts = dict(datasheet_peak_tflops=1.0)
+    sampled = gpu.sampling(pipeline, settings, facts, repeats=1)
+    assert sampled["diffusers_images_finite"] and sampled["counted_tflop"] > 0 and 0 < sampled["scripts_mfu"] < 1
+    assert sampled["time_ratio"] == sampled["scripts_seconds"] / sampled["diffusers_seconds"] > 0
+    step = gpu.training_step(pipeline, dict(batch=2, resolution=32), facts, repeats=2)
+    assert step["step_counted_tflop"] > 0 and step["step_tflops"] > 0 and step["forward_seconds"] > 0
+
+
+def test_gpu_method_run_measures_the_epoch_without_its_evaluation(tmp_path):
+    """Part 3's in-process runner on a smoke run of ddpo_diffexp.py: the epoch's seconds leave out the evaluation
+    before it, the metrics are the script's own, and the module's functions are restored afterwards."""
+    import ddpo_diffexp
+    import gpu
+
+    flags, argv, run_name = gpu.method_argv("ddpo_diffexp fig4a", "ddpo_diffexp", "diffexp-fig4a", "", str(tmp_path),
+                                            smoke=True)  # fmt: skip
+    evaluation = ddpo_diffexp.run_evaluation
+    with torch.random.fork_rng():  # main() seeds torch's global generator
+        gpu.run_script_measured("ddpo_diffexp", argv, str(tmp_path / "result.json"))
+    assert ddpo_diffexp.run_evaluation is evaluation
+    measured = json.loads((tmp_path / "result.json").read_text())
+    (metrics,) = measured["metrics"]
+    assert len(measured["evaluation_seconds"]) == 2  # before epoch 0 and after the last
+    assert 0 < measured["epoch_seconds"] == pytest.approx(metrics["seconds"] - measured["evaluation_seconds"][0])
+    assert metrics["skipped_steps"] == 0 and measured["loss_scaler"] is False  # fp32 on a CPU: no loss scaler
+
+
+def test_gpu_results_merge_keeps_the_later_figures_and_the_failed_tries():
+    """The committed H200 results: three commands merged; the CoCA run that ran out of the first budget is kept
+    as an attempt, its rerun is the figure; every method ended in fp16 with finite metrics and a loss scaler."""
+    import gpu
+
+    merged = gpu.merge([os.path.join(GPU_RESULTS, f"results_{i}.json") for i in (1, 2, 3)])
+    assert [entry["name"] for entry in merged["methods"]] == [run[0] for run in gpu.METHOD_RUNS + [gpu.SDXL_RUN]]
+    assert [entry["returncode"] for entry in merged["attempts"]] == ["timeout"]
+    assert all(entry["metrics_finite"] and entry["loss_scaler"] for entry in merged["methods"])
+    assert set(merged["sampling"]) == set(merged["training_step"]) == {"fp16", "bf16"}
+    table = gpu.table(merged)
+    assert all(f"| {run[0]} |" in table for run in gpu.METHOD_RUNS + [gpu.SDXL_RUN])
