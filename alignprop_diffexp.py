@@ -307,7 +307,9 @@ PRESETS = {
     "alignprop-aesthetic": dict(
         reward="aesthetic",
         prompts="animals",  # simple_animals
-        model="runwayml/stable-diffusion-v1-5",  # general(): pretrained.model
+        # general(): pretrained.model is runwayml/stable-diffusion-v1-5, withdrawn from the hub; the same weights
+        # are published as stable-diffusion-v1-5/stable-diffusion-v1-5
+        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         epochs=7,  # aesthetic: num_epochs = 7 (after a first assignment of 200)
         samples_per_epoch=256,  # set_config_batch(total_samples_per_epoch=256, ...)
         samples_per_update=128,  # total_batch_size=128

@@ -58,3 +58,13 @@ def test_presets_md_lists_every_value_of_every_paper_preset():
         for field, value in MODULES[script].PRESETS[name].items()
     }
     assert documented == expected
+
+
+# Hub ids that no longer load: a preset naming one fails at its first download.
+WITHDRAWN = ("runwayml/stable-diffusion-v1-5",)  # the same weights: stable-diffusion-v1-5/stable-diffusion-v1-5
+
+
+@pytest.mark.parametrize("script, name", CASES, ids=[f"{s}:{n}" for s, n in CASES])
+def test_no_preset_names_a_withdrawn_model(script, name):
+    args = MODULES[script].parse_args(["--preset", name])
+    assert args.model not in WITHDRAWN, f"{script} --preset {name}: --model {args.model} was withdrawn from the hub"
