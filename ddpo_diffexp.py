@@ -848,16 +848,22 @@ def main(args):
     # ======================================================================================================
     # 1. Setup: processes, models, LoRA, optimiser, resume
     # ======================================================================================================
+    # Every flag is checked before anything is built: Accelerator(...) would meet `--report-to tensorbaord` or
+    # `--mixed-precision bf` with a traceback. The process count comes from WORLD_SIZE, which the launchers set in
+    # each process (accelerate launch through torchrun); a plain `python script.py` is one process.
+    run_start = time.time()
+    num_processes = int(os.environ.get("WORLD_SIZE", 1))
+    check_args(args, num_processes)
     # without CUDA, cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU;
     # a CPU runs bf16 (weights and autocast) but not fp16, which falls back to fp32 there
-    run_start = time.time()
     on_gpu = torch.cuda.is_available()
     mixed_precision = args.mixed_precision if on_gpu or args.mixed_precision == "bf16" else "no"
     log_with = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         mixed_precision=mixed_precision, cpu=not on_gpu, log_with=log_with, project_dir=args.output_dir
     )
-    check_args(args, accelerator.num_processes)
+    if accelerator.num_processes != num_processes:  # mpirun counts its processes in its own variables (PMI_SIZE)
+        check_args(args, accelerator.num_processes)
     script = os.path.splitext(os.path.basename(__file__))[0]
     run_name = args.run_name or f"{script}_{args.reward.replace('*', 'x')}_seed{args.seed}"  # 2*a+b: 2xa+b
     run_dir = os.path.join(args.output_dir, run_name)

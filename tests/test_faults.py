@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import MICRO_FLAGS, SCRIPTS, read_jsonl, with_values
+from conftest import MICRO_FLAGS, SCRIPTS, read_jsonl, run_script, with_values
 
 MODULES = {script: importlib.import_module(script[:-3]) for script in SCRIPTS}
 
@@ -105,6 +105,22 @@ def test_a_relative_prompt_file_resolves_the_same_in_every_script(script, tmp_pa
     )
 
 
+# flags that accelerate's Accelerator(...) rejects with a traceback of its own (bf: on a GPU; on a CPU the scripts
+# hand it "no"): the scripts must check them first
+FLAGS_ACCELERATE_REJECTS = [["--report-to", "tensorbaord"], ["--mixed-precision", "bf"]]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flags", FLAGS_ACCELERATE_REJECTS, ids=" ".join)
+def test_a_flag_is_checked_before_accelerate_is_built(script, flags, tmp_path):
+    result = run_script(script, ["--tiny", *flags], tmp_path, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {' '.join(flags)} must be"), (
+        result.stderr
+    )
+    assert not os.listdir(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- failed starts
 def run_main(script, flags, output_dir):
     """main() in this process, as `python <script> <flags>` runs it; returns the SystemExit code (None: finished)."""
@@ -114,6 +130,14 @@ def run_main(script, flags, output_dir):
     except SystemExit as stop:
         return stop.code
     return None
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bad_precision_is_one_error_line_on_a_gpu_too(script, tmp_path, monkeypatch):
+    """On a GPU the scripts hand --mixed-precision to Accelerator(...) as given (on a CPU all but bf16 become "no")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    code = run_main(script, ["--tiny", "--mixed-precision", "bf"], tmp_path)
+    assert code.startswith("error: --mixed-precision bf must be fp16, bf16 or no"), code
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
