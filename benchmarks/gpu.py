@@ -58,6 +58,7 @@ TERA = 1e12
 # dense fp16 / bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), by torch.cuda.get_device_name
 DATASHEET_PEAK_TFLOPS = {"NVIDIA H200": 989, "NVIDIA H100 80GB HBM3": 989, "NVIDIA A100-SXM4-80GB": 312}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ASSUMED_UTILISATION = 0.40  # what scale.py assumed before these measurements: the table tests that assumption
 
 # Part 3 and 4: (name, script, preset, reduced flags). Reduced: fewer samples per epoch (and per update, so that
 # one epoch holds at least one optimiser step); everything else is the preset's.
@@ -412,8 +413,8 @@ def table(results):
         )
     predicted = results.get("predictions", {})
     lines += ["", "One epoch of each method at a reduced sample count, fp16 with accelerate's loss scaler, through the "
-              "script (evaluation left out; predicted: scale.py's FLOPs at 40% of the data-sheet peak, and its "
-              "training-step memory):", "",
+              "script (evaluation left out; predicted: scale.py's FLOPs at the 40% of the peak it assumed before "
+              "these figures, and its training-step memory):", "",
               "| run | flags beyond the preset | ok | epoch s | predicted s | ratio | peak GB | predicted GB | ratio | "
               "skipped steps | loss scale |", "|" + " --- |" * 11]  # fmt: skip
     for entry in results.get("methods", []):
@@ -422,7 +423,7 @@ def table(results):
         seconds = entry.get("epoch_seconds")
         guess_seconds = None
         if guess and peak:
-            guess_seconds = guess["epoch_pflop"] * 1e15 / (peak * TERA * scale.UTILISATION)
+            guess_seconds = guess["epoch_pflop"] * 1e15 / (peak * TERA * ASSUMED_UTILISATION)
         metrics = (entry.get("metrics") or [{}])[-1]
         lines.append(
             f"| {entry['name']} | `{entry['flags']}` | {'yes' if ok else 'NO: ' + str(entry['returncode'])} | "

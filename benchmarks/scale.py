@@ -3,8 +3,10 @@
 One row per GPU preset of every script (each script's PRESETS, less the CPU presets "tiny" and "shapes"; AlignProp's
 presets also with --truncation fixed --grad-steps 1), read from the PRESETS dicts, so a new preset gets its row.
 The model (SDXL when args.model names "xl", SD 1.5's architecture otherwise) and the resolution come from the
-preset's args. Per row: the epochs, the FLOPs of an epoch and of the whole run, the training step's memory, and
-the minutes per epoch and hours per run on each GPU of GPUS. Every figure is a prediction, not a measurement.
+preset's args. Per row: the epochs, the FLOPs of an epoch and of the whole run, the training step's memory
+(predicted, and measured where the preset ran on a GPU), and the minutes per epoch and hours per run on an H200.
+The time is calibrated, not assumed: the FLOPs at the utilisation that benchmarks/gpu.py measured on an H200 for
+the same training step (H200_RESULTS; `calibration` says which run prices which row).
 
 What is counted: the sampling UNet calls (`common.guided_noise_prediction`, Eq. 4: one call on the doubled batch),
 the training UNet calls with the scripts' LoRA (`common.add_lora`) forward and backward, the VAE decode (and its
@@ -17,20 +19,23 @@ device (no weights are allocated) with the code the scripts call. It counts matm
 (2 FLOPs per multiply-add), the same convention as the estimates it is checked against. An epoch's FLOPs are these
 unit costs times the calls per epoch of benchmarks/call_counts.py, whose formulas tests/test_benchmarks.py checks
 against the calls the scripts really make. Units are counted in bf16; the presets' fp16 has the same FLOPs, bytes
-and dense peak. The reward's tower is the preset's reward mapped by REWARD_TOWERS (an ensemble sums its members').
+and dense peak (SDXL's VAE runs in fp32 under fp16: memory_gb doubles its bytes). The reward's tower is the
+preset's reward mapped by REWARD_TOWERS (an ensemble sums its members').
 
 Peak memory of a training step is measured on the meta device too: iteration_cost.TensorMemory adds up the
 bytes of every storage an op creates and subtracts them when it is freed (autograd's saved tensors stay alive
 until the backward), so the peak is the step's activation memory; weights, LoRA, its gradients and AdamW's state
-are added from their sizes. With CUDA present, `--measure` times real calls on the random architecture instead.
+are added from their sizes. Attention is counted as the memory-efficient kernel a GPU runs
+(efficient_attention_on_meta). Against the H200's measured peaks the predictions are within 20% (benchmarks/README.md).
 
     python benchmarks/scale.py                # the table (a CPU, under a minute)
     python benchmarks/scale.py --json out.json
-    python benchmarks/scale.py --measure      # on a GPU: time one epoch slice of each method (see the README)
     python benchmarks/scale.py --overhead     # the sampler's overhead over bare UNet calls at SD 1.5 size (CPU)
 """
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import sys
@@ -50,9 +55,9 @@ import tiny_world  # noqa: E402
 from iteration_cost import TensorMemory  # noqa: E402
 
 TERA = 1e12
-# dense bf16 peaks (no sparsity) of the GPUs the table converts to time: NVIDIA's data sheets
-GPUS = {"A100 80GB": dict(peak_tflops=312, memory_gb=80), "H100 SXM": dict(peak_tflops=989, memory_gb=80)}
-UTILISATION = 0.40  # assumed model FLOP utilisation (ours; --measure reports the achieved one)
+H200_PEAK_TFLOPS = 989  # dense fp16 / bf16 tensor-core peak, no sparsity (NVIDIA's data sheet; the H100 SXM's too)
+# benchmarks/gpu.py's figures: the time of every row is priced with the utilisation a measured epoch reached
+H200_RESULTS = os.path.join(ROOT, "benchmarks", "results", "gpu_nvidia_h200", "results.json")
 # reward vision towers at 224 px (configs of openai/clip-vit-large-patch14 and laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
 VISION_TOWERS = {
     "aesthetic": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -117,12 +122,30 @@ def unit_costs(architecture, resolution, dtype=torch.bfloat16):
     """FLOPs per row / image / prompt of each network, and the activation peaks of the training steps, on meta.
 
     Attention runs as the memory-efficient SDPA kernel, what a GPU uses (the math kernel would store every
-    4096 x 4096 attention matrix of SD 1.5 at 512 px for the backward: 10 GB more per sample); same FLOPs.
+    4096 x 4096 attention matrix of SD 1.5 at 512 px for the backward: 7.9 GB more per sample); same FLOPs.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+    with efficient_attention_on_meta():
         return _unit_costs(architecture, resolution, dtype)
+
+
+@contextlib.contextmanager
+def efficient_attention_on_meta():
+    """Route F.scaled_dot_product_attention to the memory-efficient kernel's op. On the meta device torch picks the
+    math kernel whatever sdpa_kernel allows (torch._fused_sdp_choice: 0), whose saved attention matrices made the
+    predicted activations 4.7x what an H200 measured (benchmarks/README.md, "First figures from a GPU")."""
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def efficient(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None or dropout_p or is_causal or enable_gqa:  # none of the UNets' or VAEs' calls
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, scale=scale)[0]
+
+    functional.scaled_dot_product_attention = efficient
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
 
 
 def _unit_costs(architecture, resolution, dtype):
@@ -193,6 +216,7 @@ def _unit_costs(architecture, resolution, dtype):
         reward_backward_per_image={name: value[1] - value[0] for name, value in towers.items()},
         text_encoder_per_prompt=text,
         weight_bytes=weight_bytes,
+        vae_weight_bytes=sum(p.numel() * p.element_size() for p in vae.parameters()),
         lora_parameters=lora_parameters,
         # LoRA fp32 + its gradient + AdamW's two moments
         optimizer_bytes=4 * 4 * lora_parameters,
@@ -261,7 +285,7 @@ def preset_runs():
                         architecture=architecture,
                         resolution=args.resolution,
                         setting=f"{model}, {args.resolution} px",
-                        kind="alignprop" if script == "alignprop_diffexp" else "ddpo",
+                        kind=run_kind(script),
                     )
                 )
     return runs
@@ -339,9 +363,45 @@ def preset_rows(units):
     return rows
 
 
-def gpu_minutes(flops_count, gpu):
-    """Minutes of `flops_count` FLOPs on one GPU of GPUS at UTILISATION of its dense peak."""
-    return flops_count / (gpu["peak_tflops"] * TERA * UTILISATION) / 60
+def measured_runs(units, path=H200_RESULTS):
+    """The epochs benchmarks/gpu.py measured on an H200 (fp16, one epoch at a reduced sample count, evaluation
+    left out), each with its FLOPs (run_costs of the run as it ran) and the utilisation they reached:
+    u = FLOPs / seconds / H200_PEAK_TFLOPS. [] without the results file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        results = json.load(f)
+    runs = []
+    for entry in results["methods"]:
+        args = importlib.import_module(entry["script"]).parse_args(entry["argv"])
+        architecture, _ = model_setting(args)
+        run = dict(script=entry["script"], preset=entry["preset"], args=args, argv=entry["argv"],
+                   architecture=architecture, kind=run_kind(entry["script"]))  # fmt: skip
+        flops_by_epoch, _, _ = run_costs(run, units[(architecture, args.resolution)])
+        utilisation = flops_by_epoch[0] / entry["epoch_seconds"] / (H200_PEAK_TFLOPS * TERA)
+        runs.append(run | dict(name=entry["name"], seconds=entry["epoch_seconds"], peak_gb=entry["peak_gb"],
+                               utilisation=utilisation, date=results["facts"]["date"]))  # fmt: skip
+    return runs
+
+
+def run_kind(script):
+    """memory_gb's kind: AlignProp backpropagates through the sampling chain, the DDPO family through one step."""
+    return "alignprop" if script == "alignprop_diffexp" else "ddpo"
+
+
+def calibration(row, runs):
+    """(the measured run whose utilisation prices `row`, whether `row` is that run's own preset). The run with the
+    same training step: the same script (else the same kind), model and train batch size; at these batch sizes a
+    UNet call costs about as much for 2 rows as for 16, so the batch size sets the utilisation."""
+    step = (row["architecture"], row["kind"], row["args"].train_batch_size)
+    same_step = [run for run in runs if (run["architecture"], run["kind"], run["args"].train_batch_size) == step]
+    pool = [run for run in same_step if run["script"] == row["script"]] or same_step
+    pool = pool or [run for run in runs if run["architecture"] == row["architecture"]]
+    if not pool:
+        return None, False
+    own = [run for run in pool if run["script"] == row["script"] and run["preset"] == row["preset"]]
+    own = own if row["argv"] == ["--preset", row["preset"]] else []  # AlignProp's K = 1 rows are other runs
+    return (own or sorted(pool, key=lambda run: run["utilisation"]))[0], bool(own)
 
 
 def memory_gb(unit, kind, train_batch_size):
@@ -349,64 +409,63 @@ def memory_gb(unit, kind, train_batch_size):
     one UNet call's forward + backward. AlignProp: its backward runs through the reward, the VAE decoder, then one
     recomputed UNet call at a time (checkpointing), so the peak is the larger of the two (the checkpointed inputs,
     a few latents per kept step, are left out)."""
-    per_sample = unit["unet_step_activation_bytes_per_sample"]
+    per_sample, weights = unit["unet_step_activation_bytes_per_sample"], unit["weight_bytes"]
+    vae_activation = unit["vae_backward_activation_bytes_per_image"]
+    if unit["architecture"] == "sdxl":  # SDXL's VAE overflows fp16, so it runs in fp32 (force_upcast): twice the bytes
+        vae_activation *= 2
+        weights += unit["vae_weight_bytes"]
     if kind == "alignprop":
         if unit["architecture"] == "sdxl":  # alignprop_diffexp.py checkpoints SDXL's UNet block by block too
             per_sample = unit["unet_checkpointed_activation_bytes_per_sample"]
-        per_sample = max(per_sample, unit["vae_backward_activation_bytes_per_image"])
-    return (unit["weight_bytes"] + unit["optimizer_bytes"] + train_batch_size * per_sample) / 1e9
+        per_sample = max(per_sample, vae_activation)
+    return (weights + unit["optimizer_bytes"] + train_batch_size * per_sample) / 1e9
 
 
-def table(units, measured=None):
-    """The markdown table of preset_rows: every figure predicted. `measured` ({row name: {column label: value}},
-    e.g. {"ddpo_diffexp.py --preset diffexp-fig4a": {"H200 min / epoch": 0.9}}) adds a "measured <label>" column
-    per label, blank in the rows without one."""
+def table(units, runs=None):
+    """The markdown table of preset_rows. The H200 columns price each row's FLOPs at the utilisation of the
+    measured run calibration() picks (`runs`: measured_runs'); the memory column beside the prediction is the
+    peak torch.cuda.max_memory_allocated measured for the row's own preset, blank for the others."""
     rows = preset_rows(units)
-    measured = measured or {}
-    unknown = sorted(set(measured) - {row["name"] for row in rows})
-    if unknown:
-        raise ValueError(f"measured names rows the table has not: {', '.join(unknown)}")
-    labels = list(dict.fromkeys(label for values in measured.values() for label in values))
-    header = ["run", "model", "epochs", "evaluations (not counted)", "predicted PFLOP / epoch", "predicted PFLOP / run",
-              "predicted training-step memory (GB)"]  # fmt: skip
-    for name in GPUS:
-        header += [f"predicted {name} min / epoch", f"predicted {name} h / run"]
-    header += [f"measured {label}" for label in labels] + ["note"]
+    runs = measured_runs(units) if runs is None else runs
+    header = ["run", "model", "epochs", "evaluations (not counted)", "PFLOP / epoch", "PFLOP / run",
+              "predicted memory (GB)", "measured memory, H200 (GB)", "H200 min / epoch", "H200 h / run",
+              "H200 time from", "note"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
 
-    def per_epoch(values):  # B2's stages differ: first to last
-        first, last = values[0], values[-1]
-        return f"{first:.1f}" if f"{first:.1f}" == f"{last:.1f}" else f"{first:.1f} to {last:.1f}"
+    def per_epoch(values, digits=1):  # B2's stages differ: first to last
+        first, last = f"{values[0]:.{digits}f}", f"{values[-1]:.{digits}f}"
+        return first if first == last else f"{first} to {last}"
 
     for row in rows:
         evaluations = call_counts.evaluations_per_run(row["args"])
+        run, own = calibration(row, runs)
         cells = [f"`{row['name']}`", row["setting"], str(row["epochs"]), str(evaluations),
                  per_epoch([value / 1e15 for value in row["flops_by_epoch"]]), f"{row['run_flops'] / 1e15:,.0f}",
-                 f"{row['memory_gb']:.1f} (b = {row['args'].train_batch_size})"]  # fmt: skip
-        for gpu in GPUS.values():
-            cells += [per_epoch([gpu_minutes(value, gpu) for value in row["flops_by_epoch"]]),
-                      f"{gpu_minutes(row['run_flops'], gpu) / 60:.1f}"]  # fmt: skip
-        values = measured.get(row["name"], {})
-        cells += [_measured_cell(values.get(label)) for label in labels] + [row["note"]]
-        lines.append("| " + " | ".join(cells) + " |")
+                 f"{row['memory_gb']:.1f} (b = {row['args'].train_batch_size})",
+                 f"{run['peak_gb']:.1f}" if own else ""]  # fmt: skip
+        if run is None:
+            cells += ["", "", "no measured run"]
+        else:
+            rate = run["utilisation"] * H200_PEAK_TFLOPS * TERA  # FLOP/s
+            source = f"measured {run['date']}" if own else f"u of `{run['name']}`"
+            cells += [per_epoch([value / rate / 60 for value in row["flops_by_epoch"]]),
+                      f"{row['run_flops'] / rate / 3600:,.1f}", f"{source} ({run['utilisation']:.1%})"]  # fmt: skip
+        lines.append("| " + " | ".join(cells + [row["note"]]) + " |")
     return "\n".join(lines)
-
-
-def _measured_cell(value):
-    if value is None:
-        return ""
-    return f"{value:.1f}" if isinstance(value, (int, float)) else str(value)
 
 
 def footer(seconds):
     """What the table assumes, counts and leaves out, wrapped for the README (lines of at most 116 characters)."""
     import textwrap
 
-    peaks = ", ".join(f"{name} {gpu['peak_tflops']} TFLOP/s" for name, gpu in GPUS.items())
     paragraphs = [
-        f"Counted on the meta device in {seconds:.0f} s. Every figure is predicted: time at {UTILISATION:.0%} of the "
-        f"dense bf16 peak ({peaks}; an H200 has the H100 SXM's), as the time of one GPU: the FLOPs are totals over "
-        "all processes, so P GPUs take about 1 / P of it. Memory is one process's at its train batch size b.",
+        f"Counted on the meta device in {seconds:.0f} s. Memory is one process's peak at its train batch size b, "
+        "predicted; measured (torch.cuda.max_memory_allocated) where the preset itself ran on the H200. Time is that "
+        "of one H200: the FLOPs of the row at the utilisation u (achieved FLOP/s / the 989 TFLOP/s dense peak) that "
+        "benchmarks/gpu.py measured on the run with the same training step, i.e. the row's own epoch scaled by its "
+        "FLOPs where it ran (\"measured\"). u was 3-9%: at these batch sizes a UNet call takes about as long for 2 "
+        "rows as for 16, so other GPUs are not priced by their peak. The FLOPs are totals over all processes: P GPUs "
+        "take about 1 / P of the time.",
         f"Counted: {COUNTED}.",
         f"Not counted: {NOT_COUNTED}.",
     ]
@@ -441,43 +500,6 @@ def units_table(units):
     return "\n".join(lines)
 
 
-def measure():
-    """With CUDA: time guided UNet calls and LoRA forward + backward on the random SD 1.5 architecture, bf16."""
-    if not torch.cuda.is_available():
-        raise SystemExit("error: --measure needs a CUDA GPU; without one, run the table (no flag)")
-    device = "cuda"
-    pipeline = tiny_world.random_pipeline("sd15", torch.bfloat16, device=device)
-    unet = pipeline.unet
-    lora = common.add_lora(unet, 4)
-    latents = torch.randn(8, 4, 64, 64, device=device, dtype=torch.bfloat16)
-    embeds = torch.randn(8, 77, 768, device=device, dtype=torch.bfloat16)
-    scales = torch.full((8,), 5.0)
-    unit = unit_costs("sd15", 512)
-    results = {}
-    for name, step, per_row in [
-        ("sampling", lambda: common.guided_noise_prediction(unet, latents, 500, embeds, embeds, scales),
-         unit["unet_forward_per_row"]),
-        ("training", lambda: common.guided_noise_prediction(unet, latents, 500, embeds, embeds, scales).float()
-         .mean().backward(), unit["unet_forward_per_row"] + unit["unet_backward_per_row"]),
-    ]:  # fmt: skip
-        context = torch.no_grad() if name == "sampling" else torch.enable_grad()
-        with context:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            start = time.time()
-            for _ in range(10):
-                step()
-            torch.cuda.synchronize()
-        seconds = (time.time() - start) / 10
-        achieved = 16 * per_row / seconds / TERA  # 8 samples = 16 rows
-        results[name] = dict(seconds_per_call=seconds, achieved_tflops=achieved)
-    results["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    for parameter in lora:
-        parameter.grad = None
-    return results
-
-
 def overhead(resolution=256, steps=4, repeats=3):
     """iteration_cost.bench_sampling (ddpo_diffexp.py's section 2 against the bare guided UNet calls, the floor) on
     the random SD 1.5 architecture with LoRA, fp32 on this CPU, at `resolution` (512 px calls take ~10 s each here)."""
@@ -496,19 +518,11 @@ def overhead(resolution=256, steps=4, repeats=3):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the numbers to this file")
-    parser.add_argument("--measure", action="store_true", help="time real calls on a CUDA GPU")
     parser.add_argument("--overhead", action="store_true", help="the sampler against bare UNet calls, SD 1.5 size, CPU")
     options = parser.parse_args(argv)
     if options.overhead:
         result = overhead()
         print(json.dumps(result, indent=2))
-        return
-    if options.measure:
-        results = measure()
-        print(json.dumps(results, indent=2))
-        if options.json:
-            with open(options.json, "w") as f:
-                json.dump(results, f, indent=2)
         return
     start = time.time()
     keys = sorted({(run["architecture"], run["resolution"]) for run in preset_runs()})
