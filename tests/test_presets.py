@@ -68,3 +68,30 @@ WITHDRAWN = ("runwayml/stable-diffusion-v1-5",)  # the same weights: stable-diff
 def test_no_preset_names_a_withdrawn_model(script, name):
     args = MODULES[script].parse_args(["--preset", name])
     assert args.model not in WITHDRAWN, f"{script} --preset {name}: --model {args.model} was withdrawn from the hub"
+
+
+DIFFEXP_SCRIPTS = [script for script in SCRIPTS if hasattr(MODULES[script].Args, "diffexp")]
+
+
+@pytest.mark.parametrize("script", DIFFEXP_SCRIPTS)
+def test_explicit_strategy_flags_win_over_diffexp(script):
+    """--diffexp makes both strategies the defaults; an explicit flag turns one off (DiffExp's Fig. 9 (a) ablation),
+    whether --diffexp comes from the command line or from a preset, and --no-diffexp turns a preset's off."""
+    module = MODULES[script]
+
+    def strategies(*flags):
+        args = module.parse_args(list(flags))
+        return args.dynamic_cfg, args.prompt_weighting
+
+    assert strategies("--diffexp") == (True, True)
+    assert strategies("--diffexp", "--no-dynamic-cfg") == (False, True)
+    assert strategies("--diffexp", "--no-prompt-weighting") == (True, False)
+    assert strategies("--no-diffexp", "--dynamic-cfg") == (True, False)
+    with_diffexp = [name for name, values in module.PRESETS.items() if values.get("diffexp")]
+    for name in with_diffexp:
+        assert strategies("--preset", name) == (True, True)
+        assert strategies("--preset", name, "--no-prompt-weighting") == (True, False)
+        assert strategies("--preset", name, "--no-dynamic-cfg") == (False, True)
+        assert strategies("--preset", name, "--no-diffexp") == (False, False)  # the README's baseline
+    for name in module.PRESETS.keys() - with_diffexp:  # tiny, shapes, coca-aesthetic, ...: no DiffExp
+        assert strategies("--preset", name, "--diffexp", "--no-prompt-weighting") == (True, False)
