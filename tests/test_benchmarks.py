@@ -179,6 +179,30 @@ def test_scale_sd15_units_agree_with_the_independent_estimates():
         assert predicted == pytest.approx(run["peak_gb"], rel=0.2), run["name"]
 
 
+def test_scale_counts_attention_as_the_memory_efficient_kernel_on_meta():
+    """What the H200 showed (memory predicted 3-4x too high): on the meta device torch runs the math attention
+    kernel whatever sdpa_kernel allows, saving the (tokens x tokens) matrix for the backward. scale.py's
+    efficient_attention_on_meta must not: SD 1.5's 4096-token self-attention, 2 rows of 8 heads."""
+    import torch.nn.functional as F
+
+    import scale
+
+    query = torch.zeros(2, 8, 4096, 40, device="meta", dtype=torch.bfloat16, requires_grad=True)
+
+    def attention():
+        F.scaled_dot_product_attention(query, query, query).float().sum().backward()
+
+    matrix = 2 * 8 * 4096 * 4096 * 2  # one bf16 attention matrix
+    original = F.scaled_dot_product_attention
+    assert scale.peak_bytes(attention) >= matrix  # the kernel meta picks by itself
+    with scale.efficient_attention_on_meta():
+        assert scale.peak_bytes(attention) < matrix / 10
+        with torch.no_grad():
+            efficient_flops = scale.flops(lambda: F.scaled_dot_product_attention(query, query, query))
+    assert efficient_flops == 2 * 2 * (2 * 8 * 4096 * 4096 * 40)  # Q K^T and P V: the math kernel's FLOPs too
+    assert F.scaled_dot_product_attention is original  # put back
+
+
 def fake_units():
     """unit_costs-shaped dicts with made-up, distinct numbers of the real ones' size (TFLOP; SDXL's 8x SD 1.5's), so
     the row building is tested without the ~20 s of counting on the meta device."""
