@@ -39,7 +39,8 @@ Deviations and assumptions (facts the paper leaves to its appendix are taken fro
      not a pairwise loss; the gradient of an update is the mean over its kept trajectories and interval steps.
   4. The number of kept trajectories varies by stage and by process. Every process pads its kept rows, up to
      the largest count, with unkept rows whose advantage is 0 (zero loss, zero gradient), so that all
-     processes run the same backward passes (DDP); the last update of an inner epoch may be smaller.
+     processes run the same backward passes (DDP); the last update of an inner epoch may be smaller. The logged
+     loss, approx_kl and clipfrac are means over the kept rows of all processes: padding rows are left out.
   5. The log-probability is the Gaussian log-density averaged over the latent's C*H*W elements (as DDPO's
      code), computed in fp32. Random numbers come from generators seeded by (seed, stage, process), so a
      resumed run draws exactly what an uninterrupted one draws.
@@ -760,6 +761,22 @@ def grad_norm_summary(grad_norms):
     return [float(np.mean(applied)) if applied else math.nan, len(grad_norms) - len(applied)]
 
 
+def kept_row_sums(log_prob, log_prob_old, advantages, is_kept, clip_range, advantage_clip):
+    """[loss, approx_kl, clipfrac] summed over the kept rows of one micro-batch's timestep, and the kept rows' count.
+
+    What the logs average: a padding row has no gradient (advantage 0), but its ratio is a real sample's (row 0,
+    again), so a mean over all rows would count that sample's approx_kl and clipfrac several times, and the loss's
+    zeros of the padding too.
+    """
+    kept = is_kept.bool().to(log_prob.device)
+    if not kept.any():
+        return [0.0, 0.0, 0.0, 0]
+    count = int(kept.sum())
+    with torch.no_grad():
+        means = clipped_policy_loss(log_prob[kept], log_prob_old[kept], advantages[kept], clip_range, advantage_clip)
+    return [float(mean) * count for mean in means] + [count]
+
+
 def kept_rows_in_update(kept_per_process, update_index, micro_batches_per_update, micro_batches, batch_size):
     """Kept (not padding) rows of one update over all processes; each process's kept rows come before its padding."""
     first = update_index * micro_batches_per_update * batch_size
@@ -1140,7 +1157,7 @@ def main(args):
         # 5. Update: DDPO-IS on the kept samples over the interval's steps only (Eq. 4, Eq. 6)
         # ==================================================================================================
         unet.train()
-        losses, approx_kls, clipfracs, grad_norms, visited_steps = [], [], [], [], set()
+        kept_sums, grad_norms, visited_steps = [0.0, 0.0, 0.0, 0], [], set()  # loss, approx_kl, clipfrac, rows
         micro_batches = math.ceil(max(kept_per_process) / args.train_batch_size)  # the same on every process
         for inner_epoch in range(args.inner_epochs if micro_batches else 0):  # 0: no group kept a sample (below)
             # this process's kept rows in random order, then padding rows (row 0, advantage 0: no gradient) so that
@@ -1195,31 +1212,38 @@ def main(args):
                             args.eta,
                             prev_sample=x_prev[:, k],
                         )
-                        loss, approx_kl, clipfrac = clipped_policy_loss(
+                        loss, _, _ = clipped_policy_loss(
                             log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip
                         )
                         accelerator.backward(loss * scale)
-                        losses.append(loss.item())
-                        approx_kls.append(approx_kl.item())
-                        clipfracs.append(clipfrac.item())
+                        step_sums = kept_row_sums(
+                            log_prob,
+                            log_prob_old[:, k],
+                            row_advantages,
+                            is_kept[slots],
+                            args.clip_range,
+                            args.advantage_clip,
+                        )
+                        kept_sums = [total + value for total, value in zip(kept_sums, step_sums)]
                 if last_of_update:
                     grad_norm, skipped_in_a_row = optimizer_step(
                         accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch, skipped_in_a_row
                     )
                     grad_norms.append(grad_norm)
-        if not losses:  # nothing kept on any process this stage (every branch within the thresholds): no update
-            losses, approx_kls, clipfracs, grad_norms = [0.0], [0.0], [0.0], [0.0]
+        if not grad_norms:  # nothing kept on any process this stage (every branch within the thresholds): no update
+            grad_norms = [0.0]
 
         # ==================================================================================================
         # 6. Log, evaluate, checkpoint
         # ==================================================================================================
-        statistics = torch.tensor(
-            [np.mean(losses), np.mean(approx_kls), np.mean(clipfracs), *grad_norm_summary(grad_norms)],
-            device=accelerator.device,
-        )
-        loss_mean, approx_kl_mean, clipfrac_mean, grad_norm_mean, skipped_steps = (
-            accelerator.gather(statistics).view(-1, 5).mean(0).tolist()
-        )
+        # loss, approx_kl and clipfrac: means over the kept rows' (row, step) pairs of all processes (0 if none)
+        statistics = torch.tensor([*kept_sums, *grad_norm_summary(grad_norms)], device=accelerator.device)
+        statistics = accelerator.gather(statistics).view(-1, 6)
+        loss_sum, approx_kl_sum, clipfrac_sum, kept_count = statistics[:, :4].sum(0).tolist()
+        loss_mean, approx_kl_mean, clipfrac_mean = [
+            total / max(kept_count, 1) for total in (loss_sum, approx_kl_sum, clipfrac_sum)
+        ]
+        grad_norm_mean, skipped_steps = statistics[:, 4:].mean(0).tolist()
         stop_on_non_finite(accelerator, epoch, "loss", loss_mean)
         metrics = dict(
             epoch=epoch,

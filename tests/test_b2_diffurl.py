@@ -139,6 +139,23 @@ def test_padding_counts_kept_rows_per_update():
     assert counts == [6, 1] and sum(counts) == 7
 
 
+def test_logged_statistics_leave_the_padding_rows_out():
+    """Padding rows repeat row 0 with advantage 0: no gradient, but a mean over all rows would log row 0's
+    approx_kl and clipfrac twice and the padding's zero loss too. The logs average over the kept rows only."""
+    log_prob_old = torch.randn(3, generator=torch.Generator().manual_seed(0))
+    log_prob = log_prob_old + torch.tensor([1e-3, 0.0, -2e-3])  # |ratio - 1| > 1e-4 for rows 0 and 2: clipfrac 2/3
+    advantages = torch.tensor([1.0, -0.5, 2.0])
+    padded = [torch.cat([x, x[:1]]) for x in (log_prob, log_prob_old)] + [torch.tensor([1.0, -0.5, 2.0, 0.0])]
+    is_kept = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    *sums, count = b2_diffurl.kept_row_sums(*padded, is_kept, 1e-4, 5.0)
+    kept_means = b2_diffurl.clipped_policy_loss(log_prob, log_prob_old, advantages, 1e-4, 5.0)
+    assert count == 3 and [total / count for total in sums] == pytest.approx([float(m) for m in kept_means])
+    assert [total / count for total in sums][2] == pytest.approx(2 / 3)
+    padded_means = b2_diffurl.clipped_policy_loss(*padded, 1e-4, 5.0)  # what the log showed before
+    assert float(padded_means[2]) == pytest.approx(3 / 4)
+    assert b2_diffurl.kept_row_sums(*padded, torch.zeros(4), 1e-4, 5.0) == [0.0, 0.0, 0.0, 0]
+
+
 def test_mean_pairwise_distance():
     assert b2_diffurl.mean_pairwise_distance(torch.ones(4, 8)) == pytest.approx(0.0, abs=1e-6)
     assert b2_diffurl.mean_pairwise_distance(torch.eye(3)) == pytest.approx(1.0)
