@@ -877,18 +877,38 @@ def mean_pairwise_distance(embeddings):
     return float((1 - (unit[first] * unit[second]).sum(-1)).mean())
 
 
+def caption_lines(draw, text, width):
+    """`text` in lines no wider than `width` pixels in `draw`'s font, broken at spaces; a word wider than a line
+    is broken where it reaches the edge. PIL's default font is proportional: about 23 characters fit in 124 px."""
+    lines = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+            continue
+        lines.append("")
+        for character in word:
+            if lines[-1] and draw.textlength(lines[-1] + character) > width:
+                lines.append("")
+            lines[-1] += character
+    return lines or [""]
+
+
 def save_image_grid(path, entries, columns=8, cell=128):
     """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it; returns
-    the grid (a PIL RGB image)."""
+    the grid (a PIL RGB image). A prompt takes as many lines as it needs (a two-object prompt keeps its second
+    object): every caption is as tall as the grid's longest."""
+    line_height = 11
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # for measuring text in the default font
+    captions = [caption_lines(draw, prompt, cell - 4) for prompt, _, _ in entries]
+    caption_height = line_height * (max(map(len, captions), default=1) + 1) + 2  # the prompt's lines and the reward
     rows = math.ceil(len(entries) / columns)
-    caption_height = 24
     grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
     draw = ImageDraw.Draw(grid)
-    for index, (prompt, reward, image) in enumerate(entries):
+    for index, ((prompt, reward, image), lines) in enumerate(zip(entries, captions)):
         x, y = (index % columns) * cell, (index // columns) * (cell + caption_height)
         grid.paste(images_to_pil(image[None])[0].resize((cell, cell), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + cell + 1), prompt[:22], fill="black")
-        draw.text((x + 2, y + cell + 12), f"{reward:.4g}", fill="black")
+        for number, line in enumerate([*lines, f"{reward:.4g}"]):
+            draw.text((x + 2, y + cell + 1 + number * line_height), line, fill="black")
     grid.save(path)
     return grid
 

@@ -31,6 +31,7 @@ SHARED_BLOCKS = [
     ("function", "trained_steps_per_sample", DDPO_UPDATE),
     ("function", "exploration_settings", DIFFEXP),
     ("function", "epoch_seed", SCRIPTS),
+    ("function", "caption_lines", SCRIPTS),
     ("function", "save_image_grid", SCRIPTS),
     ("function", "save_checkpoint", SCRIPTS),
     ("function", "run_summary", SCRIPTS),

@@ -259,3 +259,25 @@ def test_report_to_tensorboard_writes_the_jsonl_numbers_and_the_grids(sdxl_ensem
     assert [event.step for event in logged] == [m["epoch"] for m in metrics]
     assert [event.value for event in logged] == pytest.approx([m["reward_mean"] for m in metrics], rel=1e-6)
     assert [event.step for event in events.Scalars("eval/seen_reward_mean")] == [0, 3]
+
+
+def test_grid_captions_wrap_to_show_every_word(tmp_path):
+    """A caption takes as many lines as its prompt needs, in the cell's 124 px (save_image_grid and caption_lines
+    are text-identical in the four scripts: tests/test_copies.py)."""
+    from PIL import ImageDraw
+
+    import ddpo_diffexp
+
+    image = torch.rand(3, 32, 32)
+    prompt = "a photo of a red apple on the left of a blue ceramic teapot under a wooden kitchen table"
+    short = ddpo_diffexp.save_image_grid(tmp_path / "short.png", [("red apple", 1.0, image)] * 2)
+    tall = ddpo_diffexp.save_image_grid(tmp_path / "tall.png", [("red apple", 1.0, image), (prompt, 1.0, image)])
+    assert tall.width == short.width and tall.height > short.height
+    draw = ImageDraw.Draw(tall)
+    lines = ddpo_diffexp.caption_lines(draw, prompt, 124)
+    assert " ".join(lines).split() == prompt.split() and len(lines) >= 3  # every word, in order
+    assert all(draw.textlength(line) <= 124 for line in lines)
+    assert tall.height == 128 + 11 * (len(lines) + 1) + 2  # the prompt's lines and the reward's
+    last_line = np.asarray(tall)[128 + 1 + 11 * (len(lines) - 1) : 128 + 1 + 11 * len(lines), 128:256]
+    assert (last_line < 128).any()  # the last words are drawn in the second cell
+    assert "".join(ddpo_diffexp.caption_lines(draw, "x" * 60, 124)) == "x" * 60  # a long word is broken, not cut
