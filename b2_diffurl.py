@@ -98,6 +98,7 @@ from common import (
     first_line,
     add_lora,
     clip_preprocess,
+    disable_library_progress_bars,
     encode_prompts,
     freeze,
     guided_noise_prediction,
@@ -981,6 +982,11 @@ def main(args):
     )
     if accelerator.num_processes != num_processes:  # mpirun counts its processes in its own variables (PMI_SIZE)
         check_args(args, accelerator.num_processes)
+    # progress bars on the main process in a terminal only: written to a file (nohup, a batch system's log) every
+    # redraw of a bar stays in it, hundreds of fragments; there the log is the epoch and evaluation lines (tqdm.write)
+    progress_bars = accelerator.is_main_process and sys.stderr.isatty()
+    if not progress_bars:
+        disable_library_progress_bars()  # the models' loading and download bars too
     script = os.path.splitext(os.path.basename(__file__))[0]
     run_name = args.run_name or f"{script}_{args.reward.replace('*', 'x')}_seed{args.seed}"  # 2*a+b: 2xa+b
     run_dir = os.path.join(args.output_dir, run_name)
@@ -1059,7 +1065,7 @@ def main(args):
         desc="epochs",
         initial=start_epoch,
         total=args.epochs,
-        disable=not accelerator.is_main_process,
+        disable=not progress_bars,
     ):
         epoch_start = time.time()
         # torch's global RNG, for anything not drawn from `generator`
@@ -1097,7 +1103,7 @@ def main(args):
             range(samples_per_process // args.sample_batch_size),
             desc="sampling",
             leave=False,
-            disable=not accelerator.is_main_process,
+            disable=not progress_bars,
         ):
             prefixes = args.sample_batch_size // branches  # G trajectories from their own noise, N branches each
             prompt_indices = torch.randint(len(train_prompts), (prefixes,), generator=generator)
@@ -1192,9 +1198,7 @@ def main(args):
             step_orders = first_trained_step + torch.stack(
                 [torch.randperm(trained_steps, generator=generator) for _ in range(len(order))]
             )
-            for micro_index in tqdm(
-                range(micro_batches), desc="training", leave=False, disable=not accelerator.is_main_process
-            ):
+            for micro_index in tqdm(range(micro_batches), desc="training", leave=False, disable=not progress_bars):
                 slots = slice(micro_index * args.train_batch_size, (micro_index + 1) * args.train_batch_size)
                 rows = order[slots]  # (b,)
                 steps = step_orders[slots]  # (b, K)

@@ -62,6 +62,16 @@ def pipeline_classes():
     return StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
+def disable_library_progress_bars():
+    """Turn off the loading and download bars of diffusers, transformers and huggingface_hub (transformers' switch
+    turns off the hub's): in a log file each redraw of a bar stays, as a fragment of a line."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(model, device, dtype):
     """A Stable Diffusion 1.x or SDXL pipeline from a hub id or a local folder (the class its model_index.json
     names), with a DDIMScheduler of its own schedule, frozen, on `device`.

@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 from common import (
     first_line,
     add_lora,
+    disable_library_progress_bars,
     encode_prompts,
     guidance_scale_schedule,
     guided_noise_prediction,
@@ -887,6 +888,11 @@ def main(args):
     )
     if accelerator.num_processes != num_processes:  # mpirun counts its processes in its own variables (PMI_SIZE)
         check_args(args, accelerator.num_processes)
+    # progress bars on the main process in a terminal only: written to a file (nohup, a batch system's log) every
+    # redraw of a bar stays in it, hundreds of fragments; there the log is the epoch and evaluation lines (tqdm.write)
+    progress_bars = accelerator.is_main_process and sys.stderr.isatty()
+    if not progress_bars:
+        disable_library_progress_bars()  # the models' loading and download bars too
     script = os.path.splitext(os.path.basename(__file__))[0]
     run_name = args.run_name or f"{script}_{args.reward.replace('*', 'x')}_seed{args.seed}"  # 2*a+b: 2xa+b
     run_dir = os.path.join(args.output_dir, run_name)
@@ -963,7 +969,7 @@ def main(args):
         desc="epochs",
         initial=start_epoch,
         total=args.epochs,
-        disable=not accelerator.is_main_process,
+        disable=not progress_bars,
     ):
         epoch_start = time.time()
         # torch's global RNG, for anything not drawn from `generator`
@@ -987,7 +993,7 @@ def main(args):
             range(samples_per_process // args.sample_batch_size),
             desc="sampling",
             leave=False,
-            disable=not accelerator.is_main_process,
+            disable=not progress_bars,
         ):
             prompt_indices = torch.randint(len(train_prompts), (args.sample_batch_size,), generator=generator)
             prompts = [train_prompts[i] for i in prompt_indices]
@@ -1059,9 +1065,7 @@ def main(args):
             step_orders = torch.stack(
                 [torch.randperm(args.num_steps, generator=generator) for _ in range(samples_per_process)]
             )[:, :trained_steps]  # (S, K)
-            for micro_index in tqdm(
-                range(micro_batches), desc="training", leave=False, disable=not accelerator.is_main_process
-            ):
+            for micro_index in tqdm(range(micro_batches), desc="training", leave=False, disable=not progress_bars):
                 slots = slice(micro_index * args.train_batch_size, (micro_index + 1) * args.train_batch_size)
                 rows = order[slots]  # (b,)
                 steps = step_orders[rows]  # (b, K)

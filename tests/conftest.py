@@ -74,13 +74,18 @@ def run_flags(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def finished_runs(tmp_path_factory, run_flags):
-    """finished_runs(script) -> the folder of its uninterrupted run with `run_flags[script]` (run on first use)."""
+    """finished_runs(script) -> the folder of its uninterrupted run with `run_flags[script]` (run on first use).
+
+    What the run printed is beside its folder, in stdout.txt and stderr.txt (files, as under nohup or a batch system).
+    """
     folders = {}
 
     def finished_run(script):
         if script not in folders:
             output = tmp_path_factory.mktemp("runs")
-            run_script(script, [*run_flags[script], "--run-name", "full"], output)
+            result = run_script(script, [*run_flags[script], "--run-name", "full"], output)
+            (output / "stdout.txt").write_text(result.stdout)
+            (output / "stderr.txt").write_text(result.stderr)
             folders[script] = output / "full"
         return folders[script]
 

@@ -56,6 +56,20 @@ def test_run_writes_finite_metrics_grids_and_checkpoints(script, finished_runs):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_a_log_file_gets_plain_lines_not_progress_bars(script, finished_runs):
+    """Written to files (nohup, a batch system's log), a run draws no progress bar, whose every redraw would stay
+    in the file: stdout is one line per epoch, the evaluation lines and the closing line. (Read as text, a bar's
+    carriage returns have become line ends; its rate, "it/s" or "s/it", and its "%|" remain.)"""
+    folder = finished_runs(script).parent
+    stdout, stderr = (folder / "stdout.txt").read_text(), (folder / "stderr.txt").read_text()
+    for fragment in ("\r", "it/s", "s/it", "%|"):
+        assert fragment not in stdout and fragment not in stderr, (fragment, stderr[-2000:])
+    lines = stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == [f"epoch {e}" for e in range(EPOCHS)]
+    assert all(line.startswith(("epoch ", "eval epoch ", "done in ")) for line in lines), lines
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_lora_loads_into_a_fresh_pipeline_and_changes_its_output(script, finished_runs, tiny_pipeline):
     def generate():
         return tiny_pipeline(
