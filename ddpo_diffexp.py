@@ -6,7 +6,8 @@ Papers
   Training Diffusion Models with Reinforcement Learning (DDPO; Black et al., ICLR 2024; arXiv 2305.13301)
 
 What it implements
-  - The denoising process as an MDP whose policy is one DDIM step with eta = 1 (DiffExp Eq. 3):
+  - The denoising process as an MDP whose policy is one DDIM step (DiffExp Eq. 3) with eta = 1 (DDPO's code,
+    kvablack/ddpo-pytorch config/base.py; DiffExp's text gives no eta):
       x0_hat = (x_t - sqrt(1 - abar_t) eps~) / sqrt(abar_t)
       x_{t-1} ~ N(mu, sigma_t^2 I),  mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps~
       sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
@@ -236,7 +237,7 @@ PRESETS = {
     # DiffExp Figure 4 (a): DDPO with DiffExp, Aesthetic on the 45 animals of Table 1. The defaults are DiffExp's
     # DDPO setting (supplementary: 50 steps, CFG 5.0, 64 images per iteration, clip 1e-4, lr 3e-4, AdamW (0.9, 0.99))
     "diffexp-fig4a": dict(reward="aesthetic", prompts="animals", diffexp=True),  # DiffExp Sec. Experiments, Fig. 4 (a)
-    # DiffExp Figure 4 (b): PickScore on the 135 animal-activity prompts of Table 2
+    # DiffExp Figure 4 (b): PickScore on the 135 animal-activity prompts of Table 1 (Table 2 lists the unseen ones)
     "diffexp-fig4b": dict(reward="pickscore", prompts="animal_activities", diffexp=True),  # DiffExp Fig. 4 (b)
     # The DDPO baseline of CoCA's released aesthetic run (Lil-Shake/CoCA bash/train_ddpo_aesthetic.sh with
     # config/config_coca.py:aesthetic on 4 GPUs): run it with `accelerate launch --num_processes 4`

@@ -3,6 +3,7 @@
 import importlib
 import os
 import re
+import shlex
 
 import pytest
 
@@ -36,28 +37,58 @@ def test_explicit_flags_win_over_a_preset_and_names_are_checked(script):
         module.parse_args(["--tiny", "--preset", paper])
 
 
-def documented_values():
-    """{(script, preset, flag): value} from the tables of PRESETS.md."""
-    values, script = {}, None
+def presets_md():
     with open(os.path.join(ROOT, "PRESETS.md")) as f:
-        for line in f:
-            heading = re.match(r"^## `(\w+\.py)`", line)
-            script = heading.group(1) if heading else script
-            row = re.match(r"^\| `([\w.-]+)` \| `--([\w-]+)` \| `([^`]*)` \|", line)
-            if row:
-                values[script, row.group(1), row.group(2).replace("-", "_")] = row.group(3)
-    return values
+        return f.read()
 
 
-def test_presets_md_lists_every_value_of_every_paper_preset():
-    documented = documented_values()
+def documented_rows():
+    """{(script, preset, field): (the flag as typed, source, what the second source says)} from PRESETS.md's tables."""
+    rows, script = {}, None
+    for line in presets_md().splitlines():
+        heading = re.match(r"^## `(\w+\.py)`", line)
+        script = heading.group(1) if heading else script
+        row = re.match(r"^\| `([\w.-]+)` \| `(--[^`]*)` \| (.*) \| (.*) \|$", line)
+        if row:
+            flag = row.group(2).split()[0]
+            rows[script, row.group(1), flag[2:].replace("-", "_")] = row.group(2, 3, 4)
+    return rows
+
+
+def test_presets_md_lists_every_value_of_every_paper_preset_as_a_command_line_flag():
+    """Every row's flag, typed as written (`--adam-betas 0.9 0.999`, `--diffexp`), sets the preset's value."""
+    rows = documented_rows()
     expected = {
-        (script, name, field): str(value)
+        (script, name, field)
         for script, name in CASES
         if name not in CPU_PRESETS
-        for field, value in MODULES[script].PRESETS[name].items()
+        for field in MODULES[script].PRESETS[name]
     }
-    assert documented == expected
+    assert set(rows) == expected
+    for (script, name, field), (typed, _, _) in rows.items():
+        module = MODULES[script]
+        assert getattr(module.parse_args(shlex.split(typed)), field) == module.PRESETS[name][field], typed
+
+
+def test_presets_md_says_what_each_value_was_checked_against():
+    """The second-source column names the source and what it says: no bare "yes" (DiffExp released no code, CoCA's
+    paper text is not here); DiffExp's training prompts are its Table 1; eta 1 is DDPO's code's."""
+    text = presets_md()
+    assert "agree?" not in text and "| preset | flag | source | checked against |" in text
+    assert "(0.9," not in text  # values as typed, not Python tuples
+    for (script, name, field), (typed, source, checked) in documented_rows().items():
+        assert checked.split()[0].rstrip(":") not in ("yes", "no", "n/a"), (script, name, field, checked)
+        if source.startswith("DiffExp"):  # its text only: the second source is a release, or there is none
+            assert "a831a5f" in checked or checked.startswith("nothing: DiffExp"), (script, name, field, checked)
+        if name.startswith("coca"):
+            assert checked == "nothing: CoCA's paper text is not here", (name, field, checked)
+        if typed == "--prompts animal_activities":
+            assert "DiffExp Table 1" in source and "Table 2 is the unseen list" in source, source
+    ddpo_defaults = text.split("## `ddpo_diffexp.py`")[1].split("| preset |")[0]
+    assert "eta 1" in ddpo_defaults.split("kvablack/ddpo-pytorch")[1], "eta 1 comes from DDPO's code"
+    assert "`hps_v2_all`" in text and "750" in text  # AlignProp's hps runs train on their own prompts
+    with open(os.path.join(ROOT, "ddpo_diffexp.py")) as f:
+        assert "prompts of Table 2" not in f.read()
 
 
 # Hub ids that no longer load: a preset naming one fails at its first download.
