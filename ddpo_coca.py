@@ -39,11 +39,13 @@ Deviations and assumptions
      keeps them too.
   3. If sum_k g_k <= 1e-6 (a trajectory that never got closer to its own end; the normalisation would divide
      by zero or flip signs) the weights fall back to uniform, s_j = 1 / T.
-  4. The second z-score of r_j uses one mean and std over all T x samples_per_epoch values of the epoch
-     (gathered over processes), std + 1e-6, then the loss clips r_j to +-5 as DDPO clips A. The summary does not
-     name the set; the released code uses these batch statistics in its first epochs, then a per-prompt history
-     that reads only the buffer's oldest entry (not reproduced). No state is kept, so --resume needs nothing new.
-     Centring over the whole batch can flip the sign of a small r_j (a late step of a trajectory with A > 0).
+  4. The second z-score of r_j (then the loss clips r_j to +-5 as DDPO clips A). The summary does not name the
+     statistics. --step-normalisation batch (the default, ours): one mean and std over all T x samples_per_epoch
+     values of the epoch (gathered over processes), std + 1e-6; no state. --step-normalisation released (the
+     coca-aesthetic preset): the authors' code as it runs: these batch statistics until a prompt's 8th epoch,
+     then the mean and pooled std of the OLDEST epoch in the prompt's buffer, not the current one (a per-prompt
+     history of 16 epochs, kept in the checkpoints). Centring can flip the sign of a small r_j (a late step of a
+     trajectory with A > 0).
   5. x0_hat is computed from the guided eps~ that samples the step, in fp32, by predicted_clean_latent (the same
      formula as inside ddim_step_with_logprob, which stays a verbatim copy of DDPO's).
   6. As in ddpo_diffexp.py: the log-probability is averaged over the latent's C*H*W elements and computed in
@@ -224,6 +226,9 @@ class Args:
     """w: steps per window of the similarity gains g_k; must divide --num-steps"""
     shaping_alpha: float = 0.0
     """alpha of r_j = A (alpha + (1 - alpha) G_j): 0 = full step-level credit, 1 = DDPO's equal credit"""
+    step_normalisation: str = "batch"
+    """second z-score of r_j: batch (one mean and std over the epoch's values) or released (the authors' code:
+    batch statistics until a prompt's 8th epoch, then its oldest buffered epoch's; deviation 4)"""
 
 
 # Named presets (--preset NAME; --tiny and --shapes name the first two): each sets the flags of one experiment,
@@ -282,6 +287,7 @@ PRESETS = {
         adam_betas=(0.9, 0.999),  # base.py adam_beta1, adam_beta2
         similarity_window=5,  # base.py window_size
         shaping_alpha=0.0,  # base.py temporal_alpha
+        step_normalisation="released",  # coca/stat_tracking.py update_temporal_rewards (buffer 32, min count 16)
     ),
 }
 
@@ -420,6 +426,13 @@ def method_flag_problems(args, num_processes):
         )
     if not 0 <= args.shaping_alpha <= 1:
         problems.append(f"--shaping-alpha {args.shaping_alpha} must be in [0, 1]")
+    if args.step_normalisation not in ("batch", "released"):
+        problems.append(f"--step-normalisation {args.step_normalisation} must be batch or released")
+    elif args.step_normalisation == "released" and args.stat_buffer_size % 2:
+        problems.append(
+            f"--stat-buffer-size {args.stat_buffer_size} must be even with --step-normalisation released: its "
+            "buffers hold (means, stds) pairs"
+        )
     return [problem for problem in problems if problem]
 
 
@@ -739,15 +752,46 @@ def return_to_go(step_weights):
     return step_weights.flip(1).cumsum(1).flip(1)
 
 
-def shaped_step_advantages(advantages, step_weights, alpha, advantage_clip):
-    """CoCA's per-step advantages r_j = A (alpha + (1 - alpha) G_j), z-scored over all (sample, step) pairs.
+def step_rewards(advantages, step_weights, alpha, advantage_clip):
+    """CoCA's per-step rewards r_j = A (alpha + (1 - alpha) G_j), before their second normalisation.
 
     advantages: A (N,), DDPO's per-prompt z-scored rewards, clipped here to +-advantage_clip; step_weights: s (N, T).
-    Returns (N, T). The second z-score uses one mean and std over the N x T values (deviation 4).
+    Returns r (N, T).
     """
     advantages = advantages.clamp(-advantage_clip, advantage_clip)
-    shaped = advantages[:, None] * (alpha + (1 - alpha) * return_to_go(step_weights))  # r_j, (N, T)
+    return advantages[:, None] * (alpha + (1 - alpha) * return_to_go(step_weights))  # r_j, (N, T)
+
+
+def shaped_step_advantages(advantages, step_weights, alpha, advantage_clip):
+    """r_j z-scored with one mean and std over the epoch's N x T values (--step-normalisation batch, deviation 4)."""
+    shaped = step_rewards(advantages, step_weights, alpha, advantage_clip)
     return (shaped - shaped.mean()) / (shaped.std(correction=0) + 1e-6)
+
+
+def released_step_normalisation(prompts, shaped, history, buffer_size, min_count):
+    """The released code's second z-score of r_j (--step-normalisation released; Lil-Shake/CoCA@d8233a5
+    coca/stat_tracking.py, PerPromptStatTracker.update_temporal_rewards), reproduced as it runs.
+
+    prompts: N; shaped: r (N, T); history: prompt -> deque(maxlen=buffer_size) of arrays, updated in place. Each
+    epoch a prompt's buffer gains TWO entries, the (n_p,) means and the (n_p,) stds of its samples' r over the T
+    steps. Until the buffer holds min_count entries (the prompt's 8th epoch at 16), every value is z-scored with
+    the mean and std of the whole N x T matrix; from then on with the mean and pooled std of the buffer's OLDEST
+    (means, stds) pair only: one past epoch's values, the current one and the rest of the buffer unused.
+    Returns (N, T).
+    """
+    prompts, values = np.array(prompts), shaped.double().numpy()
+    normalised = np.empty_like(values)
+    for prompt in np.unique(prompts):
+        selected = prompts == prompt
+        buffer = history.setdefault(str(prompt), deque(maxlen=buffer_size))
+        buffer.extend([values[selected].mean(axis=1), values[selected].std(axis=1)])
+        if len(buffer) < min_count:
+            mean, std = values.mean(), values.std()
+        else:  # buffer[0], buffer[1]: the oldest epoch's means and stds (an even maxlen evicts them in pairs)
+            mean = buffer[0].mean()
+            std = np.sqrt(np.mean(buffer[0] ** 2 + buffer[1] ** 2) - mean**2)  # that epoch's pooled std
+        normalised[selected] = (values[selected] - mean) / (std + 1e-6)
+    return torch.from_numpy(normalised)
 
 
 def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantage_clip):
@@ -1055,6 +1099,11 @@ def main(args):
     # Method-specific setup
     # per-prompt reward buffers of the advantage normalisation (deviation 6), restored on resume
     reward_history = {p: deque(r, maxlen=args.stat_buffer_size) for p, r in state.get("reward_history", {}).items()}
+    # --step-normalisation released: each prompt's buffered (means, stds) arrays of r_j, restored on resume
+    step_history = {
+        p: deque(map(np.array, arrays), maxlen=args.stat_buffer_size)
+        for p, arrays in state.get("step_history", {}).items()
+    }
     trained_steps = trained_steps_per_sample(args)  # K
 
     for epoch in tqdm(
@@ -1144,10 +1193,16 @@ def main(args):
         ).cpu()  # c_0..c_T, (samples_per_epoch, T + 1)
         # s_j, (samples_per_epoch, T)
         step_weights = step_weights_from_similarity(all_similarities, args.similarity_window)
-        # r_j
-        all_step_advantages = shaped_step_advantages(
-            torch.tensor(all_advantages), step_weights, args.shaping_alpha, args.advantage_clip
-        )
+        # r_j, z-scored again (deviation 4): over the epoch's values, or as the released code does
+        if args.step_normalisation == "batch":
+            all_step_advantages = shaped_step_advantages(
+                torch.tensor(all_advantages), step_weights, args.shaping_alpha, args.advantage_clip
+            )
+        else:
+            shaped = step_rewards(torch.tensor(all_advantages), step_weights, args.shaping_alpha, args.advantage_clip)
+            all_step_advantages = released_step_normalisation(
+                all_prompts, shaped, step_history, args.stat_buffer_size, args.stat_min_count
+            )
         # every process computed the same advantages; keep this process's slice (gather order = process order)
         # (N, T)
         advantages = all_step_advantages.float().reshape(accelerator.num_processes, -1, args.num_steps)[
@@ -1266,11 +1321,17 @@ def main(args):
         if (epoch + 1) % args.save_every == 0 or last_epoch:
             if accelerator.is_main_process:
                 history = {p: list(r) for p, r in reward_history.items()}
+                step_arrays = {p: [a.tolist() for a in arrays] for p, arrays in step_history.items()}
                 save_checkpoint(
                     os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"),
                     accelerator.unwrap_model(unet),
                     optimizer,
-                    dict(epoch=epoch + 1, reward_history=history, skipped_in_a_row=skipped_in_a_row),
+                    dict(
+                        epoch=epoch + 1,
+                        reward_history=history,
+                        step_history=step_arrays,
+                        skipped_in_a_row=skipped_in_a_row,
+                    ),
                 )
             accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -156,3 +156,29 @@ def test_shared_run_composes_with_diffexp(finished_runs):
     assert all(0 <= m["clipfrac"] <= 1 and m["approx_kl"] >= 0 for m in metrics)
     assert [e["epoch"] for e in read_jsonl(run / "eval.jsonl")] == [0, 2]
     assert json.load(open(run / "args.json"))["similarity_window"] == 2
+
+
+def test_released_step_normalisation_reads_the_oldest_buffered_epoch():
+    """--step-normalisation released, as Lil-Shake/CoCA's PerPromptStatTracker.update_temporal_rewards runs: two
+    buffer entries an epoch (the samples' means and stds over the steps); the whole matrix's statistics until a
+    prompt has min_count entries, then the oldest epoch's mean and pooled std, not the current epoch's."""
+    from collections import deque
+
+    generator = torch.Generator().manual_seed(0)
+    history, epochs = {}, []
+    for epoch in range(9):  # prompt "a" in every epoch, "b" in the first only
+        prompts = ["a", "a", "a"] + (["b"] if epoch == 0 else [])
+        shaped = torch.randn(len(prompts), 5, generator=generator, dtype=torch.float64) * (epoch + 1) + epoch
+        epochs.append(shaped)
+        out = ddpo_coca.released_step_normalisation(prompts, shaped, history, 32, 16).numpy()
+        values = shaped.numpy()
+        if epoch < 7:  # fewer than 16 entries: one mean and std over the whole (N, T) matrix, both prompts
+            np.testing.assert_allclose(out, (values - values.mean()) / (values.std() + 1e-6))
+        else:  # 16+ entries: epoch 0's "a" rows (the oldest pair), population statistics of its 3 x 5 values
+            oldest = epochs[0].numpy()[:3]
+            np.testing.assert_allclose(out[:3], (values[:3] - oldest.mean()) / (oldest.std() + 1e-6), rtol=1e-9)
+    assert isinstance(history["a"], deque) and len(history["a"]) == 18 and len(history["b"]) == 2
+    args = ddpo_coca.parse_args(["--preset", "coca-aesthetic"])
+    assert args.step_normalisation == "released" and ddpo_coca.parse_args([]).step_normalisation == "batch"
+    with pytest.raises(SystemExit, match="must be even"):
+        ddpo_coca.check_args(ddpo_coca.parse_args(["--step-normalisation", "released", "--stat-buffer-size", "31"]), 1)
