@@ -39,8 +39,13 @@ Deviations and assumptions (facts the paper leaves to its appendix are taken fro
      not a pairwise loss; the gradient of an update is the mean over its kept trajectories and interval steps.
   4. The number of kept trajectories varies by stage and by process. Every process pads its kept rows, up to
      the largest count, with unkept rows whose advantage is 0 (zero loss, zero gradient), so that all
-     processes run the same backward passes (DDP); the last update of an inner epoch may be smaller. The logged
-     loss, approx_kl and clipfrac are means over the kept rows of all processes: padding rows are left out.
+     processes run the same backward passes (DDP). Optimiser steps (--update-schedule released, the paper
+     presets): as the release, one step per --samples-per-update samples counted across both inner epochs (a
+     step may straddle them), each micro-batch's loss divided by the window's passes (64 x tau there), and the
+     last partial window never stepped: 6 steps for 384-447 kept trajectories. --update-schedule per_inner_epoch
+     (ours; --tiny, --shapes) steps each inner epoch's remainder as a smaller update (8 steps for 416), each the
+     mean over its kept rows. The release drops an odd trajectory where padding gives it an advantage-0 partner
+     here. The logged loss, approx_kl and clipfrac are means over the kept rows of all processes.
   5. The log-probability is the Gaussian log-density averaged over the latent's C*H*W elements (as DDPO's
      code), computed in fp32. Random numbers come from generators seeded by (seed, stage, process), so a
      resumed run draws exactly what an uninterrupted one draws.
@@ -218,6 +223,10 @@ class Args:
     """advantages are clipped to [-advantage_clip, advantage_clip]"""
     inner_epochs: int = 2
     """passes of updates over each epoch's kept samples"""
+    update_schedule: str = "released"
+    """released: one optimiser step per --samples-per-update kept samples, counted across the inner epochs, the
+    remainder's gradient dropped (hu-zijing/B2-DiffuRL run_train.py); per_inner_epoch: the remainder of each inner
+    epoch is a smaller step of its own (ours, in --tiny and --shapes; deviation 4)"""
 
 
 # Named presets (--preset NAME; --tiny and --shapes name the first two): each sets the flags of one experiment,
@@ -241,6 +250,7 @@ PRESETS = {
         save_every=3,
         num_branches=4,
         prompts="prompts/color_fruit_train.txt",  # ours (deviation 7): 55 eval prompts, not 135
+        update_schedule="per_inner_epoch",  # ours: a 6-stage run of 32 images keeps too few samples to drop any
     ),
     # ours: the shapes world (python shapes_world.py trains it; its weights are committed in world/)
     "shapes": dict(
@@ -261,6 +271,7 @@ PRESETS = {
         eval_images_per_prompt=4,
         save_every=10,
         num_branches=4,
+        update_schedule="per_inner_epoch",  # ours, as --tiny (the committed shapes benchmarks ran with it)
     ),
     # B2-DiffuRL's three prompt templates (Sec. 4.1) on their released train / test lists; the defaults are the
     # paper's setting (SD 1.4, T = 20, CLIPScore; the schedule and normalisation from its released code, deviations
@@ -362,6 +373,8 @@ def method_flag_problems(args, num_processes):
     problems = []
     if args.eta <= 0:
         problems.append(f"--eta {args.eta} must be > 0: the policy's log-probability needs sigma_t > 0")
+    if args.update_schedule not in ("released", "per_inner_epoch"):
+        problems.append(f"--update-schedule {args.update_schedule} must be released or per_inner_epoch")
     if not 0 < args.first_interval_fraction <= 1:
         problems.append(f"--first-interval-fraction {args.first_interval_fraction} must be in (0, 1]")
     if args.negative_threshold > args.positive_threshold:
@@ -778,6 +791,21 @@ def kept_row_sums(log_prob, log_prob_old, advantages, is_kept, clip_range, advan
     return [float(mean) * count for mean in means] + [count]
 
 
+def update_ends(micro_batches, inner_epochs, micro_batches_per_update, schedule):
+    """The (inner epoch, micro-batch index) pairs after which an optimiser step is taken.
+
+    released: the micro-batches of all inner epochs counted as one sequence, a step after every
+    micro_batches_per_update of them, so a step may straddle two inner epochs and the last partial window is never
+    stepped (the release's accelerate counter is not reset within a stage). per_inner_epoch: a step after every
+    micro_batches_per_update micro-batches of an inner epoch, and after its last one.
+    """
+    window = micro_batches_per_update
+    if schedule == "released":
+        return {divmod(end - 1, micro_batches) for end in range(window, inner_epochs * micro_batches + 1, window)}
+    ends = {(e, i) for e in range(inner_epochs) for i in range(micro_batches) if (i + 1) % window == 0}
+    return ends | {(e, micro_batches - 1) for e in range(inner_epochs)}
+
+
 def kept_rows_in_update(kept_per_process, update_index, micro_batches_per_update, micro_batches, batch_size):
     """Kept (not padding) rows of one update over all processes; each process's kept rows come before its padding."""
     first = update_index * micro_batches_per_update * batch_size
@@ -1185,6 +1213,7 @@ def main(args):
         unet.train()
         kept_sums, grad_norms, visited_steps = [0.0, 0.0, 0.0, 0], [], set()  # loss, approx_kl, clipfrac, rows
         micro_batches = math.ceil(max(kept_per_process) / args.train_batch_size)  # the same on every process
+        ends = update_ends(micro_batches, args.inner_epochs, micro_batches_per_update, args.update_schedule)
         for inner_epoch in range(args.inner_epochs if micro_batches else 0):  # 0: no group kept a sample (below)
             # this process's kept rows in random order, then padding rows (row 0, advantage 0: no gradient) so that
             # every process runs micro_batches backward passes (deviation 4)
@@ -1211,17 +1240,18 @@ def main(args):
                 # A = z, 0 for padding: (b,)
                 row_advantages = (advantages[rows] * is_kept[slots]).to(accelerator.device)
                 visited_steps.update(steps.flatten().tolist())
-                last_of_update = (micro_index + 1) % micro_batches_per_update == 0 or micro_index + 1 == micro_batches
-                # the update's gradient is the mean over its kept rows (all processes) and their interval steps;
-                # DDP averages over processes, hence the factor num_processes
-                update_rows = kept_rows_in_update(
-                    kept_per_process,
-                    micro_index // micro_batches_per_update,
-                    micro_batches_per_update,
-                    micro_batches,
-                    args.train_batch_size,
-                )
-                scale = args.train_batch_size * accelerator.num_processes / (update_rows * trained_steps)
+                last_of_update = (inner_epoch, micro_index) in ends
+                if args.update_schedule == "released":  # accelerate's division by the window: 64 x tau passes there
+                    scale = 1 / (micro_batches_per_update * trained_steps)
+                else:  # the mean over the update's kept rows (all processes; DDP averages) and interval steps
+                    update_rows = kept_rows_in_update(
+                        kept_per_process,
+                        micro_index // micro_batches_per_update,
+                        micro_batches_per_update,
+                        micro_batches,
+                        args.train_batch_size,
+                    )
+                    scale = args.train_batch_size * accelerator.num_processes / (update_rows * trained_steps)
                 # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
                 with nullcontext() if last_of_update else accelerator.no_sync(unet):
                     for k in range(trained_steps):
@@ -1254,6 +1284,7 @@ def main(args):
                         accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch, skipped_in_a_row
                     )
                     grad_norms.append(grad_norm)
+        optimizer.zero_grad()  # released: the last partial window's gradient is never stepped, as in the release
         if not grad_norms:  # nothing kept on any process this stage (every branch within the thresholds): no update
             grad_norms = [0.0]
 

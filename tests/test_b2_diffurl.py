@@ -252,3 +252,21 @@ def test_a_stage_that_keeps_no_sample_makes_no_update(run_flags, tmp_path):
     assert m["kept_samples"] == 0 and m["loss"] == 0.0 and m["trained_step_indices"] == []
     lora = lora_tensors(tmp_path / "none" / "checkpoints" / "epoch_0001")
     assert all(not tensor.any() for name, tensor in lora.items() if "lora_B" in name)  # B = 0: the pretrained UNet
+
+
+def test_the_paper_presets_step_as_the_release_does():
+    """hu-zijing/B2-DiffuRL run_train.py: one accelerate counter across both inner epochs, a step per 64
+    micro-batches of 2 (128 trajectories), the last partial window never stepped: 6 steps a stage for 416 kept
+    trajectories, where stepping each inner epoch's remainder made 8."""
+    import b2_diffurl
+
+    args = b2_diffurl.parse_args(["--preset", "b2-template1"])
+    assert args.update_schedule == "released" and args.inner_epochs == 2
+    window = args.samples_per_update // args.train_batch_size  # 64 micro-batches
+    micro_batches = 416 // args.train_batch_size  # 208 an inner epoch
+    released = b2_diffurl.update_ends(micro_batches, 2, window, "released")
+    assert len(released) == 6 and (1, 47) in released  # the 4th step straddles the inner epochs: 208 + 48 = 256
+    assert max(released) == (1, 175)  # 384 of 416 micro-batches stepped, the last 32 dropped
+    assert len(b2_diffurl.update_ends(micro_batches, 2, window, "per_inner_epoch")) == 8
+    assert all(len(b2_diffurl.update_ends(n // 2, 2, window, "released")) == 6 for n in range(384, 448, 2))
+    assert b2_diffurl.parse_args(["--tiny"]).update_schedule == "per_inner_epoch"
