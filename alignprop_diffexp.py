@@ -274,6 +274,8 @@ PRESETS = {
         max_grad_norm=5.0,  # max_grad_norm, on the 0.01-scaled loss below
         loss_scale=0.01,  # loss_coeff
         reward_target=10.0,  # aesthetic_target: loss = 0.01 |r - 10|
+        samples_per_update=32,  # ours: the release's 2 optimiser steps an epoch (128 of 256), at DiffExp's 64 images
+        epochs=200,  # ours: DDPO's 200, the same 12,800 queries (the release: 200, then 7 "to prevent overfitting")
     ),
     # DiffExp Figure 10 (b): AlignProp with DiffExp on SDXL, Aesthetic on the animals (unseen: Table 2's). The paper
     # gives 50 steps, CFG 7.5 and 64 images per iteration for its AlignProp runs and no SDXL resolution; the rest
@@ -285,12 +287,14 @@ PRESETS = {
         prompts="animals",  # DiffExp: "Aesthetic Score on animal prompts"
         diffexp=True,
         truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
-        sample_batch_size=2,  # ours: small batches for 1024 px SDXL's memory (not measured: no GPU here)
-        train_batch_size=1,  # ours, likewise: the backward runs through the fp32 VAE decoder at 1024 px
+        sample_batch_size=2,  # ours: small batches for 1024 px SDXL's memory
+        train_batch_size=1,  # ours, likewise: the backward runs through the fp32 VAE decoder (32 GB on an H200)
         weight_decay=0.1,  # adam_weight_decay
         max_grad_norm=5.0,  # max_grad_norm, on the 0.01-scaled loss below
         loss_scale=0.01,  # loss_coeff
         reward_target=10.0,  # aesthetic_target: loss = 0.01 |r - 10|
+        samples_per_update=32,  # ours, as diffexp-fig4a
+        epochs=200,  # ours, as diffexp-fig4a
     ),
     # DiffExp Figure 10 (a) (and Figure 8): AlignProp with DiffExp on SD 1.5 and DrawBench's 58 challenging prompts,
     # "an ensemble of HPS, Aesthetic, and PickScore reward models"; its weights are unpublished: equal weights on
@@ -304,6 +308,8 @@ PRESETS = {
         weight_decay=0.1,  # adam_weight_decay
         max_grad_norm=5.0,  # max_grad_norm, on the 0.01-scaled loss below
         loss_scale=0.01,  # loss_coeff; no target (ours: an ensemble has no natural one), so loss = -0.01 R
+        samples_per_update=32,  # ours, as diffexp-fig4a
+        epochs=200,  # ours, as diffexp-fig4a
     ),
     # AlignProp's released aesthetic run itself (a831a5f config/align_prop.py:aesthetic, 4 GPUs), no DiffExp
     "alignprop-aesthetic": dict(

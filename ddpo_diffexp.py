@@ -235,10 +235,23 @@ PRESETS = {
         save_every=10,
     ),
     # DiffExp Figure 4 (a): DDPO with DiffExp, Aesthetic on the 45 animals of Table 1. The defaults are DiffExp's
-    # DDPO setting (supplementary: 50 steps, CFG 5.0, 64 images per iteration, clip 1e-4, lr 3e-4, AdamW (0.9, 0.99))
-    "diffexp-fig4a": dict(reward="aesthetic", prompts="animals", diffexp=True),  # DiffExp Sec. Experiments, Fig. 4 (a)
+    # DDPO setting (supplementary: 50 steps, CFG 5.0, 64 images per iteration, clip 1e-4, lr 3e-4, AdamW (0.9, 0.99));
+    # it gives no update schedule or length, which come from its baseline, kvablack/ddpo-pytorch config/dgx.py
+    "diffexp-fig4a": dict(
+        reward="aesthetic",
+        prompts="animals",
+        diffexp=True,
+        samples_per_update=32,  # ours: dgx.py's 2 optimiser steps an epoch, at DiffExp's 64 images (dgx.py: 128 of 256)
+        epochs=200,  # dgx.py:aesthetic num_epochs; the exploring first 3/4 is then epochs 0-149
+    ),
     # DiffExp Figure 4 (b): PickScore on the 135 animal-activity prompts of Table 1 (Table 2 lists the unseen ones)
-    "diffexp-fig4b": dict(reward="pickscore", prompts="animal_activities", diffexp=True),  # DiffExp Fig. 4 (b)
+    "diffexp-fig4b": dict(
+        reward="pickscore",
+        prompts="animal_activities",
+        diffexp=True,
+        samples_per_update=32,  # ours, as diffexp-fig4a
+        epochs=200,  # as diffexp-fig4a
+    ),
     # The DDPO baseline of CoCA's released aesthetic run (Lil-Shake/CoCA bash/train_ddpo_aesthetic.sh with
     # config/config_coca.py:aesthetic on 4 GPUs): run it with `accelerate launch --num_processes 4`
     "coca-ddpo-aesthetic": dict(
