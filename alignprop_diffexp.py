@@ -61,6 +61,10 @@ Deviations and assumptions
      zeros, as diffusers' SDXL pipeline (force_zeros_for_empty_prompt), so Eq. 8 becomes c[i] <- w c[i]. In fp16 the
      VAE is kept and decodes in fp32 (its force_upcast; a folder with the fp16-fix VAE decodes in fp16). Ours: the
      UNet also checkpoints block by block; 1024 px and a train batch of 1 (the paper gives no SDXL resolution).
+  9. The reward's input: by default resized to 224 px as CLIP's own processor does (bicubic, antialiased) and
+     scored in fp32. The release resized with torchvision 0.15.2's Resize(224) on a tensor (bilinear, no
+     antialiasing) and scored in fp16; the GPU presets do the same (--reward-resize bilinear
+     --half-precision-rewards), which changes both the scores and the gradient that reaches the pixels.
 
 Commands
   Paper setting (1 GPU; `accelerate launch --num_processes 4 alignprop_diffexp.py ...` for 4):
@@ -76,10 +80,12 @@ Commands
 
 import atexit
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -109,6 +115,7 @@ from common import (
     randomly_weight_prompts,
     save_lora,
     score_images,
+    set_reward_resize,
     unseen_twin,
 )
 
@@ -144,7 +151,8 @@ class Args:
     """unseen prompt set for evaluation (default: the training set's unseen twin if it has one: a named set's,
     or X_test.txt beside X_train.txt)"""
     run_name: Optional[str] = None
-    """folder name under output_dir (default: <script>_<reward>_seed<seed>)"""
+    """folder name under output_dir (default: the script, the preset, the flags that define the run beyond the
+    preset's, the process count if > 1 and the seed: ddpo_diffexp_diffexp-fig4a_no-diffexp_seed0)"""
     output_dir: str = "runs"
     """where runs are written"""
     seed: int = 0
@@ -182,7 +190,8 @@ class Args:
     mixed_precision: str = "fp16"
     """frozen weights: fp16, bf16 or no (fp32); a CPU runs bf16, and fp16 as fp32; LoRA params are fp32"""
     half_precision_rewards: bool = False
-    """reward models in the frozen weights' half precision, to save GPU memory; by default fp32, as the references"""
+    """reward models in the frozen weights' half precision (AlignProp@a831a5f scored in fp16); by default fp32, as
+    DDPO's and CoCA's releases score and the least lossy for a reward's gradient"""
     eval_every: int = 10
     """evaluate before every eval_every-th epoch and after the last"""
     eval_images_per_prompt: int = 10
@@ -220,6 +229,9 @@ class Args:
     """factor of the loss (the release's loss_coeff: 0.01; with AdamW it only moves the clipping threshold)"""
     reward_target: Optional[float] = None
     """None: loss = -mean r; a number: loss = mean |r - target|, as the release (10 for aesthetic)"""
+    reward_resize: str = "bicubic"
+    """how a reward resizes the decoded image to 224 px: bicubic (antialiased, as CLIP's own processor) or bilinear
+    (no antialiasing: the release's torchvision.transforms.Resize(224) on a tensor under torchvision 0.15.2)"""
 
 
 # Named presets (--preset NAME; --tiny and --shapes name the first two): each sets the flags of one experiment,
@@ -270,6 +282,8 @@ PRESETS = {
         prompts="animals",  # prompt_fn simple_animals
         diffexp=True,
         truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
+        reward_resize="bilinear",  # main.py: torchvision.transforms.Resize(224) under torchvision 0.15.2
+        half_precision_rewards=True,  # main.py: the scorer cast to inference_dtype, fp16
         weight_decay=0.1,  # adam_weight_decay
         max_grad_norm=5.0,  # max_grad_norm, on the 0.01-scaled loss below
         loss_scale=0.01,  # loss_coeff
@@ -287,6 +301,8 @@ PRESETS = {
         prompts="animals",  # DiffExp: "Aesthetic Score on animal prompts"
         diffexp=True,
         truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
+        reward_resize="bilinear",  # main.py: torchvision.transforms.Resize(224) under torchvision 0.15.2
+        half_precision_rewards=True,  # main.py: the scorer cast to inference_dtype, fp16
         sample_batch_size=2,  # ours: small batches for 1024 px SDXL's memory
         train_batch_size=1,  # ours, likewise: the backward runs through the fp32 VAE decoder (32 GB on an H200)
         weight_decay=0.1,  # adam_weight_decay
@@ -305,6 +321,8 @@ PRESETS = {
         eval_unseen_prompts="drawbench_unseen",  # ours: DiffExp's unseen set (150 Parti prompts) is not offline
         diffexp=True,
         truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
+        reward_resize="bilinear",  # main.py: torchvision.transforms.Resize(224) under torchvision 0.15.2
+        half_precision_rewards=True,  # main.py: the scorer cast to inference_dtype, fp16
         weight_decay=0.1,  # adam_weight_decay
         max_grad_norm=5.0,  # max_grad_norm, on the 0.01-scaled loss below
         loss_scale=0.01,  # loss_coeff; no target (ours: an ensemble has no natural one), so loss = -0.01 R
@@ -323,6 +341,8 @@ PRESETS = {
         samples_per_update=128,  # total_batch_size=128
         train_batch_size=4,  # per_gpu_capacity=4
         truncation="per_step",  # truncated_backprop_rand, minmax (0, 50)
+        reward_resize="bilinear",  # main.py: torchvision.transforms.Resize(224) under torchvision 0.15.2
+        half_precision_rewards=True,  # main.py: the scorer cast to inference_dtype, fp16
         learning_rate=1e-3,
         adam_betas=(0.9, 0.999),  # general(): adam_beta1, adam_beta2 (DiffExp's text: 0.99)
         weight_decay=0.1,
@@ -438,6 +458,8 @@ def diffexp_flag_problems(args):
 
 def method_flag_problems(args, num_processes):
     """The problems of this script's own flags (the shared ones hold: no batch size is 0)."""
+    if args.reward_resize not in ("bicubic", "bilinear"):
+        return [f"--reward-resize {args.reward_resize} must be bicubic or bilinear"]
     if not reward_is_differentiable(args.reward):
         return [
             f"reward '{args.reward}' is not differentiable; AlignProp backpropagates through the reward, "
@@ -471,6 +493,51 @@ def check_args(args, num_processes):
 # flags that may change when a run is resumed: how long it runs and how often it logs; every other flag defines
 # the experiment, and a resumed run that changed one would silently continue a different one
 SAFE_TO_CHANGE_ON_RESUME = ("epochs", "eval_every", "save_every", "resume", "output_dir", "run_name", "report_to")
+
+
+def default_run_name(args, num_processes):
+    """The run folder's name when --run-name is not given: the script, the preset (none for the defaults), the flags
+    that define the run beyond the preset's, the process count (if > 1: each process draws its own numbers) and the
+    seed, e.g. ddpo_diffexp_diffexp-fig4a_no-diffexp_seed0.
+
+    Two commands that train different runs get different names; the same command with --resume, or with another of
+    the SAFE_TO_CHANGE_ON_RESUME flags, gets the same one. A flag that the others imply is left out (--diffexp turns
+    on --dynamic-cfg and --prompt-weighting). A name over 100 characters is cut, and ends with a hash of the whole.
+    """
+
+    def words(name, value):  # a flag as typed: --diffexp, --no-diffexp, --model tiny, --adam-betas 0.9 0.999
+        if isinstance(value, bool):
+            return [flag(name) if value else "--no-" + flag(name)[2:]]
+        return [flag(name), *map(str, value if isinstance(value, tuple) else [value])]
+
+    preset = ["--preset", args.preset] if args.preset else []
+    defining = [field.name for field in fields(args) if field.name not in SAFE_TO_CHANGE_ON_RESUME]
+    defining = [name for name in defining if name not in ("preset", "seed")]  # named on their own
+
+    def differences(names):  # the defining fields in which `--preset P --<name> <value> ...` differs from args
+        again = parse_args(preset + [word for name in names for word in words(name, getattr(args, name))])
+        return [name for name in defining if getattr(again, name) != getattr(args, name)]
+
+    changed = differences([])  # the flags whose values differ from the preset's
+    while extra := [name for name in differences(changed) if name not in changed]:  # an implication overridden:
+        changed = [name for name in defining if name in changed + extra]  # --diffexp --no-dynamic-cfg
+    for name in list(changed):  # leave out a flag that the others imply: --diffexp --dynamic-cfg is --diffexp
+        if not differences([other for other in changed if other != name]):
+            changed.remove(name)
+    parts = [os.path.splitext(os.path.basename(__file__))[0]] + ([args.preset] if args.preset else [])
+    for name in changed:
+        value = getattr(args, name)
+        if isinstance(value, bool):
+            parts.append(words(name, value)[0][2:])  # diffexp, no-diffexp
+        else:
+            parts.append(f"{flag(name)[2:]}={'-'.join(words(name, value)[1:])}")  # reward=pickscore
+    parts += [f"{num_processes}processes"] if num_processes > 1 else []
+    body = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts).replace("*", "x"))  # 2*a+b: 2xa+b; a/b: a-b
+    name = f"{body}_seed{args.seed}"
+    if len(name) > 100:
+        tail = f"_{hashlib.sha1(name.encode()).hexdigest()[:8]}_seed{args.seed}"
+        name = body[: 100 - len(tail)] + tail
+    return name
 
 
 def checkpoint_folders(run_dir):
@@ -959,7 +1026,7 @@ def main(args):
     if not progress_bars:
         disable_library_progress_bars()  # the models' loading and download bars too
     script = os.path.splitext(os.path.basename(__file__))[0]
-    run_name = args.run_name or f"{script}_{args.reward.replace('*', 'x')}_seed{args.seed}"  # 2*a+b: 2xa+b
+    run_name = args.run_name or default_run_name(args, accelerator.num_processes)
     run_dir = os.path.join(args.output_dir, run_name)
     # The run folder is only read until the models have loaded: a start that fails (a bad model id, no network)
     # writes nothing, so its corrected rerun starts as if it had never happened.
@@ -969,8 +1036,6 @@ def main(args):
         if state["epoch"] >= args.epochs:  # a finished run resumes as a no-op and changes no file
             accelerator.print(f"{run_dir} is complete ({state['epoch']} of {args.epochs} epochs); nothing to do")
             return
-    elif checkpoint_folders(run_dir):
-        raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")
     start_epoch = state.get("epoch", 0)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
@@ -979,7 +1044,7 @@ def main(args):
     eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
 
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
-    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # the references score in fp32
+    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # fp32 unless asked
     reward_fn = load_reward(args.reward, accelerator.device, reward_dtype, tiny=args.tiny)
     eval_reward = args.eval_reward or args.reward
     eval_reward_fn = (
@@ -987,6 +1052,8 @@ def main(args):
         if eval_reward == args.reward
         else load_reward(eval_reward, accelerator.device, reward_dtype, tiny=args.tiny)
     )
+    if not args.resume and checkpoint_folders(run_dir):  # after the loads: a bad --model or reward is named first
+        raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")
     accelerator.wait_for_everyone()  # every process has checked the folder and loaded its models
     if accelerator.is_main_process:
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
@@ -1030,6 +1097,8 @@ def main(args):
     # the backward's peak is one block's activations, not a whole 2.6 G-parameter UNet's at 128 x 128 latents.
     if is_sdxl(pipeline):
         pipeline.unet.enable_gradient_checkpointing()
+    for reward in (reward_fn, eval_reward_fn):  # --reward-resize (the GPU presets: bilinear, as the release)
+        set_reward_resize(reward, args.reward_resize)
 
     for epoch in tqdm(
         range(start_epoch, args.epochs),

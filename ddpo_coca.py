@@ -74,10 +74,12 @@ Commands
 
 import atexit
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -141,7 +143,8 @@ class Args:
     """unseen prompt set for evaluation (default: the training set's unseen twin if it has one: a named set's,
     or X_test.txt beside X_train.txt)"""
     run_name: Optional[str] = None
-    """folder name under output_dir (default: <script>_<reward>_seed<seed>)"""
+    """folder name under output_dir (default: the script, the preset, the flags that define the run beyond the
+    preset's, the process count if > 1 and the seed: ddpo_diffexp_diffexp-fig4a_no-diffexp_seed0)"""
     output_dir: str = "runs"
     """where runs are written"""
     seed: int = 0
@@ -177,7 +180,8 @@ class Args:
     mixed_precision: str = "fp16"
     """frozen weights: fp16, bf16 or no (fp32); a CPU runs bf16, and fp16 as fp32; LoRA params are fp32"""
     half_precision_rewards: bool = False
-    """reward models in the frozen weights' half precision, to save GPU memory; by default fp32, as the references"""
+    """reward models in the frozen weights' half precision (AlignProp@a831a5f scored in fp16); by default fp32, as
+    DDPO's and CoCA's releases score and the least lossy for a reward's gradient"""
     eval_every: int = 10
     """evaluate before every eval_every-th epoch and after the last"""
     eval_images_per_prompt: int = 10
@@ -452,6 +456,51 @@ def check_args(args, num_processes):
 # flags that may change when a run is resumed: how long it runs and how often it logs; every other flag defines
 # the experiment, and a resumed run that changed one would silently continue a different one
 SAFE_TO_CHANGE_ON_RESUME = ("epochs", "eval_every", "save_every", "resume", "output_dir", "run_name", "report_to")
+
+
+def default_run_name(args, num_processes):
+    """The run folder's name when --run-name is not given: the script, the preset (none for the defaults), the flags
+    that define the run beyond the preset's, the process count (if > 1: each process draws its own numbers) and the
+    seed, e.g. ddpo_diffexp_diffexp-fig4a_no-diffexp_seed0.
+
+    Two commands that train different runs get different names; the same command with --resume, or with another of
+    the SAFE_TO_CHANGE_ON_RESUME flags, gets the same one. A flag that the others imply is left out (--diffexp turns
+    on --dynamic-cfg and --prompt-weighting). A name over 100 characters is cut, and ends with a hash of the whole.
+    """
+
+    def words(name, value):  # a flag as typed: --diffexp, --no-diffexp, --model tiny, --adam-betas 0.9 0.999
+        if isinstance(value, bool):
+            return [flag(name) if value else "--no-" + flag(name)[2:]]
+        return [flag(name), *map(str, value if isinstance(value, tuple) else [value])]
+
+    preset = ["--preset", args.preset] if args.preset else []
+    defining = [field.name for field in fields(args) if field.name not in SAFE_TO_CHANGE_ON_RESUME]
+    defining = [name for name in defining if name not in ("preset", "seed")]  # named on their own
+
+    def differences(names):  # the defining fields in which `--preset P --<name> <value> ...` differs from args
+        again = parse_args(preset + [word for name in names for word in words(name, getattr(args, name))])
+        return [name for name in defining if getattr(again, name) != getattr(args, name)]
+
+    changed = differences([])  # the flags whose values differ from the preset's
+    while extra := [name for name in differences(changed) if name not in changed]:  # an implication overridden:
+        changed = [name for name in defining if name in changed + extra]  # --diffexp --no-dynamic-cfg
+    for name in list(changed):  # leave out a flag that the others imply: --diffexp --dynamic-cfg is --diffexp
+        if not differences([other for other in changed if other != name]):
+            changed.remove(name)
+    parts = [os.path.splitext(os.path.basename(__file__))[0]] + ([args.preset] if args.preset else [])
+    for name in changed:
+        value = getattr(args, name)
+        if isinstance(value, bool):
+            parts.append(words(name, value)[0][2:])  # diffexp, no-diffexp
+        else:
+            parts.append(f"{flag(name)[2:]}={'-'.join(words(name, value)[1:])}")  # reward=pickscore
+    parts += [f"{num_processes}processes"] if num_processes > 1 else []
+    body = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts).replace("*", "x"))  # 2*a+b: 2xa+b; a/b: a-b
+    name = f"{body}_seed{args.seed}"
+    if len(name) > 100:
+        tail = f"_{hashlib.sha1(name.encode()).hexdigest()[:8]}_seed{args.seed}"
+        name = body[: 100 - len(tail)] + tail
+    return name
 
 
 def checkpoint_folders(run_dir):
@@ -1031,7 +1080,7 @@ def main(args):
     if not progress_bars:
         disable_library_progress_bars()  # the models' loading and download bars too
     script = os.path.splitext(os.path.basename(__file__))[0]
-    run_name = args.run_name or f"{script}_{args.reward.replace('*', 'x')}_seed{args.seed}"  # 2*a+b: 2xa+b
+    run_name = args.run_name or default_run_name(args, accelerator.num_processes)
     run_dir = os.path.join(args.output_dir, run_name)
     # The run folder is only read until the models have loaded: a start that fails (a bad model id, no network)
     # writes nothing, so its corrected rerun starts as if it had never happened.
@@ -1041,8 +1090,6 @@ def main(args):
         if state["epoch"] >= args.epochs:  # a finished run resumes as a no-op and changes no file
             accelerator.print(f"{run_dir} is complete ({state['epoch']} of {args.epochs} epochs); nothing to do")
             return
-    elif checkpoint_folders(run_dir):
-        raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")
     start_epoch = state.get("epoch", 0)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
@@ -1051,7 +1098,7 @@ def main(args):
     eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
 
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
-    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # the references score in fp32
+    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # fp32 unless asked
     reward_fn = load_reward(args.reward, accelerator.device, reward_dtype, tiny=args.tiny)
     eval_reward = args.eval_reward or args.reward
     eval_reward_fn = (
@@ -1059,6 +1106,8 @@ def main(args):
         if eval_reward == args.reward
         else load_reward(eval_reward, accelerator.device, reward_dtype, tiny=args.tiny)
     )
+    if not args.resume and checkpoint_folders(run_dir):  # after the loads: a bad --model or reward is named first
+        raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")
     accelerator.wait_for_everyone()  # every process has checked the folder and loaded its models
     if accelerator.is_main_process:
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)

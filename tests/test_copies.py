@@ -47,6 +47,7 @@ SHARED_BLOCKS = [
     ("function", "checkpoint_folders", SCRIPTS),
     ("function", "load_last_checkpoint", SCRIPTS),
     ("function", "check_resume", SCRIPTS),
+    ("function", "default_run_name", SCRIPTS),
     ("function", "process_alive", SCRIPTS),
     ("function", "lock_run", SCRIPTS),
     ("function", "append_jsonl", SCRIPTS),

@@ -149,6 +149,14 @@ def test_a_start_that_cannot_load_its_model_writes_nothing(script, run_flags, tm
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bad_model_is_named_before_a_folder_that_has_checkpoints(script, run_flags, tmp_path):
+    """`--tiny --model tiny-sd` on a folder with checkpoints: the mistake to fix is the model, not the folder."""
+    (tmp_path / "full" / "checkpoints" / "epoch_0001").mkdir(parents=True)
+    code = run_main(script, [*run_flags[script], "--model", "does/not/exist", "--run-name", "full"], tmp_path)
+    assert code.startswith("error: cannot load the model 'does/not/exist'") and "\n" not in code, code
+
+
 def test_a_run_folder_without_a_checkpoint_is_reused(tmp_path):
     """A folder that a failed start left (no checkpoint) is started afresh: its old log lines are dropped."""
     run = tmp_path / "full"
