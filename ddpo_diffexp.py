@@ -418,9 +418,10 @@ def check_args(args, num_processes):
         raise SystemExit("error: " + "; ".join(problems))
 
 
-# flags that may change when a run is resumed: how long it runs and how often it logs; every other flag defines
-# the experiment, and a resumed run that changed one would silently continue a different one
-SAFE_TO_CHANGE_ON_RESUME = ("epochs", "eval_every", "save_every", "resume", "output_dir", "run_name", "report_to")
+# flags that may change when a run is resumed: how often it evaluates, saves and reports, and where it is; every
+# other flag defines the experiment, and a resumed run that changed one would silently continue a different one.
+# --epochs too: DiffExp explores in its first 3/4 and B2-DiffuRL's stage schedule follows it
+SAFE_TO_CHANGE_ON_RESUME = ("eval_every", "save_every", "report_to", "resume", "output_dir", "run_name")
 
 
 def default_run_name(args, num_processes):

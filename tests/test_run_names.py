@@ -75,6 +75,7 @@ def test_a_run_name_says_what_the_run_is():
     assert name("--diffexp") == name("--diffexp", "--dynamic-cfg") == "ddpo_diffexp_diffexp_seed0"
     assert name("--diffexp", "--no-dynamic-cfg") == "ddpo_diffexp_diffexp_no-dynamic-cfg_seed0"
     assert name("--preset", "diffexp-fig4a", "--no-diffexp") == "ddpo_diffexp_diffexp-fig4a_no-diffexp_seed0"
+    assert name("--preset", "diffexp-fig4a", "--epochs", "3") == "ddpo_diffexp_diffexp-fig4a_epochs=3_seed0"
     assert name("--tiny", "--reward", "2*aesthetic+jpeg_compressibility", processes=2) == (
         "ddpo_diffexp_tiny_reward=2xaesthetic+jpeg_compressibility_2processes_seed0"
     )
