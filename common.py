@@ -204,17 +204,25 @@ def check_reward_name(name, names=REWARD_NAMES):
         raise SystemExit(f"error: unknown reward '{name}'; choose one of {', '.join(names)}")
 
 
-def clip_preprocess(images, size=224):
+def clip_preprocess(images, size=224, resize="bicubic"):
     """Differentiable version of CLIPImageProcessor: (B, 3, H, W) in [0, 1] -> (B, 3, size, size) normalised.
 
     Same steps as the processor: bicubic resize of the shortest side to `size` (with antialiasing, as PIL
     does), centre crop, clamp to [0, 1], normalise with CLIP's mean / std. No uint8 round trip, so the
     gradient reaches the pixels (the processor's own quantisation is the only difference, about 1/255).
+    resize="bilinear" resizes as AlignProp@a831a5f's `torchvision.transforms.Resize(224)` did on a tensor under
+    its torchvision 0.15.2: bilinear, no antialiasing, align_corners False, computed in fp32 and cast back.
     """
     height, width = images.shape[-2:]
     scale = size / min(height, width)
     new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
-    images = F.interpolate(images, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True)
+    if resize == "bilinear":  # no antialiasing: from 512 px an output pixel reads 2 x 2 of the ~2.3 x 2.3 it covers
+        resized = F.interpolate(images.float(), size=(new_height, new_width), mode="bilinear", align_corners=False)
+        images = resized.to(images.dtype)
+    else:
+        images = F.interpolate(
+            images, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True
+        )
     top, left = (new_height - size) // 2, (new_width - size) // 2
     images = images[..., top : top + size, left : left + size].clamp(0, 1)
     mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
@@ -255,6 +263,7 @@ class AestheticReward(torch.nn.Module):
     """aesthetic = MLP(CLIP ViT-L/14 image embedding / ||embedding||); about 4-7 on real images."""
 
     differentiable = True
+    resize = "bicubic"  # clip_preprocess's; set_reward_resize changes it
 
     def __init__(self, vision_model, head):
         super().__init__()
@@ -262,7 +271,7 @@ class AestheticReward(torch.nn.Module):
 
     def forward(self, images, prompts):
         embeddings = self.vision_model(
-            pixel_values=clip_preprocess(images).to(self.head.layers[0].weight.dtype)
+            pixel_values=clip_preprocess(images, resize=self.resize).to(self.head.layers[0].weight.dtype)
         ).image_embeds
         embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)  # the MLP was trained on unit vectors
         return self.head(embeddings).squeeze(-1).float()  # (B,)
@@ -276,6 +285,7 @@ class ClipSimilarityReward(torch.nn.Module):
     """
 
     differentiable = True
+    resize = "bicubic"  # clip_preprocess's; set_reward_resize changes it
 
     def __init__(self, clip_model, tokenizer, use_logit_scale):
         super().__init__()
@@ -291,7 +301,7 @@ class ClipSimilarityReward(torch.nn.Module):
 
     def forward(self, images, prompts):
         model = self.clip_model
-        pixel_values = clip_preprocess(images).to(model.visual_projection.weight.dtype)
+        pixel_values = clip_preprocess(images, resize=self.resize).to(model.visual_projection.weight.dtype)
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
         device = pixel_values.device
         cosine = self.cosine(pixel_values, tokens.input_ids.to(device), tokens.attention_mask.to(device))  # (B,)
@@ -352,6 +362,14 @@ def parse_reward_spec(spec, names=REWARD_NAMES):
     if len({name for _, name in members}) < len(members):
         raise SystemExit(f"error: reward '{spec}' names a reward twice; give it one weight instead")
     return members
+
+
+def set_reward_resize(reward_fn, resize):
+    """Make every reward module inside `reward_fn` (an ensemble's members too) resize with clip_preprocess's
+    `resize` ("bicubic" or "bilinear"); rewards without a CLIP-style preprocessing (JPEG, shapes) are left alone."""
+    for module in reward_fn.modules() if isinstance(reward_fn, torch.nn.Module) else []:
+        if isinstance(getattr(module, "resize", None), str):
+            module.resize = resize
 
 
 class EnsembleReward(torch.nn.Module):
@@ -542,6 +560,7 @@ class ImageRewardModel(torch.nn.Module):
     tokens, and an MLP scores its [CLS] feature: r = (MLP(cls) - mean) / std. Differentiable in the image."""
 
     differentiable = True
+    resize = "bicubic"  # clip_preprocess's; set_reward_resize changes it
 
     def __init__(self, vision_model, text_model, head, tokenizer):
         super().__init__()
@@ -560,7 +579,7 @@ class ImageRewardModel(torch.nn.Module):
         return ((self.head(text[:, 0]).squeeze(-1) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).float()
 
     def forward(self, images, prompts):
-        pixel_values = clip_preprocess(images).to(self.head.layers[0].weight.dtype)
+        pixel_values = clip_preprocess(images, resize=self.resize).to(self.head.layers[0].weight.dtype)
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt"
         )

@@ -456,3 +456,54 @@ def test_imagereward_checkpoint_in_the_package_format_reproduces_the_package_sco
     assert torch.allclose(scores, golden["scores_64_package_preprocess"], atol=1e-3, rtol=0)
     scores.sum().backward()
     assert pixels.grad.abs().sum() > 0 and torch.isfinite(pixels.grad).all()
+
+
+def bilinear_reference(image, size):
+    """Bilinear resize, no antialiasing, align_corners False, written out from its definition (torchvision 0.15's
+    Resize on a tensor): output pixel i reads input position (i + 0.5) * in / out - 0.5, clamped at 0, and
+    interpolates linearly between its two neighbours; rows, then columns. image (C, H, W) numpy."""
+    import numpy as np
+
+    def along(axis_length, out_length):
+        position = np.maximum((np.arange(out_length) + 0.5) * axis_length / out_length - 0.5, 0.0)
+        low = np.minimum(np.floor(position).astype(int), axis_length - 1)
+        high = np.minimum(low + 1, axis_length - 1)
+        return low, high, position - low
+
+    low, high, weight = along(image.shape[1], size)
+    rows = image[:, low, :] * (1 - weight)[None, :, None] + image[:, high, :] * weight[None, :, None]
+    low, high, weight = along(image.shape[2], size)
+    return rows[:, :, low] * (1 - weight)[None, None, :] + rows[:, :, high] * weight[None, None, :]
+
+
+def test_the_releases_bilinear_reward_resize_against_its_definition():
+    """AlignProp@a831a5f's reward input (--reward-resize bilinear): a 512 px image to 224 as torchvision 0.15.2's
+    Resize did, and not what the default (CLIP's processor: bicubic, antialiased) gives."""
+    import numpy as np
+
+    images = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(common.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(common.CLIP_STD).view(1, 3, 1, 1)
+    bilinear = common.clip_preprocess(images, resize="bilinear") * std + mean  # back to [0, 1] pixels
+    expected = np.stack([bilinear_reference(image.numpy().astype(np.float64), 224) for image in images])
+    np.testing.assert_allclose(bilinear.numpy(), expected, atol=1e-4)  # torch's source positions are fp32
+    bicubic = common.clip_preprocess(images) * std + mean
+    assert (bicubic - bilinear).abs().mean() > 0.01  # antialiasing averages the noise away, bilinear does not
+    half = common.clip_preprocess(images.half(), resize="bilinear")  # fp16 in: resized in fp32, cast back
+    assert half.dtype == torch.float16
+
+
+def test_the_alignprop_presets_score_as_the_release_and_the_resize_reaches_every_member():
+    import alignprop_diffexp
+
+    for preset in ("diffexp-fig4a", "diffexp-fig10a", "diffexp-fig10b", "alignprop-aesthetic"):
+        args = alignprop_diffexp.parse_args(["--preset", preset])
+        assert args.reward_resize == "bilinear" and args.half_precision_rewards, preset
+    assert alignprop_diffexp.parse_args([]).reward_resize == "bicubic"
+    ensemble = worlds.load_reward("aesthetic+pickscore+jpeg_compressibility", "cpu", torch.float32, tiny=True)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    before = ensemble.score(images, ["a cat", "a dog"])[1]
+    common.set_reward_resize(ensemble, "bilinear")
+    assert [getattr(member, "resize", None) for member in ensemble.members] == ["bilinear", "bilinear", None]
+    after = ensemble.score(images, ["a cat", "a dog"])[1]
+    assert all(not torch.equal(before[name], after[name]) for name in ("aesthetic", "pickscore"))
+    assert torch.equal(before["jpeg_compressibility"], after["jpeg_compressibility"])
