@@ -43,6 +43,31 @@ def hub_error(what, exception):
     )
 
 
+def check_hub_reachable(repositories, what, offline="use --tiny to run offline"):
+    """Stop at once with one error line if a hub repository of `what` is neither in the local cache nor reachable.
+
+    Without this, huggingface_hub would try each file of a model it cannot reach five times, about 30 s in all and
+    two log lines a try, before the loader gives up. A repository in the cache loads from it (offline too);
+    model_info asks the hub once and fails at once without network, under HF_HUB_OFFLINE=1 or for a missing
+    repository, as load_pipeline's own check does. `offline` says what the run can use instead.
+    """
+    from huggingface_hub import model_info, snapshot_download
+
+    for repository in repositories:
+        try:
+            snapshot_download(repository, local_files_only=True)  # cached: nothing to ask the hub
+            continue
+        except Exception:  # LocalEntryNotFoundError: not in the cache
+            pass
+        try:
+            model_info(repository)
+        except Exception as exception:  # a connection error, OfflineModeIsEnabled, RepositoryNotFoundError
+            raise SystemExit(
+                f"error: cannot load {what}: {repository} is neither in the local cache nor reachable on the hub "
+                f"({first_line(exception)}). Check the network, or {offline}."
+            )
+
+
 def freeze(module, device, dtype):
     """No gradients, eval mode (no dropout), on `device` in `dtype`: how every pretrained network is used here."""
     module.requires_grad_(False)
@@ -662,6 +687,17 @@ def load_aesthetic_head(path):
     head = AestheticMLP()
     head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return head
+
+
+# the hub repositories each reward loads (jpeg_*: none), for check_hub_reachable
+REWARD_REPOSITORIES = {
+    "aesthetic": (AESTHETIC_HEAD[0], AESTHETIC_CLIP),
+    "pickscore": (PICKSCORE_MODEL, LAION_CLIP_H),  # LAION_CLIP_H: its tokenizer
+    "clipscore": (LAION_CLIP_H,),
+    "imagereward": (IMAGEREWARD_REPOSITORY, "bert-base-uncased"),
+    "hpsv2": (HPSV2_REPOSITORY, LAION_CLIP_H),
+    "hpsv2.1": (HPSV2_REPOSITORY, LAION_CLIP_H),
+}
 
 
 def load_reward(name, device, dtype, aesthetic_head_path=None):

@@ -1100,12 +1100,12 @@ def main(args):
 
     pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
     reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # fp32 unless asked
-    reward_fn = load_reward(args.reward, accelerator.device, reward_dtype, tiny=args.tiny)
+    reward_fn = load_reward(args.reward, accelerator.device, reward_dtype, tiny=args.tiny, shapes=args.shapes)
     eval_reward = args.eval_reward or args.reward
     eval_reward_fn = (
         reward_fn
         if eval_reward == args.reward
-        else load_reward(eval_reward, accelerator.device, reward_dtype, tiny=args.tiny)
+        else load_reward(eval_reward, accelerator.device, reward_dtype, tiny=args.tiny, shapes=args.shapes)
     )
     if not args.resume and checkpoint_folders(run_dir):  # after the loads: a bad --model or reward is named first
         raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")

@@ -71,19 +71,34 @@ def load_pipeline(model, device, dtype):
     return common.load_pipeline(folder, device, dtype)
 
 
-def load_single_reward(name, device, dtype, tiny):
+def offline_rewards(tiny, shapes):
+    """What a run whose hub reward cannot load can use instead, for its error line: the offline rewards of its
+    world (--shapes: the shapes world's; --tiny: the tiny towers; a run on a real model: either world)."""
+    shapes_rewards = f"{', '.join(shapes_world.REWARD_NAMES[:-1])} or {shapes_world.REWARD_NAMES[-1]}"
+    tiny_rewards = f"{', '.join(tiny_world.REWARD_NAMES[:-1])} or {tiny_world.REWARD_NAMES[-1]}"
+    if shapes:
+        return f"use the shapes world's rewards, offline: --reward {shapes_rewards}"
+    if tiny:
+        return f"use a reward of the tiny towers, offline: --reward {tiny_rewards}"
+    return f"run offline: --tiny (the rewards on tiny random towers) or --shapes (--reward {shapes_rewards})"
+
+
+def load_single_reward(name, device, dtype, tiny, shapes=False):
     if name in shapes_world.REWARD_NAMES:
         return common.freeze(shapes_world.load_reward(name), device, dtype)
     if tiny and name in tiny_world.REWARD_NAMES:
         return common.freeze(tiny_world.load_reward(name), device, dtype)
+    repositories = common.REWARD_REPOSITORIES.get(name, ())
+    common.check_hub_reachable(repositories, f"the reward '{name}'", offline_rewards(tiny, shapes))
     return common.load_reward(name, device, dtype)
 
 
-def load_reward(spec, device, dtype, tiny=False):
+def load_reward(spec, device, dtype, tiny=False, shapes=False):
     """The reward `spec`, frozen on `device`: the shapes world's, a tiny one (`tiny`), or common.py's real one; an
-    ensemble (common.EnsembleReward) of those for a spec with several members."""
+    ensemble (common.EnsembleReward) of those for a spec with several members. A real one that is neither cached
+    nor reachable stops at once, naming the offline rewards of the run's world (`tiny`, `shapes`: its preset)."""
     members = reward_members(spec)
     if len(members) == 1 and members[0][0] == 1.0:  # "aesthetic", "1*aesthetic": the reward itself
-        return load_single_reward(members[0][1], device, dtype, tiny)
-    loaded = [(weight, name, load_single_reward(name, device, dtype, tiny)) for weight, name in members]
+        return load_single_reward(members[0][1], device, dtype, tiny, shapes)
+    loaded = [(weight, name, load_single_reward(name, device, dtype, tiny, shapes)) for weight, name in members]
     return common.EnsembleReward(loaded, REWARD_SCALES)

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import MICRO_FLAGS, SCRIPTS, read_jsonl, run_script, with_values
+from conftest import MICRO_FLAGS, ROOT, SCRIPTS, read_jsonl, run_script, with_values
 
 MODULES = {script: importlib.import_module(script[:-3]) for script in SCRIPTS}
 
@@ -155,6 +155,73 @@ def test_a_bad_model_is_named_before_a_folder_that_has_checkpoints(script, run_f
     (tmp_path / "full" / "checkpoints" / "epoch_0001").mkdir(parents=True)
     code = run_main(script, [*run_flags[script], "--model", "does/not/exist", "--run-name", "full"], tmp_path)
     assert code.startswith("error: cannot load the model 'does/not/exist'") and "\n" not in code, code
+
+
+def test_a_hub_reward_that_cannot_load_names_the_offline_rewards_of_the_run():
+    from worlds import offline_rewards
+
+    shapes, tiny, plain = offline_rewards(tiny=False, shapes=True), offline_rewards(True, False), offline_rewards(0, 0)
+    assert "--reward shapes, shapes_binary or shapes_learned" in shapes and "--tiny" not in shapes  # two presets
+    assert "--reward aesthetic, pickscore, clipscore, imagereward, hpsv2 or hpsv2.1" in tiny and "shapes" not in tiny
+    assert "--tiny" in plain and "--shapes" in plain and "shapes_learned" in plain
+
+
+def unreachable_hub(monkeypatch, tmp_path):
+    """An empty hub cache and a hub that does not answer, as a machine without network meets them."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+
+
+def test_a_shapes_run_whose_hub_reward_cannot_load_names_the_shapes_rewards(monkeypatch, tmp_path):
+    unreachable_hub(monkeypatch, tmp_path)
+    monkeypatch.setattr(MODULES["ddpo_diffexp.py"], "load_pipeline", lambda *args: None)  # loaded before the reward
+    code = run_main("ddpo_diffexp.py", ["--shapes", "--reward", "pickscore"], tmp_path / "runs")
+    assert code.startswith("error: cannot load the reward 'pickscore': yuvalkirstain/PickScore_v1 is neither in "), code
+    assert code.endswith("--reward shapes, shapes_binary or shapes_learned.") and "\n" not in code, code
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_cached_hub_reward_does_not_ask_the_hub(monkeypatch, tmp_path):
+    from common import check_hub_reachable
+
+    unreachable_hub(monkeypatch, tmp_path)
+    snapshot = tmp_path / "hub" / "models--org--reward" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--reward" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--reward" / "refs" / "main").write_text("abc123")
+    check_hub_reachable(["org/reward"], "the reward 'x'")  # no SystemExit: it loads from the cache
+    with pytest.raises(SystemExit, match=r"^error: cannot load the reward 'x': org/other is neither in the local"):
+        check_hub_reachable(["org/reward", "org/other"], "the reward 'x'")
+
+
+def test_a_hub_reward_that_cannot_be_reached_fails_at_once_in_one_line(tmp_path):
+    """No network (a hub address that refuses connections), an empty cache, HF_HUB_OFFLINE unset: huggingface_hub
+    would retry every file for ~30 s with a log line per try; the load stops within a few seconds, in one line."""
+    child = (
+        "import time, torch, worlds\n"
+        "for spec in ('pickscore', 'aesthetic'):\n"
+        "    start = time.time()\n"
+        "    try:\n"
+        "        worlds.load_reward(spec, 'cpu', torch.float32)\n"
+        "    except SystemExit as stop:\n"
+        "        print(f'{time.time() - start:.1f} {stop.code}')\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env |= dict(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path), PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 2 and result.stderr == "", (result.stdout, result.stderr[-3000:])
+    for line in lines:
+        seconds, message = line.split(" ", 1)
+        assert float(seconds) < 5 and message.startswith("error: cannot load the reward '"), line
+        assert "--tiny" in message and "--shapes" in message, line  # a run on a real model: either offline world
 
 
 def test_a_run_folder_without_a_checkpoint_is_reused(tmp_path):
