@@ -215,7 +215,7 @@ def test_reward_models_stay_fp32_under_half_precision_weights(script, run_flags,
     def record_pipeline(model, device, dtype):
         loaded["pipeline"] = dtype
 
-    def record_reward_and_stop(name, device, dtype, tiny=False):
+    def record_reward_and_stop(name, device, dtype, tiny=False, shapes=False):
         loaded["reward"] = dtype
         raise SystemExit("stop: both precisions are known")
 
