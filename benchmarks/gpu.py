@@ -202,7 +202,6 @@ def sampling(pipeline, settings, facts, repeats):
             width=resolution, output_type="pt", generator=generator,
         ).images  # fmt: skip
 
-    result = {}
     # accelerate runs a prepared model's forward under autocast in the weights' precision: both samplers do here
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
         flops = counted_flops(ours)
