@@ -38,6 +38,8 @@ class MainProcess:
     scaler = None
     print = staticmethod(print)
     clip_grad_norm_ = staticmethod(torch.nn.utils.clip_grad_norm_)
+    unwrap_model = staticmethod(lambda model: model)
+    wait_for_everyone = staticmethod(lambda: None)
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -49,7 +51,7 @@ BAD_FLAGS = [
     (["--learning-rate", "-0.001"], "error: --learning-rate -0.001 must be > 0"),
     (["--learning-rate", "inf"], "error: --learning-rate inf must be finite"),
     (["--cfg-high", "nan"], "error: --cfg-high nan must be finite"),
-    (["--adam-betas", "0.9", "nan"], "error: --adam-betas (0.9, nan) must be finite"),
+    (["--adam-betas", "0.9", "nan"], "error: --adam-betas 0.9 nan must be finite"),
     (["--weight-decay", "-1"], "error: --weight-decay -1.0 must be >= 0"),
     (["--adam-betas", "0.9", "1.0"], "error: --adam-betas 0.9 1.0 must both be in [0, 1)"),
     (["--max-grad-norm", "-1"], "error: --max-grad-norm -1.0 must be > 0"),
@@ -311,17 +313,30 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(script, finished
         module.check_resume(module.parse_args(MICRO_FLAGS), str(run), str(run / "checkpoints" / "epoch_0001"))
 
 
+def lock_holder(path):
+    """Another process that holds the lock on `path` as a run does (flock, its pid in the file), until killed."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "lock = open(sys.argv[1], 'a+')\n"
+        "fcntl.flock(lock, fcntl.LOCK_EX)\n"
+        "lock.truncate(0), lock.write(str(os.getpid())), lock.flush(), print('locked', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_run_lock_is_exclusive_and_a_stale_one_is_taken_over(script, tmp_path):
     module = MODULES[script]
     lock = tmp_path / "run.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = lock_holder(lock)
     try:
-        lock.write_text(str(holder.pid))
         with pytest.raises(SystemExit, match=f"is held by process {holder.pid}"):
             module.lock_run(str(lock))
     finally:
-        holder.kill()
+        holder.kill()  # as kill -9: the OS ends its lock, and its pid stays in the file
         holder.wait()
     module.lock_run(str(lock))  # its process is gone: the lock is stale and taken over
     assert lock.read_text() == str(os.getpid())
@@ -331,9 +346,8 @@ def test_the_run_lock_is_exclusive_and_a_stale_one_is_taken_over(script, tmp_pat
 
 def test_a_second_run_of_a_locked_folder_stops_in_one_line(finished_runs, run_flags, tmp_path):
     run = copy_of(finished_runs("ddpo_diffexp.py"), tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = lock_holder(run / "run.lock")
     try:
-        (run / "run.lock").write_text(str(holder.pid))
         shutil.rmtree(run / "checkpoints" / "epoch_0002")  # an unfinished run: it would go on
         flags = [*run_flags["ddpo_diffexp.py"], "--run-name", "full", "--resume"]
         code = run_main("ddpo_diffexp.py", flags, tmp_path)
@@ -427,7 +441,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_tm
 
     monkeypatch.setattr(torch, "save", disk_full)  # the training state is written after the LoRA file
     with pytest.raises(SystemExit) as stop:
-        MODULES[script].save_checkpoint(str(run / "checkpoints" / "epoch_0003"), *unet_with_lora, dict(epoch=3))
+        MODULES[script].save_checkpoint(MODULES[script].Args(epochs=3), MainProcess, str(run), 2, *unet_with_lora)
     assert stop.value.code == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "No space left on device" in line and "the previous checkpoint is intact" in line

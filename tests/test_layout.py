@@ -112,3 +112,44 @@ def test_every_equation_tag_names_an_equation_of_its_paper(name):
 def test_the_papers_equation_labels_are_read():
     assert paper_equations("DiffExp") == set(range(1, 9))  # Eq. 1-8 of DiffExp
     assert {1, 2, 4, 5, 6} <= paper_equations("B2-DiffuRL")
+
+
+# ---------------------------------------------------------------------------------------------- reader first
+RUN_MANAGEMENT_BANNER = "# Run management:"  # the banner after main() under which run management stands
+SHARED_FROM = "# " + "-" * 88 + " the same in every script"  # the text from here to the end is one copy (test_copies)
+LIMITS = dict(lines=1000, main_starts_before=550, main=220, run_management=300)
+
+
+def layout(name):
+    """The reader-first measures of a method script: its length, where main() starts and how long it is, and the run
+    management's lines: the banner's section to the end of the file, less the PRESETS table (the experiments, whose
+    values PRESETS.md sources), plus main()'s statements that call a run-management function."""
+    source = read(name)
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    banner = next(number for number, line in enumerate(lines, 1) if line.startswith(RUN_MANAGEMENT_BANNER)) - 1
+    managed = {
+        node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.lineno > banner
+    }  # fmt: skip
+    presets = next(node for node in tree.body if isinstance(node, ast.Assign) and node.lineno > banner
+                   and any(getattr(target, "id", None) == "PRESETS" for target in node.targets))  # fmt: skip
+    calls = set()
+    for node in ast.walk(main):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in managed:
+            statement = next(s for s in ast.walk(main) if isinstance(s, ast.stmt) and not hasattr(s, "body")
+                             and s.lineno <= node.lineno <= s.end_lineno)  # fmt: skip
+            calls |= set(range(statement.lineno, statement.end_lineno + 1))
+    run_management = len(lines) - banner + 1 - (presets.end_lineno - presets.lineno + 1) + len(calls)
+    return dict(lines=len(lines), main_starts=main.lineno, main=main.end_lineno - main.lineno + 1,
+                run_management=run_management, banner=banner)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_method_comes_first_and_run_management_last(name):
+    """Issue 31: main() early and short, run management after it under one banner, every script short enough to read."""
+    measured = layout(name)
+    assert measured["main_starts"] < LIMITS["main_starts_before"], measured
+    assert measured["main"] <= LIMITS["main"], measured
+    assert measured["banner"] > measured["main_starts"], measured
+    assert SHARED_FROM in read(name), f"{name}: the shared run management starts with {SHARED_FROM!r}"
