@@ -181,7 +181,9 @@ def test_an_fp16_overflow_skips_the_step_and_only_17_in_a_row_stop_the_run(scrip
     assert math.isfinite(grad_norm) and skipped == 0
     assert any(not torch.equal(parameter, old) for parameter, old in zip(lora, before))
 
-    module.save_checkpoint(module.Args(epochs=1), fp16_accelerator, str(tmp_path), 0, unet, optimizer, skipped_in_a_row=0)
+    module.save_checkpoint(
+        module.Args(epochs=1), fp16_accelerator, str(tmp_path), 0, unet, optimizer, skipped_in_a_row=0
+    )
     saved = torch.load(tmp_path / "checkpoints" / "epoch_0001" / "training_state.pt", weights_only=False)
     assert saved["scaler"]["scale"] == 2.0**15  # a resumed run continues at the scale it had reached
 
