@@ -7,7 +7,8 @@ Papers
     Fragkiadaki; arXiv 2310.03739)
 
 What it implements
-  - The sampler as a differentiable function of the LoRA parameters: DDIM steps (eta = 0 by default, as AlignProp)
+  - The sampler as a differentiable function of the LoRA parameters: DDIM steps (Song et al. 2021, eqs. 12 and
+    16; eta = 0 by default, as AlignProp)
       x0_hat = (x_t - sqrt(1 - abar_t) eps~) / sqrt(abar_t)
       x_{t-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps~ + sigma_t z
       sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
@@ -16,7 +17,10 @@ What it implements
     the sampled latent, in [0, 1]. The gradient flows from the reward model through the VAE decoder into the
     denoising steps whose UNet output keeps its graph (truncated backpropagation); the UNet outputs of the other
     steps are constants (no grad), while the latent chain itself always carries the gradient. Every UNet call
-    that keeps its graph is gradient-checkpointed: memory grows by a few latents per kept step.
+    that keeps its graph is gradient-checkpointed: it stores only its inputs, of which only its latent is new at
+    each step (the prompt embeddings are the same tensors at every step), so memory grows by a few latents per kept
+    step (a latent is 32 KB per sample in fp16 at 512 px; tests/test_alignprop_diffexp.py measures the growth at
+    tiny size). The peak stays one UNet recomputation plus the VAE decoder's backward.
   - Which steps keep their graph (--truncation):
       per_step (the default; AlignProp's release as of mihirp1998/AlignProp@a831a5f:main.py, configs aesthetic
         and hps of config/align_prop.py): at every step j = 0..T-1 (0 = the noisiest) one draw
@@ -37,11 +41,7 @@ Deviations and assumptions
   2. --truncation defaults to per_step, the release that DiffExp's experiments (AAAI 2025, "based on the
      implementation of the respective baseline") most likely ran; the paper does not say which truncation it
      used. A batch whose draws keep no step at all keeps its last one, so that every batch has a gradient (the
-     release would fail there; the chance is 1e-21 for T = 50, 4% for the tests' T = 4). Memory, an estimate:
-     checkpointing stores only a kept step's inputs (its latent and the 2 x 77 x 768 prompt embeddings, about
-     0.3 MB per sample in fp16 at 512 px), so the ~25 kept steps add ~30 MB for a batch of 4 over K = 1; the
-     peak stays one UNet recomputation plus the VAE decoder's backward (the per-step growth is measured by
-     tests/test_alignprop_diffexp.py at tiny size, not on a GPU).
+     release would fail there; the chance is 1e-21 for T = 50, 4% for the tests' T = 4).
   3. The loss is -mean reward by default. The release minimises 0.01 |r - 10| for aesthetic (= -0.01 r + const
      while r < 10) and 0.01 (1 - r) for HPS; --loss-scale 0.01 --reward-target 10 is that loss (the presets that
      follow the release set it). With AdamW a constant factor only changes the gradient clipping threshold.
@@ -71,15 +71,15 @@ Commands
     python alignprop_diffexp.py --preset diffexp-fig4a   (Fig. 4 (a); PRESETS.md gives every value's source)
     python alignprop_diffexp.py --preset diffexp-fig10a  (Fig. 10 (a): DrawBench's 58, HPS + Aesthetic + PickScore)
     python alignprop_diffexp.py --preset diffexp-fig10b  (Fig. 10 (b): SDXL, Aesthetic, animals)
-  Tiny CPU run (offline, about two minutes on 2 cores):
+  Tiny CPU run (offline, about two minutes on 2 cores; the plumbing, not a result):
     python alignprop_diffexp.py --tiny --reward aesthetic
-  Shapes world (offline, about 2 min, 131 s on 2 idle cores; optimises the learned reward, evaluates with the exact
-  one; seeds 0-9: 0.571 -> 0.783 [0.769, 0.795]; benchmarks/README.md):
+  Shapes world (offline, a few minutes on 2 cores; optimises the learned reward, evaluates with the exact one; what
+  it learns, over seeds: benchmarks/README.md):
     python alignprop_diffexp.py --shapes
 """
 
 import atexit
-import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -91,6 +91,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -136,7 +137,7 @@ class Args:
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
     preset: Optional[str] = None
-    """a named experiment's flags, from PRESETS at the top of the script (--help lists them; explicit flags win)"""
+    """a named experiment's flags, from PRESETS (after main(); --help lists them; explicit flags win)"""
     reward: str = "aesthetic"
     """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
     jpeg_compressibility, jpeg_incompressibility, shapes, shapes_binary, shapes_learned; or an ensemble, a+b or
@@ -165,7 +166,7 @@ class Args:
     eta: float = 0.0
     """DDIM eta: 0 is deterministic DDIM; a policy's log-probability (the DDPO family) needs eta > 0"""
     cfg_high: float = 7.5
-    """classifier-free guidance scale w (w_h of DiffExp Eq. 7): the only scale without dynamic CFG, and in evaluation"""
+    """classifier-free guidance scale w of sampling, in training and in evaluation"""
     resolution: int = 512
     """image height and width in pixels"""
     samples_per_epoch: int = 64
@@ -212,7 +213,7 @@ class Args:
     prompt_weighting: bool = False
     """DiffExp Eq. 8: weight one random word of each prompt by w ~ U(prompt_weight_range)"""
     cfg_low: float = 1.0
-    """w_l of DiffExp Eq. 7: unpublished ("extremely low"); 1.0 = no guidance"""
+    """w_l of DiffExp Eq. 7 (--cfg-high is its w_h): unpublished ("extremely low"); 1.0 = no guidance"""
     t_thres: int = 900
     """t_thres of DiffExp Eq. 7 on the 0..1000 timestep scale"""
     prompt_weight_range: tuple[float, float] = (1.0, 1.2)
@@ -234,8 +235,461 @@ class Args:
     (no antialiasing: the release's torchvision.transforms.Resize(224) on a tensor under torchvision 0.15.2)"""
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 2. Sample
+# ----------------------------------------------------------------------------------------------------------
+
+
+def epoch_seed(seed, epoch, process_index):
+    """The seed of one (epoch, process): every draw is a function of --seed, so --resume redraws the same."""
+    return (seed * 100_003 + epoch) * 1_009 + process_index
+
+
+def exploration_settings(args, epoch):
+    """Which DiffExp strategies this epoch uses: only in the first explore_fraction of training."""
+    exploring = epoch < args.explore_fraction * args.epochs
+    return args.dynamic_cfg and exploring, args.prompt_weighting and exploring
+
+
+def truncation_starts(args, batch_size, generator):
+    """--truncation fixed / gaussian: per trajectory, the first step (0-based) that keeps its graph; (B,) long.
+
+    fixed: T - K, so the last K steps of every trajectory carry the gradient. gaussian (AlignProp's Oct-2024
+    rewrite, N(42, 5^2) for T = 50, scaled here to T): start = int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1].
+    """
+    if args.truncation == "fixed":
+        return torch.full((batch_size,), args.num_steps - args.grad_steps, dtype=torch.long)
+    starts = []
+    for _ in range(batch_size):
+        start = -1
+        while not 1 <= start <= args.num_steps - 1:  # int() truncates toward 0, as in the released code
+            start = int(0.84 * args.num_steps + 0.1 * args.num_steps * torch.randn(1, generator=generator).item())
+        starts.append(start)
+    return torch.tensor(starts, dtype=torch.long)
+
+
+def truncation_mask(args, batch_size, generator):
+    """Which UNet outputs keep their graph: (B, T) bool, step j = 0 the noisiest (see --truncation).
+
+    per_step (mihirp1998/AlignProp@a831a5f:main.py, `timestep = random.randint(0, 50)` and `if i < timestep:
+    detach` at every step i): one draw d_j = randint(0, T) per step for the whole batch, kept iff j >= d_j, that
+    is with probability (j + 1) / (T + 1). A batch left with no kept step keeps its last one (deviation 2).
+    """
+    steps = torch.arange(args.num_steps)  # (T,)
+    if args.truncation == "per_step":
+        draws = torch.randint(0, args.num_steps + 1, (args.num_steps,), generator=generator)  # d_j in 0..T
+        keeps = steps >= draws  # (T,)
+        keeps[-1] |= not keeps.any()
+        return keeps.expand(batch_size, -1).clone()
+    return steps[None, :] >= truncation_starts(args, batch_size, generator)[:, None]  # (B, T)
+
+
+def ddim_step(scheduler, noise_pred, timestep, latents, eta, generator=None):
+    """One DDIM step x_t -> x_{t-1}, differentiable in noise_pred and latents (AlignProp needs no log-probability).
+
+    noise_pred: guided eps~ (B, C, h, w); timestep: t, an int or a (B,) tensor (0..999); latents: x_t (B, C, h, w).
+    eta = 0 is the deterministic DDIM sampler; eta > 0 adds sigma_t z with z drawn from `generator`.
+    Returns x_{t-1} in latents' dtype. Assumes an epsilon-predicting model and a scheduler without sample clipping
+    or thresholding (SD 1.x's DDIM config).
+    """
+    device = latents.device
+    eps, x_t = noise_pred.float(), latents.float()
+    # 1. t and the previous timestep t' = t - 1000 / T, per sample
+    timestep = torch.as_tensor(timestep, device=device).long().reshape(-1)  # (B,) or (1,)
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    # 2. abar_t and abar_t' (abar_t' = final_alpha_cumprod past the last step: abar_0 for SD 1.x)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    alpha_prod_t = alphas_cumprod[timestep].view(-1, 1, 1, 1)
+    alpha_prod_prev = torch.where(
+        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], scheduler.final_alpha_cumprod.to(device)
+    ).view(-1, 1, 1, 1)
+    # 3. predicted clean latent: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (DDIM eq. 12)
+    x0_hat = (x_t - (1 - alpha_prod_t).sqrt() * eps) / alpha_prod_t.sqrt()
+    # 4. sigma_t = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')   (DDIM eq. 16)
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std_dev = eta * variance.sqrt()
+    # 5. mean: mu = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma_t^2) eps   (DDIM eq. 12)
+    mean = alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev - std_dev**2).sqrt() * eps
+    # 6. x_{t-1} = mu + sigma_t z; z is a constant for the gradient (the reparameterised sample)
+    if eta == 0:
+        return mean.to(latents.dtype)
+    noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
+    return (mean + std_dev * noise).to(latents.dtype)
+
+
+def sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, grad_mask=None):
+    """Run the sampler from x_T to x_0 and decode; the reward's gradient can flow back into the kept steps.
+
+    prompt_embeds (B, L, D); guidance_scales (B, T), the scale of each step; latents x_T (B, 4, h, w);
+    grad_mask (B, T) bool: the steps whose UNet output keeps its graph (truncation_mask; None: no step, as in
+    evaluation). Returns the decoded images (B, 3, H, W) in [0, 1], differentiable if any step kept its graph.
+    """
+    scheduler = pipeline.scheduler
+    for step, t in enumerate(scheduler.timesteps):
+        inputs = (unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
+        keeps_graph = None if grad_mask is None else grad_mask[:, step].to(latents.device)  # (B,) bool
+        if keeps_graph is None or not keeps_graph.any():  # no trajectory keeps this step's graph
+            with torch.no_grad():
+                noise_pred = guided_noise_prediction(*inputs)
+        else:
+            # gradient checkpointing: only the inputs are stored; the UNet's activations are recomputed in backward
+            noise_pred = torch.utils.checkpoint.checkpoint(guided_noise_prediction, *inputs, use_reentrant=False)
+            # a trajectory that does not keep this step uses its eps~ as a constant
+            noise_pred = torch.where(keeps_graph.view(-1, 1, 1, 1), noise_pred, noise_pred.detach())
+        latents = ddim_step(scheduler, noise_pred, t, latents, eta, generator)
+    # with grad: r -> x_0 -> z_0
+    images = pipeline.vae.decode(latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 3. Reward
+# ----------------------------------------------------------------------------------------------------------
+
+
+def stop_on_non_finite(accelerator, epoch, what, value):
+    """A NaN / inf reward, loss, gradient norm or LoRA parameter ends the run here, before the update that made
+    it is applied or before it can be checkpointed: the last checkpoint on disk stays the last finite state."""
+    if not math.isfinite(value):
+        if accelerator.is_main_process:
+            print(
+                f"error: epoch {epoch}: non-finite {what} ({value}); stopped, the last checkpoint is finite",
+                file=sys.stderr,
+            )
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 5. Update
+# ----------------------------------------------------------------------------------------------------------
+
+
+def optimizer_step(accelerator, optimizer, lora_parameters, max_grad_norm, epoch, skipped_in_a_row):
+    """Clip the accumulated gradient, step and zero it; returns (gradient norm before clipping, skips in a row).
+
+    fp16 on a GPU: accelerate multiplies the loss by a GradScaler's scale S (2^16 at first), so an overflowing
+    backward gives a non-finite norm by design. The scaler then skips the step (LoRA and AdamW state unchanged)
+    and halves S; the norm is returned as it is, and the epoch counts it in `skipped_steps`. 17 skips in a row
+    stop the run: S has gone from 2^16 to 2^-1, and a gradient that overflows even when the loss is scaled DOWN is
+    not an overflow of the scaling but a non-finite loss or gradient, which no scale mends.
+    Without a scaler (bf16, fp32) a non-finite norm stops the run before the step. A step that leaves a
+    non-finite LoRA parameter (an overflowing update, say) stops it before anything can save that parameter.
+    """
+    grad_norm = float(accelerator.clip_grad_norm_(lora_parameters, max_grad_norm))
+    if accelerator.scaler is None:
+        stop_on_non_finite(accelerator, epoch, "gradient norm", grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    if accelerator.scaler is not None and optimizer.step_was_skipped:
+        skipped_in_a_row += 1
+        if skipped_in_a_row >= 17:
+            scale = accelerator.scaler.get_scale()
+            what = f"gradient norm in {skipped_in_a_row} fp16 steps in a row (loss scale {scale})"
+            stop_on_non_finite(accelerator, epoch, what, grad_norm)
+        return grad_norm, skipped_in_a_row
+    lora_sum = float(sum(parameter.detach().float().sum() for parameter in lora_parameters))
+    stop_on_non_finite(accelerator, epoch, "LoRA parameters after the update", lora_sum)
+    return grad_norm, 0
+
+
+def grad_norm_summary(grad_norms):
+    """[mean gradient norm of the applied steps (NaN if none was), number of steps the fp16 loss scaler skipped]."""
+    applied = [norm for norm in grad_norms if math.isfinite(norm)]  # a skipped step's norm is inf or NaN
+    return [float(np.mean(applied)) if applied else math.nan, len(grad_norms) - len(applied)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 6. Log, evaluate, checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def process_means(accelerator, values):
+    """The mean over processes of each of this process's numbers `values` (a list of floats)."""
+    local = torch.tensor(values, device=accelerator.device)
+    return accelerator.gather(local).view(-1, len(values)).mean(0).tolist()
+
+
+def member_reward_means(accelerator, member_rewards):
+    """{"reward_<member>_mean": the mean over every process's samples} of an ensemble's members ({} for one reward)."""
+    return {
+        f"reward_{name}_mean": float(accelerator.gather(values.detach().float().to(accelerator.device)).mean())
+        for name, values in member_rewards.items()
+    }
+
+
+def main(args):
+    # ======================================================================================================
+    # 1. Setup: processes, models, LoRA, optimiser, resume
+    # ======================================================================================================
+    run_start = time.time()
+    # the flags checked (one error line), the processes started, the run folder found and, on --resume, the state
+    # of its last checkpoint ({} on a fresh start): run management, after main()
+    accelerator, run_dir, state = start_run(args)
+    start_epoch = state.get("epoch", 0)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
+    train_prompts = load_prompts(args.prompts)
+    unseen_name = args.eval_unseen_prompts or unseen_twin(args.prompts)
+    eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
+
+    pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
+    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # fp32 unless asked
+    names = dict.fromkeys([args.reward, args.eval_reward or args.reward])  # the training and evaluation rewards
+    rewards = [
+        load_reward(name, accelerator.device, reward_dtype, tiny=args.tiny, shapes=args.shapes) for name in names
+    ]
+    reward_fn, eval_reward_fn = rewards[0], rewards[-1]
+    pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
+    timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
+    null_embeds = encode_prompts(pipeline, [""], args.resolution)  # c_null, (1, L, D)
+
+    torch.manual_seed(args.seed)
+    lora_parameters = add_lora(pipeline.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(
+        lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
+    )
+    # the run folder is written only now (a failed load leaves none); on --resume: the LoRA, AdamW, loss scale
+    open_run_folder(args, accelerator, run_dir, state, pipeline.unet, optimizer)
+    # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
+    unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
+    samples_per_process = args.samples_per_epoch // accelerator.num_processes
+    micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+    skipped_in_a_row = state.get("skipped_in_a_row", 0)  # optimiser steps the fp16 loss scaler skipped in a row
+    bars = dict(disable=not accelerator.is_main_process or None)  # tqdm bars: main process, in a terminal only
+    # the evaluation protocol (after main()): eval.jsonl and sample grids at an epoch
+    evaluate_at = partial(
+        run_evaluation, args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir
+    )
+
+    # Method-specific setup
+    # AlignProp keeps no state besides the LoRA and the optimiser (no reward statistics, no value function).
+    # SDXL (ours, deviation 8): each checkpointed UNet call also recomputes its blocks one at a time in backward, so
+    # the backward's peak is one block's activations, not a whole 2.6 G-parameter UNet's at 128 x 128 latents.
+    if is_sdxl(pipeline):
+        pipeline.unet.enable_gradient_checkpointing()
+    for reward in rewards:  # --reward-resize (the GPU presets: bilinear, as the release)
+        set_reward_resize(reward, args.reward_resize)
+    micro_batches = samples_per_process // args.train_batch_size  # the same on every process
+
+    for epoch in tqdm(range(start_epoch, args.epochs), "epochs", initial=start_epoch, total=args.epochs, **bars):
+        epoch_start = time.time()
+        # torch's global RNG, for anything not drawn from `generator`
+        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
+        if epoch % args.eval_every == 0:
+            evaluate_at(epoch)
+
+        # ==================================================================================================
+        # 2. Sample: with graph through the kept steps (by default about T / 2, the later more often); DiffExp Eqs. 7-8
+        # ==================================================================================================
+        use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
+        # CPU: same draws on any device
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
+        # DiffExp Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
+        step_scales = guidance_scale_schedule(timesteps, args.cfg_low, args.cfg_high, args.t_thres, use_dynamic_cfg)
+        unet.train()
+        reward_batches, member_batches, losses, grad_steps, grad_norms = [], [], [], [], []
+        # sampling is training: each batch's graph is used by its backward before the next batch is sampled
+        for micro_index in tqdm(range(micro_batches), "sampling with grad", leave=False, **bars):
+            prompt_indices = torch.randint(len(train_prompts), (args.train_batch_size,), generator=generator)
+            prompts = [train_prompts[i] for i in prompt_indices]
+            prompt_embeds = encode_prompts(pipeline, prompts, args.resolution)  # c, (B, L, D)
+            if use_prompt_weighting:  # DiffExp Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
+                prompt_embeds = randomly_weight_prompts(
+                    pipeline, prompts, prompt_embeds, null_embeds, args.prompt_weight_range, generator
+                )
+            guidance_scales = step_scales.expand(args.train_batch_size, -1)  # (B, T)
+            latents = torch.randn((args.train_batch_size, *latent_shape), generator=generator).to(
+                accelerator.device, weight_dtype
+            )
+            grad_mask = truncation_mask(args, args.train_batch_size, generator)  # (B, T): the steps with graph
+            grad_steps.extend(grad_mask.sum(1).tolist())  # K of each trajectory
+            last_of_update = (micro_index + 1) % micro_batches_per_update == 0
+            # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
+            with nullcontext() if last_of_update else accelerator.no_sync(unet):
+                images = sample_images(
+                    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator, grad_mask
+                )
+
+                # ==========================================================================================
+                # 3. Reward: r(x_0, c) of the decoded images, differentiable (no uint8 round trip, no no_grad)
+                # ==========================================================================================
+                batch_rewards, batch_members = score_images(reward_fn, images, prompts)  # (B,), {member: (B,)}
+
+                # ==========================================================================================
+                # 4. Advantage and loss: none, the reward's own gradient is the signal; loss = -mean r (DiffExp Eq. 5)
+                # ==========================================================================================
+                if args.reward_target is None:
+                    loss = -args.loss_scale * batch_rewards.mean()
+                else:  # the release's form: loss_scale |r - target|, the same gradient direction while r < target
+                    loss = args.loss_scale * (batch_rewards - args.reward_target).abs().mean()
+
+                # ==========================================================================================
+                # 5. Update: backprop r -> VAE decoder -> the kept steps; one optimiser step per samples_per_update
+                # ==========================================================================================
+                # the step's gradient is the mean over the update's samples: -(1 / N) sum_i d r(x_0^i, c^i) / d theta
+                accelerator.backward(loss / micro_batches_per_update)
+            reward_batches.append(batch_rewards.detach()), losses.append(loss.item())
+            member_batches.append({name: values.detach() for name, values in batch_members.items()})
+            if last_of_update:
+                grad_norm, skipped_in_a_row = optimizer_step(
+                    accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch, skipped_in_a_row
+                )
+                grad_norms.append(grad_norm)
+        # (samples_per_epoch,)
+        all_rewards = accelerator.gather(torch.cat(reward_batches).float().to(accelerator.device)).cpu().numpy()
+        # an ensemble's members, (samples_per_process,) each
+        member_rewards = {name: torch.cat([batch[name] for batch in member_batches]) for name in member_batches[0]}
+        # after the updates, but before any checkpoint
+        stop_on_non_finite(accelerator, epoch, "reward", float(all_rewards.sum()))
+
+        # ==================================================================================================
+        # 6. Log, evaluate, checkpoint
+        # ==================================================================================================
+        loss_mean, grad_steps_mean, grad_norm_mean, skipped_steps = process_means(
+            accelerator, [np.mean(losses), np.mean(grad_steps), *grad_norm_summary(grad_norms)]
+        )
+        stop_on_non_finite(accelerator, epoch, "loss", loss_mean)
+        metrics = dict(
+            epoch=epoch,
+            reward_queries=(epoch + 1) * args.samples_per_epoch,
+            reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std()),
+            **member_reward_means(accelerator, member_rewards),
+            loss=loss_mean,
+            grad_steps=grad_steps_mean,
+            grad_norm=grad_norm_mean,
+            skipped_steps=round(skipped_steps),
+            dynamic_cfg=use_dynamic_cfg,
+            prompt_weighting=use_prompt_weighting,
+            seconds=round(time.time() - epoch_start, 3),
+        )
+        line = f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, "
+        line += f"loss {loss_mean:.3g}, K {grad_steps_mean:.3g}, grad norm {grad_norm_mean:.3g}"
+        log_epoch(accelerator, run_dir, metrics, lora_parameters, line)
+        if epoch + 1 == args.epochs:
+            evaluate_at(epoch + 1)
+        save_checkpoint(args, accelerator, run_dir, epoch, unet, optimizer, skipped_in_a_row=skipped_in_a_row)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(run_summary(run_dir, time.time() - run_start))
+
+
+# ==========================================================================================================
+# Evaluation (DiffExp Figures 4 and 6): fixed noise, plain CFG w_h, the mean reward against reward queries
+# ==========================================================================================================
+
+
+def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch):
+    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
+    unet.eval()
+    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
+    grids = {}
+    for name, prompts in eval_sets.items():
+        mean, std, member_means, grid = evaluate(
+            args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape
+        )
+        line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
+        line[f"{name}_images"] = len(prompts) * args.eval_images_per_prompt
+        line |= {f"{name}_reward_{member}_mean": value for member, value in member_means.items()}
+        if accelerator.is_main_process:
+            grid_path = os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png")
+            grids[f"eval/{name}_grid"] = save_image_grid(grid_path, grid[:32])
+    if accelerator.is_main_process:
+        append_jsonl(os.path.join(run_dir, "eval.jsonl"), line)
+        report(accelerator, {f"eval/{key}": value for key, value in line.items()}, epoch, grids)
+        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+
+
+@torch.no_grad()
+def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape):
+    """Figures 4 / 6 protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h.
+
+    The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
+    the numbers do not depend on the number of processes. Returns (mean, std, member means, grid): the reward's
+    mean and std over every image, the mean of each ensemble member's reward ({} for a single reward), and
+    (prompt, reward, image) of each prompt's first image for the grid.
+    """
+    jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
+    batch_size = args.sample_batch_size
+    batches = [list(range(start, min(start + batch_size, len(jobs)))) for start in range(0, len(jobs), batch_size)]
+    rewards, members, images_kept = {}, {}, {}
+    for batch_index in range(accelerator.process_index, len(batches), accelerator.num_processes):
+        indices = batches[batch_index]
+        batch_prompts = [jobs[i] for i in indices]
+        generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
+        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
+            accelerator.device, pipeline.unet.dtype
+        )
+        prompt_embeds = encode_prompts(pipeline, batch_prompts, args.resolution)
+        guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
+        images = sample_images(
+            pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
+        )
+        batch_rewards, batch_members = score_images(reward_fn, images, batch_prompts)  # (B,), {member: (B,)}
+        for position, job in enumerate(indices):
+            rewards[job] = batch_rewards[position].item()
+            members[job] = {name: values[position].item() for name, values in batch_members.items()}
+            if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
+                images_kept[job] = images[position].cpu()
+    all_rewards, all_images = {}, {}
+    for part in gather_object([rewards]):
+        all_rewards.update(part)
+    for part in gather_object([images_kept]):
+        all_images.update(part)
+    all_members = {}
+    for part in gather_object([members]):
+        all_members.update(part)
+    values = np.array([all_rewards[i] for i in range(len(jobs))])
+    # an ensemble's members, each a mean over every image ({} for a single reward)
+    member_means = {name: float(np.mean([all_members[i][name] for i in range(len(jobs))])) for name in all_members[0]}
+    grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
+    return float(values.mean()), float(values.std()), member_means, grid
+
+
+def caption_lines(draw, text, width):
+    """`text` in lines no wider than `width` pixels in `draw`'s font, broken at spaces; a word wider than a line
+    is broken where it reaches the edge. PIL's default font is proportional: about 23 characters fit in 124 px."""
+    lines = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+            continue
+        lines.append("")
+        for character in word:
+            if lines[-1] and draw.textlength(lines[-1] + character) > width:
+                lines.append("")
+            lines[-1] += character
+    return lines or [""]
+
+
+def save_image_grid(path, entries, columns=8, cell=128):
+    """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it; returns
+    the grid (a PIL RGB image). A prompt takes as many lines as it needs (a two-object prompt keeps its second
+    object): every caption is as tall as the grid's longest."""
+    line_height = 11
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # for measuring text in the default font
+    captions = [caption_lines(draw, prompt, cell - 4) for prompt, _, _ in entries]
+    caption_height = line_height * (max(map(len, captions), default=1) + 1) + 2  # the prompt's lines and the reward
+    rows = math.ceil(len(entries) / columns)
+    grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, ((prompt, reward, image), lines) in enumerate(zip(entries, captions)):
+        x, y = (index % columns) * cell, (index // columns) * (cell + caption_height)
+        grid.paste(images_to_pil(image[None])[0].resize((cell, cell), Image.NEAREST), (x, y))
+        for number, line in enumerate([*lines, f"{reward:.4g}"]):
+            draw.text((x + 2, y + cell + 1 + number * line_height), line, fill="black")
+    grid.save(path)
+    return grid
+
+
+# ==========================================================================================================
+# Run management: presets, flag checks, the run folder, resume, logs, checkpoints. Not the method: a first
+# reading can stop here. After this script's PRESETS and flag rules, it is the same text in every script.
+# ==========================================================================================================
+
 # Named presets (--preset NAME; --tiny and --shapes name the first two): each sets the flags of one experiment,
-# and every value says where it comes from. Flags given on the command line override a preset's.
+# and every value says where it comes from (PRESETS.md: each with its source). Flags on the command line win.
 PRESETS = {
     # ours: everything small enough for 2 CPU cores (the tiny world, tiny_world.py), the plumbing a user runs first
     "tiny": dict(
@@ -353,13 +807,48 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 1. Setup
-# ----------------------------------------------------------------------------------------------------------
+def diffexp_flag_rules(args):
+    """(field, holds, what its value must be) for DiffExp's flags: DiffExp Eq. 7's threshold, DiffExp Eq. 8's
+    range, the exploring fraction."""
+    return [
+        ("t_thres", 0 <= args.t_thres < 1000, "must be in [0, 1000)"),
+        ("prompt_weight_range", args.prompt_weight_range[0] <= args.prompt_weight_range[1], "is inverted (low > high)"),
+        ("explore_fraction", 0 <= args.explore_fraction <= 1, "must be in [0, 1]"),
+    ]
+
+
+METHOD_COUNTS = ("grad_steps",)  # each must be >= 1
+
+
+def flag_rules(args, processes):
+    """(field, holds, what its value must be) for this script's flags; the shared ones hold (no batch size is 0)."""
+    not_differentiable = "is not differentiable; AlignProp backpropagates through the reward, choose one of "
+    not_differentiable += f"{', '.join(DIFFERENTIABLE_REWARDS)} or an ensemble of them"
+    gaussian = "needs --num-steps >= 2 (the truncation point is drawn in [1, T - 1])"
+    return [
+        ("reward_resize", args.reward_resize in ("bicubic", "bilinear"), "must be bicubic or bilinear"),
+        ("reward", reward_is_differentiable(args.reward), not_differentiable),
+        *diffexp_flag_rules(args),
+        # training images are sampled with grad, train_batch_size at a time (sample_batch_size is for evaluation)
+        multiple(args, "samples_per_epoch", "train_batch_size", processes),
+        multiple(args, "samples_per_epoch", "samples_per_update"),
+        ("loss_scale", args.loss_scale > 0, "must be > 0"),
+        ("grad_steps", args.grad_steps <= args.num_steps, f"must be <= --num-steps {args.num_steps}"),
+        ("truncation", args.truncation in ("per_step", "fixed", "gaussian"), "must be per_step, fixed or gaussian"),
+        ("truncation", args.truncation != "gaussian" or args.num_steps >= 2, gaussian),
+    ]
+
+
+# ---------------------------------------------------------------------------------------- the same in every script
+COUNTS = ("epochs", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size", "samples_per_update")
+COUNTS += ("eval_every", "save_every", "eval_images_per_prompt", "lora_rank")  # each must be >= 1
+# flags that may change on --resume: how often a run evaluates, saves and reports, and where it is. Every other flag
+# defines the experiment (--epochs too: DiffExp's exploring 3/4 and B2-DiffuRL's stages follow it).
+SAFE_TO_CHANGE_ON_RESUME = ("eval_every", "save_every", "report_to", "resume", "output_dir", "run_name")
 
 
 def parse_args(argv=None):
-    """Parse flags on top of the defaults, or of the named preset (--preset NAME, --tiny, --shapes) if one is given."""
+    """The flags on top of the defaults, or of the named preset (--preset NAME, --tiny, --shapes) if one is given."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = [word[2:] for word in argv if word in ("--tiny", "--shapes")]
     chosen += [value for word, value in zip(argv, argv[1:]) if word == "--preset"]
@@ -371,9 +860,8 @@ def parse_args(argv=None):
     defaults = replace(Args(**PRESETS[chosen[0]]), preset=chosen[0]) if chosen else Args()
     description = f"{__doc__.splitlines()[0]}\n\nPresets (--preset NAME): {', '.join(PRESETS)}."
     args = tyro.cli(Args, default=defaults, args=argv, description=description)
-    if args.diffexp:  # both strategies become the defaults, and the flags are parsed again on top of them: an
-        # explicit --no-prompt-weighting or --no-dynamic-cfg still wins (DiffExp's Fig. 9 ablation)
-        defaults = replace(defaults, dynamic_cfg=True, prompt_weighting=True)
+    if getattr(args, "diffexp", False):  # a script with --diffexp: both strategies become defaults, under the
+        defaults = replace(defaults, dynamic_cfg=True, prompt_weighting=True)  # flags (--no-dynamic-cfg still wins)
         args = tyro.cli(Args, default=defaults, args=argv, description=description)
     return args
 
@@ -383,162 +871,106 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def divisibility_problem(args, name, divisor_name, num_processes=1):
-    """None if args.<name> is a multiple of args.<divisor_name> x num_processes, else the arithmetic, spelled out."""
-    value, divisor = getattr(args, name), getattr(args, divisor_name) * num_processes
-    if value % divisor == 0:
-        return None
-    per = f" x {num_processes} processes = {divisor}" if num_processes > 1 else ""
-    return (
-        f"{flag(name)} {value} is not a multiple of {flag(divisor_name)} {getattr(args, divisor_name)}{per} "
-        f"({value} = {value // divisor} x {divisor} + {value % divisor})"
-    )
+def multiple(args, name, divisor_name, processes=1):
+    """The rule that args.<name> is a multiple of args.<divisor_name> x processes, its arithmetic spelled out."""
+    value, divisor = getattr(args, name), getattr(args, divisor_name) * processes
+    per = f" x {processes} processes = {divisor}" if processes > 1 else ""
+    why = f"is not a multiple of {flag(divisor_name)} {divisor // processes}{per}"
+    return name, value % divisor == 0, f"{why} ({value} = {value // divisor} x {divisor} + {value % divisor})"
 
 
-def shared_flag_problems(args, num_processes):
-    """The problems of the flags every script shares, and of any float flag that is NaN or infinite.
-
-    Rewards and prompt files are checked first and stop at once (each with its own error line): they are looked
-    up on disk, and a later check could not say anything useful about a run without them.
-    """
-    rewards = (args.reward, args.eval_reward or args.reward)
-    for reward in rewards:
+def check_args(args, processes):
+    """One line and exit for bad input, before any model loads. Rewards and prompt files stop at once, each with its
+    own line; then every number must be finite and every count >= 1 (the other rules divide by them); then the rules
+    of every script, here, and this script's, flag_rules above: (field, holds, what its value must be) each."""
+    for reward in (args.reward, args.eval_reward or args.reward):
         check_reward_name(reward)
     prompts = load_prompts(args.prompts) + (load_prompts(args.eval_unseen_prompts) if args.eval_unseen_prompts else [])
-    for reward in rewards:
+    for reward in (args.reward, args.eval_reward or args.reward):
         check_reward_prompts(reward, prompts)
-    problems = []
-    for field in fields(args):
-        value = getattr(args, field.name)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
-            problems.append(f"{flag(field.name)} {value} must be finite")
-    counts = ("epochs", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size")
-    counts += ("samples_per_update", "eval_every", "save_every", "eval_images_per_prompt", "lora_rank")
-    problems += [f"{flag(name)} {getattr(args, name)} must be >= 1" for name in counts if getattr(args, name) < 1]
-    if problems:  # the checks below would divide by these, or compare NaN
-        return problems
-    if args.seed < 0:
-        problems.append(f"--seed {args.seed} must be >= 0")
-    if args.eta < 0:
-        problems.append(f"--eta {args.eta} must be >= 0")
-    if args.resolution % 8:
-        problems.append(f"--resolution {args.resolution} must be a multiple of 8")
-    if args.mixed_precision not in ("fp16", "bf16", "no"):
-        problems.append(f"--mixed-precision {args.mixed_precision} must be fp16, bf16 or no")
-    if args.report_to not in ("none", "tensorboard", "wandb"):
-        problems.append(f"--report-to {args.report_to} must be none, tensorboard or wandb")
-    elif args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
-        problems.append(
-            f"--report-to {args.report_to} needs the {args.report_to} package: pip install {args.report_to}"
-        )
-    if args.learning_rate <= 0:
-        problems.append(f"--learning-rate {args.learning_rate} must be > 0")
-    if not all(0 <= beta < 1 for beta in args.adam_betas):
-        problems.append(f"--adam-betas {' '.join(map(str, args.adam_betas))} must both be in [0, 1)")
-    if args.weight_decay < 0:
-        problems.append(f"--weight-decay {args.weight_decay} must be >= 0")
-    if args.max_grad_norm <= 0:
-        problems.append(f"--max-grad-norm {args.max_grad_norm} must be > 0 (the norm the gradient is clipped to)")
-    problems.append(divisibility_problem(args, "samples_per_update", "train_batch_size", num_processes))
-    return [problem for problem in problems if problem]
 
+    def broken(rules):  # each broken rule as a message: --adam-betas 0.9 1.0 must both be in [0, 1)
+        shown = {n: " ".join(map(str, v)) if isinstance(v, tuple) else v for n, v in asdict(args).items()}
+        return [f"{flag(name)} {shown[name]} {must}" for name, holds, must in rules if not holds]
 
-def diffexp_flag_problems(args):
-    """The problems of DiffExp's flags: DiffExp Eq. 7's threshold, DiffExp Eq. 8's range, the exploring fraction."""
-    problems = []
-    if not 0 <= args.t_thres < 1000:
-        problems.append(f"--t-thres {args.t_thres} must be in [0, 1000)")
-    low, high = args.prompt_weight_range
-    if low > high:
-        problems.append(f"--prompt-weight-range {low} {high} is inverted (low > high)")
-    if not 0 <= args.explore_fraction <= 1:
-        problems.append(f"--explore-fraction {args.explore_fraction} must be in [0, 1]")
-    return problems
-
-
-def method_flag_problems(args, num_processes):
-    """The problems of this script's own flags (the shared ones hold: no batch size is 0)."""
-    if args.reward_resize not in ("bicubic", "bilinear"):
-        return [f"--reward-resize {args.reward_resize} must be bicubic or bilinear"]
-    if not reward_is_differentiable(args.reward):
-        return [
-            f"reward '{args.reward}' is not differentiable; AlignProp backpropagates through the reward, "
-            f"choose one of {', '.join(DIFFERENTIABLE_REWARDS)} or an ensemble of them"
+    numbers = {n: v if isinstance(v, tuple) else (v,) for n, v in asdict(args).items() if isinstance(v, (float, tuple))}
+    problems = broken([(name, all(map(math.isfinite, values)), "must be finite") for name, values in numbers.items()])
+    problems += broken([(name, getattr(args, name) >= 1, "must be >= 1") for name in COUNTS + METHOD_COUNTS])
+    tracker = args.report_to not in ("tensorboard", "wandb") or importlib.util.find_spec(args.report_to) is not None
+    problems = problems or broken(
+        [
+            ("seed", args.seed >= 0, "must be >= 0"),
+            ("eta", args.eta >= 0, "must be >= 0"),
+            ("resolution", args.resolution % 8 == 0, "must be a multiple of 8"),
+            ("mixed_precision", args.mixed_precision in ("fp16", "bf16", "no"), "must be fp16, bf16 or no"),
+            ("report_to", args.report_to in ("none", "tensorboard", "wandb"), "must be none, tensorboard or wandb"),
+            ("report_to", tracker, f"needs the {args.report_to} package: pip install {args.report_to}"),
+            ("learning_rate", args.learning_rate > 0, "must be > 0"),
+            ("adam_betas", all(0 <= beta < 1 for beta in args.adam_betas), "must both be in [0, 1)"),
+            ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
+            ("max_grad_norm", args.max_grad_norm > 0, "must be > 0 (the norm the gradient is clipped to)"),
+            multiple(args, "samples_per_update", "train_batch_size", processes),
+            *flag_rules(args, processes),
         ]
-    problems = diffexp_flag_problems(args)
-    # training images are sampled with grad, train_batch_size at a time (sample_batch_size is for evaluation)
-    problems.append(divisibility_problem(args, "samples_per_epoch", "train_batch_size", num_processes))
-    problems.append(divisibility_problem(args, "samples_per_epoch", "samples_per_update"))
-    if args.loss_scale <= 0:
-        problems.append(f"--loss-scale {args.loss_scale} must be > 0")
-    if args.grad_steps < 1:
-        problems.append(f"--grad-steps {args.grad_steps} must be >= 1")
-    if args.grad_steps > args.num_steps:
-        problems.append(f"--grad-steps {args.grad_steps} must be <= --num-steps {args.num_steps}")
-    if args.truncation not in ("per_step", "fixed", "gaussian"):
-        problems.append(f"--truncation {args.truncation} must be per_step, fixed or gaussian")
-    if args.truncation == "gaussian" and args.num_steps < 2:
-        problems.append("--truncation gaussian needs --num-steps >= 2 (the truncation point is drawn in [1, T - 1])")
-    return [problem for problem in problems if problem]
-
-
-def check_args(args, num_processes):
-    """One line and exit for bad input, before any model loads: the shared flags' problems, then the method's."""
-    problems = shared_flag_problems(args, num_processes)
-    problems = problems or method_flag_problems(args, num_processes)  # the method's checks assume the shared ones
+    )
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
 
-# flags that may change when a run is resumed: how often it evaluates, saves and reports, and where it is; every
-# other flag defines the experiment, and a resumed run that changed one would silently continue a different one.
-# --epochs too: DiffExp explores in its first 3/4 and B2-DiffuRL's stage schedule follows it
-SAFE_TO_CHANGE_ON_RESUME = ("eval_every", "save_every", "report_to", "resume", "output_dir", "run_name")
+def default_run_name(args, processes):
+    """The run folder's name without --run-name: the script, the preset, the flags that define the run beyond the
+    preset's (not those the others imply: --diffexp --dynamic-cfg is --diffexp), the process count if > 1 and the
+    seed, e.g. ddpo_diffexp_diffexp-fig4a_no-diffexp_seed0. Over 100 characters, it ends with a hash of the whole."""
 
-
-def default_run_name(args, num_processes):
-    """The run folder's name when --run-name is not given: the script, the preset (none for the defaults), the flags
-    that define the run beyond the preset's, the process count (if > 1: each process draws its own numbers) and the
-    seed, e.g. ddpo_diffexp_diffexp-fig4a_no-diffexp_seed0.
-
-    Two commands that train different runs get different names; the same command with --resume, or with another of
-    the SAFE_TO_CHANGE_ON_RESUME flags, gets the same one. A flag that the others imply is left out (--diffexp turns
-    on --dynamic-cfg and --prompt-weighting). A name over 100 characters is cut, and ends with a hash of the whole.
-    """
-
-    def words(name, value):  # a flag as typed: --diffexp, --no-diffexp, --model tiny, --adam-betas 0.9 0.999
+    def words(name):  # a flag as typed: --diffexp, --no-diffexp, --model tiny, --adam-betas 0.9 0.999
+        value = getattr(args, name)
         if isinstance(value, bool):
             return [flag(name) if value else "--no-" + flag(name)[2:]]
         return [flag(name), *map(str, value if isinstance(value, tuple) else [value])]
 
     preset = ["--preset", args.preset] if args.preset else []
-    defining = [field.name for field in fields(args) if field.name not in SAFE_TO_CHANGE_ON_RESUME]
-    defining = [name for name in defining if name not in ("preset", "seed")]  # named on their own
+    defining = [f.name for f in fields(args) if f.name not in (*SAFE_TO_CHANGE_ON_RESUME, "preset", "seed")]
 
-    def differences(names):  # the defining fields in which `--preset P --<name> <value> ...` differs from args
-        again = parse_args(preset + [word for name in names for word in words(name, getattr(args, name))])
+    def differences(names):  # the defining fields in which `--preset P --<name> <value> ...` still differs from args
+        again = parse_args(preset + [word for name in names for word in words(name)])
         return [name for name in defining if getattr(again, name) != getattr(args, name)]
 
-    changed = differences([])  # the flags whose values differ from the preset's
-    while extra := [name for name in differences(changed) if name not in changed]:  # an implication overridden:
-        changed = [name for name in defining if name in changed + extra]  # --diffexp --no-dynamic-cfg
-    for name in list(changed):  # leave out a flag that the others imply: --diffexp --dynamic-cfg is --diffexp
-        if not differences([other for other in changed if other != name]):
-            changed.remove(name)
-    parts = [os.path.splitext(os.path.basename(__file__))[0]] + ([args.preset] if args.preset else [])
-    for name in changed:
-        value = getattr(args, name)
-        if isinstance(value, bool):
-            parts.append(words(name, value)[0][2:])  # diffexp, no-diffexp
-        else:
-            parts.append(f"{flag(name)[2:]}={'-'.join(words(name, value)[1:])}")  # reward=pickscore
-    parts += [f"{num_processes}processes"] if num_processes > 1 else []
+    changed = []  # grown by the first defining flag still different: the flags the preset and they imply are left out
+    while missing := differences(changed):
+        changed = [name for name in defining if name in (*changed, missing[0])]
+    parts = [os.path.splitext(os.path.basename(__file__))[0], *preset[1:]]
+    parts += [words(n)[0][2:] if len(words(n)) == 1 else f"{flag(n)[2:]}={'-'.join(words(n)[1:])}" for n in changed]
+    parts += [f"{processes}processes"] if processes > 1 else []
     body = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts).replace("*", "x"))  # 2*a+b: 2xa+b; a/b: a-b
-    name = f"{body}_seed{args.seed}"
-    if len(name) > 100:
+    if len(name := f"{body}_seed{args.seed}") > 100:
         tail = f"_{hashlib.sha1(name.encode()).hexdigest()[:8]}_seed{args.seed}"
         name = body[: 100 - len(tail)] + tail
     return name
+
+
+def start_run(args):
+    """Check the flags, start the processes, find the run folder and, on --resume, read its last checkpoint. Returns
+    (accelerator, run_dir, state), state being the checkpoint's ({} on a fresh start). The folder is only read here:
+    a start that fails later (a bad model id, no network) writes nothing. A finished run exits at once."""
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # set in each process by the launchers (torchrun)
+    check_args(args, processes)  # before Accelerator(...), which meets `--report-to tensorbaord` with a traceback
+    on_gpu = torch.cuda.is_available()  # else cpu=True: several processes over gloo; bf16 runs there, fp16 is fp32
+    precision = args.mixed_precision if on_gpu or args.mixed_precision == "bf16" else "no"
+    log_with = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(mixed_precision=precision, cpu=not on_gpu, log_with=log_with, project_dir=args.output_dir)
+    if accelerator.num_processes != processes:  # mpirun counts its processes in its own variables (PMI_SIZE)
+        check_args(args, accelerator.num_processes)
+    if not (accelerator.is_main_process and sys.stderr.isatty()):  # in a log file every redraw of a bar stays
+        disable_library_progress_bars()
+    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(args, accelerator.num_processes))
+    folder, state = load_last_checkpoint(run_dir, accelerator) if args.resume else (None, {})
+    if args.resume:
+        check_resume(args, run_dir, folder)
+        if state["epoch"] >= args.epochs:  # a finished run resumes as a no-op and changes no file
+            accelerator.print(f"{run_dir} is complete ({state['epoch']} of {args.epochs} epochs); nothing to do")
+            raise SystemExit  # exit code 0
+        accelerator.print(f"resuming from {folder} at epoch {state['epoch']}")
+    return accelerator, run_dir, state
 
 
 def checkpoint_folders(run_dir):
@@ -549,10 +981,8 @@ def checkpoint_folders(run_dir):
 
 
 def load_last_checkpoint(run_dir, accelerator):
-    """(folder, training state) of the newest checkpoint that loads, or (None, {}) if none does.
-
-    A checkpoint that does not load (a truncated or corrupt file) is skipped, with a warning, for the one before it.
-    """
+    """(folder, training state) of the newest checkpoint that loads, or (None, {}): one that does not (a truncated
+    or corrupt file) is skipped, with a warning, for the one before it."""
     from safetensors.torch import load_file
 
     for folder in reversed(checkpoint_folders(run_dir)):
@@ -562,7 +992,7 @@ def load_last_checkpoint(run_dir, accelerator):
             return folder, state
         except Exception as error:  # EOFError, UnpicklingError, RuntimeError, SafetensorError, OSError
             accelerator.print(
-                f"warning: checkpoint {folder} does not load ({first_line(error)}); trying the one before it"
+                f"warning: checkpoint {folder} does not load ({first_line(error)}); trying the last but one"
             )
     return None, {}
 
@@ -582,671 +1012,144 @@ def check_resume(args, run_dir, checkpoint):
         for name in sorted(set(saved) | set(given))
         if name not in SAFE_TO_CHANGE_ON_RESUME and saved.get(name) != given.get(name)
     ]
+    safe = ", ".join(flag(name) for name in SAFE_TO_CHANGE_ON_RESUME[:3])
     if changed:
-        safe = ", ".join(flag(name) for name in SAFE_TO_CHANGE_ON_RESUME[:3])
         raise SystemExit(
             f"error: --resume with other flags than {run_dir}: {'; '.join(changed)} (only {safe} may change)"
         )
 
 
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+def open_run_folder(args, accelerator, run_dir, state, unet, optimizer):
+    """Once the models have loaded: refuse a folder with checkpoints unless --resume, lock it, drop the log lines of
+    the epochs this run redoes (all, on a fresh start), write args.json, start the --report-to trackers and, on
+    --resume, load the checkpoint's LoRA weights, AdamW moments and fp16 loss scale."""
+    from peft.utils import set_peft_model_state_dict
+
+    if not args.resume and checkpoint_folders(run_dir):
+        raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")
+    accelerator.wait_for_everyone()  # every process has checked the folder and loaded its models
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        lock_run(os.path.join(run_dir, "run.lock"))
+        for path in (os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "eval.jsonl")):
+            lines = open(path).readlines() if os.path.exists(path) else []
+            with open(path, "w") as f:
+                f.writelines(line for line in lines if json.loads(line)["epoch"] < state.get("epoch", 0))
+        if not args.resume:
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=2)
+    if args.report_to != "none":  # tensorboard writes into runs/<run_name>/; wandb logs run <run_name> of <script>
+        name, script = os.path.basename(run_dir), os.path.splitext(os.path.basename(__file__))[0]
+        project = name if args.report_to == "tensorboard" else script
+        accelerator.init_trackers(project, init_kwargs={"wandb": {"config": asdict(args), "name": name}})
+    if "lora" in state:
+        set_peft_model_state_dict(unet, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        if accelerator.scaler is not None and "scaler" in state:
+            accelerator.scaler.load_state_dict(state["scaler"])
 
 
 def lock_run(path):
-    """Hold the lock file `path` (created atomically, holding this pid) until this process exits.
-
-    A live holder stops this run with one line; a lock whose process is gone (killed with -9) is taken over.
-    """
-    for _ in range(3):
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = int(f.read().strip() or 0)
-            except (OSError, ValueError):  # being written this instant, or unreadable: look again
-                holder = 0
-            if holder and process_alive(holder):
-                raise SystemExit(f"error: {path} is held by process {holder}, which is running this folder already")
-            if holder:  # stale: its process is gone
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            else:
-                time.sleep(0.1)
-            continue
-        with os.fdopen(descriptor, "w") as f:
-            f.write(str(os.getpid()))
-        atexit.register(lambda: os.path.exists(path) and os.remove(path))
-        return
-    raise SystemExit(f"error: cannot take the lock {path}; remove it if no run of this folder is going on")
-
-
-def keep_lines_before(path, epoch):
-    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
-        with open(path, "w") as f:
-            f.writelines(lines)
+    """Hold an exclusive lock on `path` (which holds this pid) while this process lives: a second run of the folder
+    stops in one line; a run killed with -9 leaves no lock behind."""
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise SystemExit(
+            f"error: {path} is held by process {lock.read().strip()}, which is running this folder already"
+        )
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    atexit.register(lock.close)  # keeps the file open, and so locked, until this process exits
 
 
 def append_jsonl(path, record):
     """Append `record` as one line of JSON; a NaN or infinite number is written as null (bare NaN is not JSON)."""
-
-    def finite_or_none(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return [finite_or_none(v) for v in value] if isinstance(value, (list, tuple)) else value
-
     with open(path, "a") as f:
-        f.write(json.dumps({key: finite_or_none(value) for key, value in record.items()}, allow_nan=False) + "\n")
+        f.write(json.dumps(json.loads(json.dumps(record), parse_constant=lambda nan_or_infinity: None)) + "\n")
 
 
 def report(accelerator, values, step, grids=None):
-    """Send the finite numbers of `values` (and the PIL images of `grids`, {tag: image}) to the --report-to
-    trackers at `step` (the epoch); the .jsonl files stay the record. Nothing without a tracker."""
-    if not accelerator.trackers:
-        return
+    """Send the finite numbers of `values` (and the PIL images of `grids`, {tag: image}) to the --report-to trackers
+    at `step` (the epoch); the .jsonl files stay the record."""
     numbers = {key: value for key, value in values.items() if isinstance(value, (int, float)) and math.isfinite(value)}
-    accelerator.log(numbers, step=step)
+    accelerator.log(numbers, step=step)  # nothing without a tracker
     for tracker in accelerator.trackers:
         for tag, grid in (grids or {}).items():
-            image = np.asarray(grid)[None]  # (1, H, W, 3) uint8
             options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
-            tracker.log_images({tag: image}, step=step, **options)
+            tracker.log_images({tag: np.asarray(grid)[None]}, step=step, **options)  # (1, H, W, 3) uint8
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 2. Sample
-# ----------------------------------------------------------------------------------------------------------
-
-
-def epoch_seed(seed, epoch, process_index):
-    """The seed of one (epoch, process): every draw is a function of --seed, so --resume redraws the same."""
-    return (seed * 100_003 + epoch) * 1_009 + process_index
-
-
-def exploration_settings(args, epoch):
-    """Which DiffExp strategies this epoch uses: only in the first explore_fraction of training."""
-    exploring = epoch < args.explore_fraction * args.epochs
-    return args.dynamic_cfg and exploring, args.prompt_weighting and exploring
-
-
-def truncation_starts(args, batch_size, generator):
-    """--truncation fixed / gaussian: per trajectory, the first step (0-based) that keeps its graph; (B,) long.
-
-    fixed: T - K, so the last K steps of every trajectory carry the gradient. gaussian (AlignProp's Oct-2024
-    rewrite, N(42, 5^2) for T = 50, scaled here to T): start = int(N(0.84 T, (0.1 T)^2)), redrawn until in [1, T - 1].
-    """
-    if args.truncation == "fixed":
-        return torch.full((batch_size,), args.num_steps - args.grad_steps, dtype=torch.long)
-    starts = []
-    for _ in range(batch_size):
-        start = -1
-        while not 1 <= start <= args.num_steps - 1:  # int() truncates toward 0, as in the released code
-            start = int(0.84 * args.num_steps + 0.1 * args.num_steps * torch.randn(1, generator=generator).item())
-        starts.append(start)
-    return torch.tensor(starts, dtype=torch.long)
-
-
-def truncation_mask(args, batch_size, generator):
-    """Which UNet outputs keep their graph: (B, T) bool, step j = 0 the noisiest (see --truncation).
-
-    per_step (mihirp1998/AlignProp@a831a5f:main.py, `timestep = random.randint(0, 50)` and `if i < timestep:
-    detach` at every step i): one draw d_j = randint(0, T) per step for the whole batch, kept iff j >= d_j, that
-    is with probability (j + 1) / (T + 1). A batch left with no kept step keeps its last one (deviation 2).
-    """
-    steps = torch.arange(args.num_steps)  # (T,)
-    if args.truncation == "per_step":
-        draws = torch.randint(0, args.num_steps + 1, (args.num_steps,), generator=generator)  # d_j in 0..T
-        keeps = steps >= draws  # (T,)
-        keeps[-1] |= not keeps.any()
-        return keeps.expand(batch_size, -1).clone()
-    return steps[None, :] >= truncation_starts(args, batch_size, generator)[:, None]  # (B, T)
-
-
-def ddim_step(scheduler, noise_pred, timestep, latents, eta, generator=None):
-    """One DDIM step x_t -> x_{t-1}, differentiable in noise_pred and latents (AlignProp needs no log-probability).
-
-    noise_pred: guided eps~ (B, C, h, w); timestep: t, an int or a (B,) tensor (0..999); latents: x_t (B, C, h, w).
-    eta = 0 is the deterministic DDIM sampler; eta > 0 adds sigma_t z with z drawn from `generator`.
-    Returns x_{t-1} in latents' dtype. Assumes an epsilon-predicting model and a scheduler without sample clipping
-    or thresholding (SD 1.x's DDIM config).
-    """
-    device = latents.device
-    eps, x_t = noise_pred.float(), latents.float()
-    # 1. t and the previous timestep t' = t - 1000 / T, per sample
-    timestep = torch.as_tensor(timestep, device=device).long().reshape(-1)  # (B,) or (1,)
-    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    # 2. abar_t and abar_t' (abar_t' = final_alpha_cumprod past the last step: abar_0 for SD 1.x)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    alpha_prod_t = alphas_cumprod[timestep].view(-1, 1, 1, 1)
-    alpha_prod_prev = torch.where(
-        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], scheduler.final_alpha_cumprod.to(device)
-    ).view(-1, 1, 1, 1)
-    # 3. predicted clean latent: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (DDIM eq. 12)
-    x0_hat = (x_t - (1 - alpha_prod_t).sqrt() * eps) / alpha_prod_t.sqrt()
-    # 4. sigma_t = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')   (DDIM eq. 16)
-    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
-    std_dev = eta * variance.sqrt()
-    # 5. mean: mu = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma_t^2) eps   (DDIM eq. 12)
-    mean = alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev - std_dev**2).sqrt() * eps
-    # 6. x_{t-1} = mu + sigma_t z; z is a constant for the gradient (the reparameterised sample)
-    if eta == 0:
-        return mean.to(latents.dtype)
-    noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
-    return (mean + std_dev * noise).to(latents.dtype)
-
-
-def sample_images(pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, grad_mask=None):
-    """Run the sampler from x_T to x_0 and decode; the reward's gradient can flow back into the kept steps.
-
-    prompt_embeds (B, L, D); guidance_scales (B, T), the scale of each step; latents x_T (B, 4, h, w);
-    grad_mask (B, T) bool: the steps whose UNet output keeps its graph (truncation_mask; None: no step, as in
-    evaluation). Returns the decoded images (B, 3, H, W) in [0, 1], differentiable if any step kept its graph.
-    """
-    scheduler = pipeline.scheduler
-    for step, t in enumerate(scheduler.timesteps):
-        keeps_graph = None if grad_mask is None else grad_mask[:, step].to(latents.device)  # (B,) bool
-        if keeps_graph is None or not keeps_graph.any():  # no trajectory keeps this step's graph
-            with torch.no_grad():
-                noise_pred = guided_noise_prediction(
-                    unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step]
-                )
-        else:
-            # gradient checkpointing: only the inputs are stored; the UNet's activations are recomputed in backward
-            noise_pred = torch.utils.checkpoint.checkpoint(
-                guided_noise_prediction,
-                unet,
-                latents,
-                t,
-                prompt_embeds,
-                null_embeds,
-                guidance_scales[:, step],
-                use_reentrant=False,
-            )
-            # a trajectory that does not keep this step uses its eps~ as a constant
-            noise_pred = torch.where(keeps_graph.view(-1, 1, 1, 1), noise_pred, noise_pred.detach())
-        latents = ddim_step(scheduler, noise_pred, t, latents, eta, generator)
-    images = pipeline.vae.decode(
-        latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor
-    ).sample  # with grad: r -> x_0 -> z_0
-    return (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 3. Reward
-# ----------------------------------------------------------------------------------------------------------
-
-
-def stop_on_non_finite(accelerator, epoch, what, value):
-    """A NaN / inf reward, loss, gradient norm or LoRA parameter ends the run here, before the update that made
-    it is applied or before it can be checkpointed: the last checkpoint on disk stays the last finite state."""
-    if not math.isfinite(value):
-        if accelerator.is_main_process:
-            print(
-                f"error: epoch {epoch}: non-finite {what} ({value}); stopped, the last checkpoint is finite",
-                file=sys.stderr,
-            )
-        raise SystemExit(1)
-
-
-def member_reward_means(accelerator, member_rewards):
-    """{"reward_<member>_mean": the mean over every process's samples} of an ensemble's members ({} for one reward)."""
-    return {
-        f"reward_{name}_mean": float(accelerator.gather(values.detach().float().to(accelerator.device)).mean())
-        for name, values in member_rewards.items()
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 5. Update
-# ----------------------------------------------------------------------------------------------------------
-
-
-def optimizer_step(accelerator, optimizer, lora_parameters, max_grad_norm, epoch, skipped_in_a_row):
-    """Clip the accumulated gradient, step and zero it; returns (gradient norm before clipping, skips in a row).
-
-    fp16 on a GPU: accelerate multiplies the loss by a GradScaler's scale S (2^16 at first), so an overflowing
-    backward gives a non-finite norm by design. The scaler then skips the step (LoRA and AdamW state unchanged)
-    and halves S; the norm is returned as it is, and the epoch counts it in `skipped_steps`. 17 skips in a row
-    stop the run: S has gone from 2^16 to 2^-1, and a gradient that overflows even when the loss is scaled DOWN is
-    not an overflow of the scaling but a non-finite loss or gradient, which no scale mends.
-    Without a scaler (bf16, fp32) a non-finite norm stops the run before the step. A step that leaves a
-    non-finite LoRA parameter (an overflowing update, say) stops it before anything can save that parameter.
-    """
-    grad_norm = float(accelerator.clip_grad_norm_(lora_parameters, max_grad_norm))
-    if accelerator.scaler is None:
-        stop_on_non_finite(accelerator, epoch, "gradient norm", grad_norm)
-    optimizer.step()
-    optimizer.zero_grad()
-    if accelerator.scaler is not None and optimizer.step_was_skipped:
-        skipped_in_a_row += 1
-        if skipped_in_a_row >= 17:
-            scale = accelerator.scaler.get_scale()
-            what = f"gradient norm in {skipped_in_a_row} fp16 steps in a row (loss scale {scale})"
-            stop_on_non_finite(accelerator, epoch, what, grad_norm)
-        return grad_norm, skipped_in_a_row
-    lora_sum = float(sum(parameter.detach().float().sum() for parameter in lora_parameters))
-    stop_on_non_finite(accelerator, epoch, "LoRA parameters after the update", lora_sum)
-    return grad_norm, 0
-
-
-def grad_norm_summary(grad_norms):
-    """[mean gradient norm of the applied steps (NaN if none was), number of steps the fp16 loss scaler skipped]."""
-    applied = [norm for norm in grad_norms if math.isfinite(norm)]  # a skipped step's norm is inf or NaN
-    return [float(np.mean(applied)) if applied else math.nan, len(grad_norms) - len(applied)]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 6. Log, evaluate, checkpoint
-# ----------------------------------------------------------------------------------------------------------
-
-
-def run_evaluation(args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch):
-    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
-    unet.eval()
-    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
-    grids = {}
-    for name, prompts in eval_sets.items():
-        mean, std, member_means, grid = evaluate(
-            args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape
-        )
-        line[f"{name}_reward_mean"], line[f"{name}_reward_std"] = mean, std
-        line[f"{name}_images"] = len(prompts) * args.eval_images_per_prompt
-        line |= {f"{name}_reward_{member}_mean": value for member, value in member_means.items()}
-        if accelerator.is_main_process:
-            grid_path = os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png")
-            grids[f"eval/{name}_grid"] = save_image_grid(grid_path, grid[:32])
+def log_epoch(accelerator, run_dir, metrics, lora_parameters, line):
+    """The epoch's metrics to metrics.jsonl and the trackers, and `line` to the terminal. With several processes,
+    each one's LoRA sum too: every replica must hold the same LoRA after the all-reduced updates."""
+    if accelerator.num_processes > 1:
+        lora_sum = torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]
+        metrics["lora_sum_per_process"] = accelerator.gather(lora_sum).tolist()
     if accelerator.is_main_process:
-        append_jsonl(os.path.join(run_dir, "eval.jsonl"), line)
-        report(accelerator, {f"eval/{key}": value for key, value in line.items()}, epoch, grids)
-        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+        append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
+        report(accelerator, {f"train/{key}": value for key, value in metrics.items()}, metrics["epoch"])
+        tqdm.write(line)
 
 
-@torch.no_grad()
-def evaluate(args, accelerator, pipeline, unet, reward_fn, prompts, null_embeds, latent_shape):
-    """Figures 4 / 6 protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h.
-
-    The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
-    the numbers do not depend on the number of processes. Returns (mean, std, member means, grid): the reward's
-    mean and std over every image, the mean of each ensemble member's reward ({} for a single reward), and
-    (prompt, reward, image) of each prompt's first image for the grid.
-    """
-    jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
-    batch_size = args.sample_batch_size
-    batches = [list(range(start, min(start + batch_size, len(jobs)))) for start in range(0, len(jobs), batch_size)]
-    rewards, members, images_kept = {}, {}, {}
-    for batch_index in range(accelerator.process_index, len(batches), accelerator.num_processes):
-        indices = batches[batch_index]
-        batch_prompts = [jobs[i] for i in indices]
-        generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
-        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
-            accelerator.device, pipeline.unet.dtype
-        )
-        prompt_embeds = encode_prompts(pipeline, batch_prompts, args.resolution)
-        guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
-        images = sample_images(
-            pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
-        )
-        batch_rewards, batch_members = score_images(reward_fn, images, batch_prompts)  # (B,), {member: (B,)}
-        for position, job in enumerate(indices):
-            rewards[job] = batch_rewards[position].item()
-            members[job] = {name: values[position].item() for name, values in batch_members.items()}
-            if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
-                images_kept[job] = images[position].cpu()
-    all_rewards, all_images = {}, {}
-    for part in gather_object([rewards]):
-        all_rewards.update(part)
-    for part in gather_object([images_kept]):
-        all_images.update(part)
-    all_members = {}
-    for part in gather_object([members]):
-        all_members.update(part)
-    values = np.array([all_rewards[i] for i in range(len(jobs))])
-    # an ensemble's members, each a mean over every image ({} for a single reward)
-    member_means = {name: float(np.mean([all_members[i][name] for i in range(len(jobs))])) for name in all_members[0]}
-    grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
-    return float(values.mean()), float(values.std()), member_means, grid
-
-
-def caption_lines(draw, text, width):
-    """`text` in lines no wider than `width` pixels in `draw`'s font, broken at spaces; a word wider than a line
-    is broken where it reaches the edge. PIL's default font is proportional: about 23 characters fit in 124 px."""
-    lines = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] += f" {word}"
-            continue
-        lines.append("")
-        for character in word:
-            if lines[-1] and draw.textlength(lines[-1] + character) > width:
-                lines.append("")
-            lines[-1] += character
-    return lines or [""]
-
-
-def save_image_grid(path, entries, columns=8, cell=128):
-    """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it; returns
-    the grid (a PIL RGB image). A prompt takes as many lines as it needs (a two-object prompt keeps its second
-    object): every caption is as tall as the grid's longest."""
-    line_height = 11
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # for measuring text in the default font
-    captions = [caption_lines(draw, prompt, cell - 4) for prompt, _, _ in entries]
-    caption_height = line_height * (max(map(len, captions), default=1) + 1) + 2  # the prompt's lines and the reward
-    rows = math.ceil(len(entries) / columns)
-    grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, ((prompt, reward, image), lines) in enumerate(zip(entries, captions)):
-        x, y = (index % columns) * cell, (index // columns) * (cell + caption_height)
-        grid.paste(images_to_pil(image[None])[0].resize((cell, cell), Image.NEAREST), (x, y))
-        for number, line in enumerate([*lines, f"{reward:.4g}"]):
-            draw.text((x + 2, y + cell + 1 + number * line_height), line, fill="black")
-    grid.save(path)
-    return grid
-
-
-def save_checkpoint(folder, unet, optimizer, state):
-    """Write the LoRA (diffusers format) and the training state, atomically: a crash or a full disk leaves the
-    previous checkpoint whole and no partial folder behind."""
+def save_checkpoint(args, accelerator, run_dir, epoch, unet, optimizer, **state):
+    """After every save_every-th epoch and the last, checkpoints/epoch_<N>: the LoRA in diffusers' format (for
+    load_lora_weights) and all that --resume needs. It is written as <folder>.tmp and renamed: a crash or a full disk
+    leaves the previous checkpoint whole and no partial folder behind."""
     from peft.utils import get_peft_model_state_dict
 
-    temporary = folder + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        os.makedirs(temporary)
-        save_lora(unet, temporary)
-        training_state = dict(state, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict())
-        scaler = getattr(optimizer, "scaler", None)  # accelerate's under fp16 (a GPU), else None
-        if scaler is not None:  # fp16's loss scale: a resumed run must not restart it at 2^16
-            training_state["scaler"] = scaler.state_dict()
-        torch.save(training_state, os.path.join(temporary, "training_state.pt"))
-        os.replace(temporary, folder)
-    except OSError as error:  # ENOSPC (disk full), EDQUOT, EIO, ...
-        shutil.rmtree(temporary, ignore_errors=True)
-        print(
-            f"error: cannot write {folder} ({error.strerror or error}); the previous checkpoint is intact",
-            file=sys.stderr,
-        )
-        raise SystemExit(1)
+    if (epoch + 1) % args.save_every and epoch + 1 != args.epochs:
+        return
+    if accelerator.is_main_process:
+        folder = os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}")
+        unet = accelerator.unwrap_model(unet)
+        state = dict(state, epoch=epoch + 1, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict())
+        if accelerator.scaler is not None:  # fp16's loss scale: a resumed run must not restart it at 2^16
+            state["scaler"] = accelerator.scaler.state_dict()
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)
+        try:
+            os.makedirs(folder + ".tmp")
+            save_lora(unet, folder + ".tmp")
+            torch.save(state, os.path.join(folder + ".tmp", "training_state.pt"))
+            shutil.rmtree(folder, ignore_errors=True)  # one that did not load, which this run redid
+            os.replace(folder + ".tmp", folder)
+        except OSError as error:  # ENOSPC (disk full), EDQUOT, EIO, ...
+            shutil.rmtree(folder + ".tmp", ignore_errors=True)
+            print(
+                f"error: cannot write {folder} ({error.strerror or error}); the previous checkpoint is intact",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
+    accelerator.wait_for_everyone()
 
 
 def run_summary(run_dir, seconds):
-    """The line a run ends with: the evaluation reward at the first and the last evaluation, the best one, and
-    where the sample grids and the LoRA checkpoints are."""
-    path = os.path.join(run_dir, "eval.jsonl")
+    """The line a run ends with: the evaluation reward first, last and best, and where the grids and LoRA are."""
+    path, where = os.path.join(run_dir, "eval.jsonl"), f"grids in {run_dir}/samples, LoRA in {run_dir}/checkpoints"
     lines = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    where = f"grids in {os.path.join(run_dir, 'samples')}, LoRA in {os.path.join(run_dir, 'checkpoints')}"
     if not lines:
         return f"done in {seconds:.0f} s (no evaluation); {where}"
     first, last = lines[0], lines[-1]
     best = max(lines, key=lambda line: line["seen_reward_mean"])
-    error = ""
-    if "seen_images" in last:  # the standard error of one evaluation's mean, std / sqrt(n): how far apart is apart
-        error = f", each +- {last['seen_reward_std'] / math.sqrt(last['seen_images']):.2g} (standard error)"
-    unseen = ""
-    if "unseen_reward_mean" in last:
-        unseen = f"; unseen {first['unseen_reward_mean']:.4g} -> {last['unseen_reward_mean']:.4g}"
+    # the standard error of one evaluation's mean, std / sqrt(n): how far apart is apart (older logs lack n)
+    error = (
+        f", each +- {last['seen_reward_std'] / last['seen_images'] ** 0.5:.2g} (standard error)"
+        if "seen_images" in last
+        else ""
+    )
+    unseen = (
+        f"; unseen {first['unseen_reward_mean']:.4g} -> {last['unseen_reward_mean']:.4g}"
+        if "unseen_reward_mean" in last
+        else ""
+    )
     return (
         f"done in {seconds:.0f} s: seen {last['eval_reward']} reward {first['seen_reward_mean']:.4g} (epoch "
         f"{first['epoch']}) -> {last['seen_reward_mean']:.4g} (epoch {last['epoch']}), best "
         f"{best['seen_reward_mean']:.4g} (epoch {best['epoch']}){error}{unseen}; {where}"
     )
-
-
-def main(args):
-    # ======================================================================================================
-    # 1. Setup: processes, models, LoRA, optimiser, resume
-    # ======================================================================================================
-    # Every flag is checked before anything is built: Accelerator(...) would meet `--report-to tensorbaord` or
-    # `--mixed-precision bf` with a traceback. The process count comes from WORLD_SIZE, which the launchers set in
-    # each process (accelerate launch through torchrun); a plain `python script.py` is one process.
-    run_start = time.time()
-    num_processes = int(os.environ.get("WORLD_SIZE", 1))
-    check_args(args, num_processes)
-    # without CUDA, cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU;
-    # a CPU runs bf16 (weights and autocast) but not fp16, which falls back to fp32 there
-    on_gpu = torch.cuda.is_available()
-    mixed_precision = args.mixed_precision if on_gpu or args.mixed_precision == "bf16" else "no"
-    log_with = None if args.report_to == "none" else args.report_to
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision, cpu=not on_gpu, log_with=log_with, project_dir=args.output_dir
-    )
-    if accelerator.num_processes != num_processes:  # mpirun counts its processes in its own variables (PMI_SIZE)
-        check_args(args, accelerator.num_processes)
-    # progress bars on the main process in a terminal only: written to a file (nohup, a batch system's log) every
-    # redraw of a bar stays in it, hundreds of fragments; there the log is the epoch and evaluation lines (tqdm.write)
-    progress_bars = accelerator.is_main_process and sys.stderr.isatty()
-    if not progress_bars:
-        disable_library_progress_bars()  # the models' loading and download bars too
-    script = os.path.splitext(os.path.basename(__file__))[0]
-    run_name = args.run_name or default_run_name(args, accelerator.num_processes)
-    run_dir = os.path.join(args.output_dir, run_name)
-    # The run folder is only read until the models have loaded: a start that fails (a bad model id, no network)
-    # writes nothing, so its corrected rerun starts as if it had never happened.
-    checkpoint, state = load_last_checkpoint(run_dir, accelerator) if args.resume else (None, {})
-    if args.resume:
-        check_resume(args, run_dir, checkpoint)
-        if state["epoch"] >= args.epochs:  # a finished run resumes as a no-op and changes no file
-            accelerator.print(f"{run_dir} is complete ({state['epoch']} of {args.epochs} epochs); nothing to do")
-            return
-    start_epoch = state.get("epoch", 0)
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
-    train_prompts = load_prompts(args.prompts)
-    unseen_name = args.eval_unseen_prompts or unseen_twin(args.prompts)
-    eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
-
-    pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
-    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # fp32 unless asked
-    reward_fn = load_reward(args.reward, accelerator.device, reward_dtype, tiny=args.tiny, shapes=args.shapes)
-    eval_reward = args.eval_reward or args.reward
-    eval_reward_fn = (
-        reward_fn
-        if eval_reward == args.reward
-        else load_reward(eval_reward, accelerator.device, reward_dtype, tiny=args.tiny, shapes=args.shapes)
-    )
-    if not args.resume and checkpoint_folders(run_dir):  # after the loads: a bad --model or reward is named first
-        raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")
-    accelerator.wait_for_everyone()  # every process has checked the folder and loaded its models
-    if accelerator.is_main_process:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        lock_run(os.path.join(run_dir, "run.lock"))  # one process writes this folder at a time
-        for log in ("metrics.jsonl", "eval.jsonl"):  # drop the epochs this run redoes (all, on a fresh start)
-            keep_lines_before(os.path.join(run_dir, log), start_epoch)
-        if not args.resume:
-            with open(os.path.join(run_dir, "args.json"), "w") as f:
-                json.dump(asdict(args), f, indent=2)
-    if args.report_to != "none":  # tensorboard writes into runs/<run_name>/; wandb logs run <run_name> of <script>
-        project = run_name if args.report_to == "tensorboard" else script
-        accelerator.init_trackers(project, init_kwargs={"wandb": {"config": asdict(args), "name": run_name}})
-    pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
-    timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
-    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
-    null_embeds = encode_prompts(pipeline, [""], args.resolution)  # c_null, (1, L, D)
-
-    torch.manual_seed(args.seed)
-    lora_parameters = add_lora(pipeline.unet, args.lora_rank)
-    optimizer = torch.optim.AdamW(
-        lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
-    )
-    if checkpoint is not None:
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(pipeline.unet, state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        if accelerator.scaler is not None and "scaler" in state:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
-    # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
-    unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
-    samples_per_process = args.samples_per_epoch // accelerator.num_processes
-    micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
-    skipped_in_a_row = state.get("skipped_in_a_row", 0)  # optimiser steps the fp16 loss scaler skipped in a row
-
-    # Method-specific setup
-    # AlignProp keeps no state besides the LoRA and the optimiser (no reward statistics, no value function).
-    # SDXL (ours, deviation 8): each checkpointed UNet call also recomputes its blocks one at a time in backward, so
-    # the backward's peak is one block's activations, not a whole 2.6 G-parameter UNet's at 128 x 128 latents.
-    if is_sdxl(pipeline):
-        pipeline.unet.enable_gradient_checkpointing()
-    for reward in (reward_fn, eval_reward_fn):  # --reward-resize (the GPU presets: bilinear, as the release)
-        set_reward_resize(reward, args.reward_resize)
-
-    for epoch in tqdm(
-        range(start_epoch, args.epochs),
-        desc="epochs",
-        initial=start_epoch,
-        total=args.epochs,
-        disable=not progress_bars,
-    ):
-        epoch_start = time.time()
-        # torch's global RNG, for anything not drawn from `generator`
-        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
-        if epoch % args.eval_every == 0:
-            run_evaluation(
-                args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir, epoch
-            )
-
-        # ==================================================================================================
-        # 2. Sample: trajectories with their graph through the last K steps; exploration (DiffExp Eqs. 7-8) lives here
-        # ==================================================================================================
-        use_dynamic_cfg, use_prompt_weighting = exploration_settings(args, epoch)
-        # CPU: same draws on any device
-        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
-        # DiffExp Eq. 7: one scale per denoising step, the same for every sample of the epoch; (T,)
-        step_scales = guidance_scale_schedule(timesteps, args.cfg_low, args.cfg_high, args.t_thres, use_dynamic_cfg)
-        unet.train()
-        rewards, member_batches, losses, grad_steps, grad_norms = [], [], [], [], []
-        # sampling is training: each batch's graph is used by its backward before the next batch is sampled
-        for micro_index in tqdm(
-            range(samples_per_process // args.train_batch_size),
-            desc="sampling with grad",
-            leave=False,
-            disable=not progress_bars,
-        ):
-            prompt_indices = torch.randint(len(train_prompts), (args.train_batch_size,), generator=generator)
-            prompts = [train_prompts[i] for i in prompt_indices]
-            prompt_embeds = encode_prompts(pipeline, prompts, args.resolution)  # c, (B, L, D)
-            if use_prompt_weighting:  # DiffExp Eq. 8 on one random word per prompt, w_prompt ~ U(low, high)
-                prompt_embeds = randomly_weight_prompts(
-                    pipeline, prompts, prompt_embeds, null_embeds, args.prompt_weight_range, generator
-                )
-            guidance_scales = step_scales.expand(args.train_batch_size, -1)  # (B, T)
-            latents = torch.randn((args.train_batch_size, *latent_shape), generator=generator).to(
-                accelerator.device, weight_dtype
-            )
-            # (B,): steps grad_start..T-1 keep their graph
-            grad_mask = truncation_mask(args, args.train_batch_size, generator)  # (B, T): the steps with graph
-            grad_steps.extend(grad_mask.sum(1).tolist())  # K of each trajectory
-            last_of_update = (micro_index + 1) % micro_batches_per_update == 0
-            # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
-            with nullcontext() if last_of_update else accelerator.no_sync(unet):
-                images = sample_images(
-                    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator, grad_mask
-                )
-
-                # ==========================================================================================
-                # 3. Reward: r(x_0, c) of the decoded images, differentiable (no uint8 round trip, no no_grad)
-                # ==========================================================================================
-                batch_rewards, batch_members = score_images(reward_fn, images, prompts)  # (B,), {member: (B,)}
-
-                # ==========================================================================================
-                # 4. Advantage and loss: none, the reward's own gradient is the signal; loss = -mean r (DiffExp Eq. 5)
-                # ==========================================================================================
-                if args.reward_target is None:
-                    loss = -args.loss_scale * batch_rewards.mean()
-                else:  # the release's form: loss_scale |r - target|, the same gradient direction while r < target
-                    loss = args.loss_scale * (batch_rewards - args.reward_target).abs().mean()
-
-                # ==========================================================================================
-                # 5. Update: backprop r -> VAE decoder -> last K steps; one optimiser step per samples_per_update
-                # ==========================================================================================
-                # the step's gradient is the mean over the update's samples: -(1 / N) sum_i d r(x_0^i, c^i) / d theta
-                accelerator.backward(loss / micro_batches_per_update)
-            rewards.append(batch_rewards.detach()), losses.append(loss.item())
-            member_batches.append({name: values.detach() for name, values in batch_members.items()})
-            if last_of_update:
-                grad_norm, skipped_in_a_row = optimizer_step(
-                    accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch, skipped_in_a_row
-                )
-                grad_norms.append(grad_norm)
-        # (samples_per_epoch,)
-        all_rewards = accelerator.gather(torch.cat(rewards).float().to(accelerator.device)).cpu().numpy()
-        # an ensemble's members, (samples_per_process,) each
-        member_rewards = {name: torch.cat([batch[name] for batch in member_batches]) for name in member_batches[0]}
-        # after the updates, but before any checkpoint
-        stop_on_non_finite(accelerator, epoch, "reward", float(all_rewards.sum()))
-
-        # ==================================================================================================
-        # 6. Log, evaluate, checkpoint
-        # ==================================================================================================
-        statistics = torch.tensor(
-            [np.mean(losses), np.mean(grad_steps), *grad_norm_summary(grad_norms)], device=accelerator.device
-        )
-        loss_mean, grad_steps_mean, grad_norm_mean, skipped_steps = (
-            accelerator.gather(statistics).view(-1, 4).mean(0).tolist()
-        )
-        stop_on_non_finite(accelerator, epoch, "loss", loss_mean)
-        metrics = dict(
-            epoch=epoch,
-            reward_queries=(epoch + 1) * args.samples_per_epoch,
-            reward_mean=float(all_rewards.mean()),
-            reward_std=float(all_rewards.std()),
-            **member_reward_means(accelerator, member_rewards),
-            loss=loss_mean,
-            grad_steps=grad_steps_mean,
-            grad_norm=grad_norm_mean,
-            skipped_steps=round(skipped_steps),
-            dynamic_cfg=use_dynamic_cfg,
-            prompt_weighting=use_prompt_weighting,
-            seconds=round(time.time() - epoch_start, 3),
-        )
-        if accelerator.num_processes > 1:  # every replica must hold the same LoRA after the all-reduced updates
-            metrics["lora_sum_per_process"] = accelerator.gather(
-                torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]
-            ).tolist()
-        if accelerator.is_main_process:
-            append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
-            report(accelerator, {f"train/{key}": value for key, value in metrics.items()}, epoch)
-            tqdm.write(
-                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, "
-                f"loss {loss_mean:.3g}, K {grad_steps_mean:.3g}, grad norm {grad_norm_mean:.3g}"
-            )
-        last_epoch = epoch + 1 == args.epochs
-        if last_epoch:
-            run_evaluation(
-                args,
-                accelerator,
-                pipeline,
-                unet,
-                eval_reward_fn,
-                eval_sets,
-                null_embeds,
-                latent_shape,
-                run_dir,
-                epoch + 1,
-            )
-        if (epoch + 1) % args.save_every == 0 or last_epoch:
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"),
-                    accelerator.unwrap_model(unet),
-                    optimizer,
-                    dict(epoch=epoch + 1, skipped_in_a_row=skipped_in_a_row),
-                )
-            accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        print(run_summary(run_dir, time.time() - run_start))
 
 
 if __name__ == "__main__":

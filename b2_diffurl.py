@@ -50,13 +50,14 @@ Deviations and assumptions (facts the paper leaves to its appendix are taken fro
      code), computed in fp32. Random numbers come from generators seeded by (seed, stage, process), so a
      resumed run draws exactly what an uninterrupted one draws.
   6. Diversity: the paper reports the Inception Score; we log the mean over prompts of the mean pairwise
-     cosine distance 1 - cos between CLIP ViT-L/14 image embeddings (a tiny random CLIP on --tiny) of the
-     eval_images_per_prompt images of each prompt (null if fewer than 2 images per prompt).
+     cosine distance 1 - cos between CLIP ViT-L/14 image embeddings (a tiny random CLIP on --tiny and --shapes)
+     of the eval_images_per_prompt images of each prompt (null if fewer than 2 images per prompt).
   7. Prompt lists: the released train / test lists of the three templates (hu-zijing/B2-DiffuRL, MIT; see
      prompts/README.md) are the named sets b2_template1..3, each evaluated on its _test twin as the unseen set.
      Template 1 is the default. The --tiny preset trains on our own smaller template-2-style list
      (prompts/color_fruit_train.txt, written from Section 4.1 before the released lists were at hand).
-  8. reward_queries counts every image, branches included (1280 per stage: 32 batches of 8 prefixes x 5).
+  8. reward_queries counts every image, branches included: 1280 per stage, as the released run_process.sh's
+     32 batches of 8 prefixes x 5 branches (here, on one process, 128 sampling batches of 2 prefixes x 5).
 
 Ablation flags
   --no-bpt     every stage trains all T steps; branching stays at the first interval's start (step T - tau_0).
@@ -70,15 +71,14 @@ Commands
   Templates 2 and 3 (each evaluated on its released test list):
     python b2_diffurl.py --preset b2-template2
     python b2_diffurl.py --preset b2-template3
-  Tiny CPU run (offline, a few minutes on 2 cores):
+  Tiny CPU run (offline, a few minutes on 2 cores; the plumbing, not a result):
     python b2_diffurl.py --tiny --reward jpeg_compressibility
-  Shapes world (offline, 2.5-3.5 min; seeds 0-9: seen exact reward 0.485 -> 0.569 [0.527, 0.610];
-  benchmarks/README.md):
+  Shapes world (offline, a few minutes on 2 cores; what it learns, over seeds: benchmarks/README.md):
     python b2_diffurl.py --shapes
 """
 
 import atexit
-import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -90,6 +90,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -131,13 +132,12 @@ class Args:
     model: str = "CompVis/stable-diffusion-v1-4"
     """hub id or local folder of an SD 1.x or SDXL pipeline (model_index.json names which); "tiny" and "tiny-sdxl"
     build the offline tiny models"""
-    # --tiny trains on our template-2-style list (prompts/color_fruit_train.txt): 55 evaluation prompts, not 135
     tiny: bool = False
     """preset for CPU: tiny model and rewards, 32 px, a few steps, small batches (explicit flags still win)"""
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
     preset: Optional[str] = None
-    """a named experiment's flags, from PRESETS at the top of the script (--help lists them; explicit flags win)"""
+    """a named experiment's flags, from PRESETS (after main(); --help lists them; explicit flags win)"""
     reward: str = "clipscore"
     """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
     jpeg_compressibility, jpeg_incompressibility, shapes, shapes_binary, shapes_learned; or an ensemble, a+b or
@@ -166,7 +166,7 @@ class Args:
     eta: float = 1.0
     """DDIM eta: 0 is deterministic DDIM; a policy's log-probability (the DDPO family) needs eta > 0"""
     cfg_high: float = 5.0
-    """classifier-free guidance scale w (w_h of DiffExp Eq. 7): the only scale without dynamic CFG, and in evaluation"""
+    """classifier-free guidance scale w of sampling, in training and in evaluation"""
     resolution: int = 512
     """image height and width in pixels"""
     # every branch counts as a reward query (deviation 8)
@@ -233,8 +233,648 @@ class Args:
     epoch is a smaller step of its own (ours, in --tiny and --shapes; deviation 4)"""
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 2. Sample
+# ----------------------------------------------------------------------------------------------------------
+
+
+def epoch_seed(seed, epoch, process_index):
+    """The seed of one (epoch, process): every draw is a function of --seed, so --resume redraws the same."""
+    return (seed * 100_003 + epoch) * 1_009 + process_index
+
+
+def first_interval_steps(num_steps, fraction):
+    """tau_0, the number of last steps the first stage trains: round(fraction T), at least 1 (14 for T = 20)."""
+    return min(num_steps, max(1, round(fraction * num_steps)))
+
+
+def split_step(stage, num_stages, num_steps, first_interval):
+    """Eq. 4's tau at `stage`: the number of last denoising steps trained (BPT), first_interval .. T.
+
+    The released code (T = 20, 100 stages, first 14): 14 + floor(stage * 7 / 100), each of the M = 7 lengths
+    14..20 for an equal block of stages. With fewer stages than lengths, the lengths are spread evenly; either
+    way the last stage trains all T steps (deviation 1).
+    """
+    lengths = num_steps - first_interval + 1  # M: the interval lengths first_interval, ..., T
+    if num_stages >= lengths:
+        return first_interval + stage * lengths // num_stages
+    if num_stages == 1:
+        return num_steps
+    return first_interval + stage * (lengths - 1) // (num_stages - 1)
+
+
+def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_sample=None, generator=None):
+    """One DDIM step x_t -> x_{t-1} of the policy, and log p(x_{t-1} | x_t, c) averaged over C*H*W.
+
+    noise_pred: guided eps~ (B, C, h, w); timestep: t, an int or a (B,) tensor (0..999); latents: x_t (B, C, h, w).
+    prev_sample: a given x_{t-1} to score (training); None draws one with `generator` (sampling).
+    Returns (x_{t-1} in latents' dtype, log_prob (B,) fp32). Assumes an epsilon-predicting model and a DDIMScheduler
+    without sample clipping or thresholding whose final abar is below 1, as SD's own config (set_alpha_to_one=False);
+    eta must be > 0. With diffusers' default DDIMScheduler() (set_alpha_to_one=True) or eta = 0, sigma_t is 0 (at the
+    last step, or at every step) and the log-density divides by it: NaN.
+    """
+    device = latents.device
+    eps, x_t = noise_pred.float(), latents.float()
+    # 1. t and the previous timestep t' = t - 1000 / T, per sample
+    timestep = torch.as_tensor(timestep, device=device).long().reshape(-1)  # (B,) or (1,)
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    # 2. abar_t and abar_t' (abar_t' = final_alpha_cumprod past the last step: abar_0 for SD 1.x)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    alpha_prod_t = alphas_cumprod[timestep].view(-1, 1, 1, 1)
+    alpha_prod_prev = torch.where(
+        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], scheduler.final_alpha_cumprod.to(device)
+    ).view(-1, 1, 1, 1)
+    # 3. predicted clean latent: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (DDIM eq. 12)
+    x0_hat = (x_t - (1 - alpha_prod_t).sqrt() * eps) / alpha_prod_t.sqrt()
+    # 4. sigma_t = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')   (DDIM eq. 16)
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std_dev = eta * variance.sqrt()
+    # 5. mean: mu = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma_t^2) eps   (DDIM eq. 12)
+    mean = alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev - std_dev**2).sqrt() * eps
+    # 6. x_{t-1} = mu + sigma_t z, rounded to the latents' dtype BEFORE scoring, so training recomputes the same value
+    if prev_sample is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
+        prev_sample = mean + std_dev * noise
+    prev_sample = prev_sample.to(latents.dtype)
+    # 7. Gaussian log-density, averaged over the C*H*W latent elements (as DDPO's code: a sum's ratio overflows exp())
+    log_prob = (
+        -((prev_sample.float() - mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev) - math.log(math.sqrt(2 * math.pi))
+    )
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+@torch.no_grad()
+def sample_trajectories(
+    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, branch_step=0, num_branches=1
+):
+    """Run the policy from x_T to x_0, keeping every latent and log-prob; branch-based sampling (Eq. 5-6).
+
+    prompt_embeds (G, L, D); guidance_scales (G, T), the scale that samples each step; latents x_T (G, 4, h, w).
+    The G trajectories run alone for the first `branch_step` steps (the prefix x_T .. x_tau); there each is
+    copied into num_branches branches, rows g N .. g N + N - 1, that share the prefix exactly and finish with
+    their own noise. num_branches = 1 is plain DDPO sampling.
+    Returns the trajectory (G N, T + 1, 4, h, w), log_probs (G N, T) and the decoded images (G N, 3, H, W) in [0, 1].
+    """
+    scheduler = pipeline.scheduler
+    trajectory, log_probs = [latents], []
+    for step, t in enumerate(scheduler.timesteps):
+        if step == branch_step:  # copy every prefix (latents, log-probs, conditioning) into its N branches
+            latents, prompt_embeds, guidance_scales = (
+                x.repeat_interleave(num_branches, dim=0) for x in (latents, prompt_embeds, guidance_scales)
+            )
+            trajectory = [x.repeat_interleave(num_branches, dim=0) for x in trajectory]
+            log_probs = [x.repeat_interleave(num_branches, dim=0) for x in log_probs]
+        noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
+        trajectory.append(latents)
+        log_probs.append(log_prob)
+    images = pipeline.vae.decode(latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
+    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 3. Reward
+# ----------------------------------------------------------------------------------------------------------
+
+
+def score_in_batches(reward_fn, images, prompts, batch_size):
+    """(rewards (S,), {member: (S,)}) of images (S, 3, H, W), batch_size at a time (the reward models' memory)."""
+    scored = [
+        score_images(reward_fn, images[i : i + batch_size], prompts[i : i + batch_size])
+        for i in range(0, len(prompts), batch_size)
+    ]
+    rewards = torch.cat([batch_rewards for batch_rewards, _ in scored])
+    return rewards, {name: torch.cat([members[name] for _, members in scored]) for name in scored[0][1]}
+
+
+def stop_on_non_finite(accelerator, epoch, what, value):
+    """A NaN / inf reward, loss, gradient norm or LoRA parameter ends the run here, before the update that made
+    it is applied or before it can be checkpointed: the last checkpoint on disk stays the last finite state."""
+    if not math.isfinite(value):
+        if accelerator.is_main_process:
+            print(
+                f"error: epoch {epoch}: non-finite {what} ({value}); stopped, the last checkpoint is finite",
+                file=sys.stderr,
+            )
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 4. Advantage and loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def per_prompt_z_scores(prompts, rewards, history, history_stages):
+    """Normalised rewards z = (r - mean_p) / (std_p + 1e-8) over the prompt's rewards of this and recent stages.
+
+    `history` is a list of the past stages' {prompt: [rewards]}, oldest first, updated in place: mean_p and the
+    unbiased std_p pool this stage's rewards of prompt p with those of the last `history_stages` stages; then
+    this stage is appended and older ones dropped (deviation 2).
+    """
+    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
+    this_stage = {str(prompt): rewards[prompts == prompt].tolist() for prompt in np.unique(prompts)}
+    z_scores = np.empty_like(rewards)
+    for prompt, values in this_stage.items():
+        pooled = np.array([r for stage in history for r in stage.get(prompt, [])] + values)
+        std = pooled.std(ddof=1) if len(pooled) > 1 else 0.0
+        z_scores[prompts == prompt] = (rewards[prompts == prompt] - pooled.mean()) / (std + 1e-8)
+    history.append(this_stage)
+    del history[: max(len(history) - history_stages, 0)]
+    return z_scores
+
+
+def select_branches(z_scores, num_branches, positive_threshold, negative_threshold):
+    """Eq. 5: the indices of the kept samples; rows g N .. g N + N - 1 of z_scores (G N,) are branch group g.
+
+    In each group, the best branch is kept if its z >= positive_threshold (it is in G+) and the worst if its
+    z < negative_threshold (G-): 0, 1 or 2 samples, which Eq. 6 contrasts.
+    """
+    kept = []
+    for group, scores in enumerate(np.asarray(z_scores).reshape(-1, num_branches)):
+        best, worst = int(scores.argmax()), int(scores.argmin())
+        if scores[best] >= positive_threshold:
+            kept.append(group * num_branches + best)
+        if scores[worst] < negative_threshold:
+            kept.append(group * num_branches + worst)
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantage_clip):
+    """DDPO-IS / PPO clipped surrogate for one timestep of a batch; returns (loss, approx_kl, clipfrac).
+
+    ratio = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c) = exp(log_prob - log_prob_old)
+    loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), A = clip(advantage, -advantage_clip, advantage_clip)
+    """
+    advantages = advantages.clamp(-advantage_clip, advantage_clip)
+    ratio = torch.exp(log_prob - log_prob_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * ((log_prob - log_prob_old) ** 2).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return loss, approx_kl.detach(), clipfrac.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 5. Update
+# ----------------------------------------------------------------------------------------------------------
+
+
+def optimizer_step(accelerator, optimizer, lora_parameters, max_grad_norm, epoch, skipped_in_a_row):
+    """Clip the accumulated gradient, step and zero it; returns (gradient norm before clipping, skips in a row).
+
+    fp16 on a GPU: accelerate multiplies the loss by a GradScaler's scale S (2^16 at first), so an overflowing
+    backward gives a non-finite norm by design. The scaler then skips the step (LoRA and AdamW state unchanged)
+    and halves S; the norm is returned as it is, and the epoch counts it in `skipped_steps`. 17 skips in a row
+    stop the run: S has gone from 2^16 to 2^-1, and a gradient that overflows even when the loss is scaled DOWN is
+    not an overflow of the scaling but a non-finite loss or gradient, which no scale mends.
+    Without a scaler (bf16, fp32) a non-finite norm stops the run before the step. A step that leaves a
+    non-finite LoRA parameter (an overflowing update, say) stops it before anything can save that parameter.
+    """
+    grad_norm = float(accelerator.clip_grad_norm_(lora_parameters, max_grad_norm))
+    if accelerator.scaler is None:
+        stop_on_non_finite(accelerator, epoch, "gradient norm", grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    if accelerator.scaler is not None and optimizer.step_was_skipped:
+        skipped_in_a_row += 1
+        if skipped_in_a_row >= 17:
+            scale = accelerator.scaler.get_scale()
+            what = f"gradient norm in {skipped_in_a_row} fp16 steps in a row (loss scale {scale})"
+            stop_on_non_finite(accelerator, epoch, what, grad_norm)
+        return grad_norm, skipped_in_a_row
+    lora_sum = float(sum(parameter.detach().float().sum() for parameter in lora_parameters))
+    stop_on_non_finite(accelerator, epoch, "LoRA parameters after the update", lora_sum)
+    return grad_norm, 0
+
+
+def grad_norm_summary(grad_norms):
+    """[mean gradient norm of the applied steps (NaN if none was), number of steps the fp16 loss scaler skipped]."""
+    applied = [norm for norm in grad_norms if math.isfinite(norm)]  # a skipped step's norm is inf or NaN
+    return [float(np.mean(applied)) if applied else math.nan, len(grad_norms) - len(applied)]
+
+
+def update_ends(micro_batches, inner_epochs, micro_batches_per_update, schedule):
+    """The (inner epoch, micro-batch index) pairs after which an optimiser step is taken.
+
+    released: the micro-batches of all inner epochs counted as one sequence, a step after every
+    micro_batches_per_update of them, so a step may straddle two inner epochs and the last partial window is never
+    stepped (the release's accelerate counter is not reset within a stage). per_inner_epoch: a step after every
+    micro_batches_per_update micro-batches of an inner epoch, and after its last one.
+    """
+    window = micro_batches_per_update
+    if schedule == "released":
+        return {divmod(end - 1, micro_batches) for end in range(window, inner_epochs * micro_batches + 1, window)}
+    ends = {(e, i) for e in range(inner_epochs) for i in range(micro_batches) if (i + 1) % window == 0}
+    return ends | {(e, micro_batches - 1) for e in range(inner_epochs)}
+
+
+def kept_rows_in_update(kept_per_process, micro_index, micro_batches_per_update, micro_batches, batch_size):
+    """Kept (not padding) rows, over all processes, of the per_inner_epoch update that micro-batch `micro_index` of an
+    inner epoch is in; each process's kept rows come before its padding."""
+    update_index = micro_index // micro_batches_per_update
+    first = update_index * micro_batches_per_update * batch_size
+    last = min((update_index + 1) * micro_batches_per_update, micro_batches) * batch_size
+    return sum(min(max(count - first, 0), last - first) for count in kept_per_process)
+
+
+def kept_row_sums(log_prob, log_prob_old, advantages, is_kept, clip_range, advantage_clip):
+    """[loss, approx_kl, clipfrac] summed over the kept rows of one micro-batch's timestep, and the kept rows' count.
+
+    What the logs average: a padding row has no gradient (advantage 0), but its ratio is a real sample's (row 0,
+    again), so a mean over all rows would count that sample's approx_kl and clipfrac several times, and the loss's
+    zeros of the padding too.
+    """
+    kept = is_kept.bool().to(log_prob.device)
+    if not kept.any():
+        return [0.0, 0.0, 0.0, 0]
+    count = int(kept.sum())
+    with torch.no_grad():
+        means = clipped_policy_loss(log_prob[kept], log_prob_old[kept], advantages[kept], clip_range, advantage_clip)
+    return [float(mean) * count for mean in means] + [count]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of 6. Log, evaluate, checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def process_means(accelerator, values):
+    """The mean over processes of each of this process's numbers `values` (a list of floats)."""
+    local = torch.tensor(values, device=accelerator.device)
+    return accelerator.gather(local).view(-1, len(values)).mean(0).tolist()
+
+
+def member_reward_means(accelerator, member_rewards):
+    """{"reward_<member>_mean": the mean over every process's samples} of an ensemble's members ({} for one reward)."""
+    return {
+        f"reward_{name}_mean": float(accelerator.gather(values.detach().float().to(accelerator.device)).mean())
+        for name, values in member_rewards.items()
+    }
+
+
+def main(args):
+    # ======================================================================================================
+    # 1. Setup: processes, models, LoRA, optimiser, resume
+    # ======================================================================================================
+    run_start = time.time()
+    # the flags checked (one error line), the processes started, the run folder found and, on --resume, the state
+    # of its last checkpoint ({} on a fresh start): run management, after main()
+    accelerator, run_dir, state = start_run(args)
+    start_epoch = state.get("epoch", 0)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
+    train_prompts = load_prompts(args.prompts)
+    unseen_name = args.eval_unseen_prompts or unseen_twin(args.prompts)
+    eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
+
+    pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
+    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # fp32 unless asked
+    names = dict.fromkeys([args.reward, args.eval_reward or args.reward])  # the training and evaluation rewards
+    rewards = [
+        load_reward(name, accelerator.device, reward_dtype, tiny=args.tiny, shapes=args.shapes) for name in names
+    ]
+    reward_fn, eval_reward_fn = rewards[0], rewards[-1]
+    pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
+    timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
+    null_embeds = encode_prompts(pipeline, [""], args.resolution)  # c_null, (1, L, D)
+
+    torch.manual_seed(args.seed)
+    lora_parameters = add_lora(pipeline.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(
+        lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
+    )
+    # the run folder is written only now (a failed load leaves none); on --resume: the LoRA, AdamW, loss scale
+    open_run_folder(args, accelerator, run_dir, state, pipeline.unet, optimizer)
+    # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
+    unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
+    samples_per_process = args.samples_per_epoch // accelerator.num_processes
+    micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
+    skipped_in_a_row = state.get("skipped_in_a_row", 0)  # optimiser steps the fp16 loss scaler skipped in a row
+    bars = dict(disable=not accelerator.is_main_process or None)  # tqdm bars: main process, in a terminal only
+    # the evaluation protocol (after main()): eval.jsonl and sample grids at an epoch
+    evaluate_at = partial(
+        run_evaluation, args, accelerator, pipeline, unet, eval_reward_fn, eval_sets, null_embeds, latent_shape, run_dir
+    )
+
+    # Method-specific setup
+    # the rewards of the last history_stages stages, per prompt, for the z-scores (deviation 2), restored on resume
+    reward_history = state.get("reward_history", [])
+    tau_0 = first_interval_steps(args.num_steps, args.first_interval_fraction)  # the first interval: 14 for T = 20
+    branches = 1 if args.no_branch else args.num_branches  # copies of each prefix; 1 = independent samples
+    # the evaluation also measures diversity (deviation 6), with an image model of its own
+    evaluate_at = partial(evaluate_at, load_diversity_model(args, accelerator.device, reward_dtype))
+
+    for epoch in tqdm(range(start_epoch, args.epochs), "epochs", initial=start_epoch, total=args.epochs, **bars):
+        epoch_start = time.time()
+        # torch's global RNG, for anything not drawn from `generator`
+        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
+        if epoch % args.eval_every == 0:
+            evaluate_at(epoch)
+
+        # ==================================================================================================
+        # 2. Sample: branch-based sampling (Eq. 5-6) at the start of this stage's BPT interval (Eq. 4)
+        # ==================================================================================================
+        # Eq. 4: this stage trains the last K = tau steps, step indices T - K .. T - 1 (all T with --no-bpt)
+        trained_steps = args.num_steps if args.no_bpt else split_step(epoch, args.epochs, args.num_steps, tau_0)
+        first_trained_step = args.num_steps - trained_steps
+        # branches split at x_tau, the interval's start (with --no-bpt: the first stage's interval start)
+        branch_step = args.num_steps - tau_0 if args.no_bpt else first_trained_step
+        # CPU: same draws on any device
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
+        unet.eval()
+        prompts, batches = [], []
+        for _ in tqdm(range(samples_per_process // args.sample_batch_size), "sampling", leave=False, **bars):
+            prefixes = args.sample_batch_size // branches  # G trajectories from their own noise, N branches each
+            prompt_indices = torch.randint(len(train_prompts), (prefixes,), generator=generator)
+            prefix_prompts = [train_prompts[i] for i in prompt_indices]
+            prompt_embeds = encode_prompts(pipeline, prefix_prompts, args.resolution)  # c, (G, L, D)
+            guidance = torch.full((prefixes, args.num_steps), args.cfg_high)  # w of every step, (G, T)
+            noise = torch.randn((prefixes, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
+            trajectory, log_probs, images = sample_trajectories(
+                pipeline, unet, prompt_embeds, null_embeds, guidance, noise, args.eta, generator, branch_step, branches
+            )
+            # rows g N .. g N + N - 1 are the branches of prefix g, each with its prompt (its c and w: below)
+            prompts += [prompt for prompt in prefix_prompts for _ in range(branches)]
+            # Store exactly what sampled each step (its c and w): training must recompute THAT policy.
+            batches.append((prompt_embeds, guidance, trajectory, log_probs, images))
+        keys = ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "images")
+        samples = {key: torch.cat(tensors) for key, tensors in zip(keys, zip(*batches))}
+        for key in ("prompt_embeds", "guidance_scales"):  # a row per prefix -> a row per branch, as the trajectories
+            samples[key] = samples[key].repeat_interleave(branches, dim=0)
+        # samples (S = samples_per_process rows, G N a batch): prompt_embeds (S, L, D), guidance_scales (S, T),
+        # trajectory (S, T+1, 4, h, w), log_probs (S, T)
+
+        # ==================================================================================================
+        # 3. Reward: r(x_0, c) for every sample, gathered from all processes
+        # ==================================================================================================
+        # (S,), and an ensemble's members {name: (S,)}
+        rewards, member_rewards = score_in_batches(reward_fn, samples["images"], prompts, args.sample_batch_size)
+        all_rewards = accelerator.gather(rewards.float().to(accelerator.device)).cpu().numpy()  # (samples_per_epoch,)
+        all_prompts = [p for part in gather_object([prompts]) for p in part]  # in process order, as all_rewards
+        stop_on_non_finite(accelerator, epoch, "reward", float(all_rewards.sum()))
+
+        # ==================================================================================================
+        # 4. Advantage and loss: per-prompt z-scores, selection of each branch group's best / worst (Eq. 5)
+        # ==================================================================================================
+        all_z_scores = per_prompt_z_scores(all_prompts, all_rewards, reward_history, args.history_stages)
+        if args.no_branch:  # no groups to compare: every sample is trained with its own z
+            all_kept = torch.arange(args.samples_per_epoch)
+        else:  # groups never straddle processes (a sampling batch holds whole groups), so global rows work
+            all_kept = select_branches(
+                all_z_scores, args.num_branches, args.positive_threshold, args.negative_threshold
+            )
+        # every process computed the same selection; gather order = process order, samples_per_process rows each
+        kept_per_process = torch.bincount(all_kept // samples_per_process, minlength=accelerator.num_processes).tolist()
+        offset = accelerator.process_index * samples_per_process
+        # this process's kept rows, as indices into its own samples
+        kept = all_kept[(all_kept >= offset) & (all_kept < offset + samples_per_process)] - offset
+        advantages = torch.tensor(all_z_scores, dtype=torch.float32)[offset : offset + samples_per_process]  # (S,)
+
+        # ==================================================================================================
+        # 5. Update: DDPO-IS on the kept samples over the interval's steps only (Eq. 4, Eq. 6)
+        # ==================================================================================================
+        unet.train()
+        kept_sums, grad_norms, visited_steps = [0.0, 0.0, 0.0, 0], [], set()  # loss, approx_kl, clipfrac, rows
+        micro_batches = math.ceil(max(kept_per_process) / args.train_batch_size)  # the same on every process
+        ends = update_ends(micro_batches, args.inner_epochs, micro_batches_per_update, args.update_schedule)
+        for inner_epoch in range(args.inner_epochs if micro_batches else 0):  # 0: no group kept a sample (below)
+            # this process's kept rows in random order, then padding rows (row 0, advantage 0: no gradient) so that
+            # every process runs micro_batches backward passes (deviation 4)
+            order = kept[torch.randperm(len(kept), generator=generator)]
+            order = torch.cat([order, order.new_zeros(micro_batches * args.train_batch_size - len(order))])
+            is_kept = (torch.arange(len(order)) < len(kept)).float()  # (R,)
+            # each sample visits the interval's steps T - K .. T - 1 in its own random order: (R, K)
+            step_orders = first_trained_step + torch.stack(
+                [torch.randperm(trained_steps, generator=generator) for _ in range(len(order))]
+            )
+            for micro_index in tqdm(range(micro_batches), "training", leave=False, **bars):
+                slots = slice(micro_index * args.train_batch_size, (micro_index + 1) * args.train_batch_size)
+                rows = order[slots]  # (b,)
+                steps = step_orders[slots]  # (b, K)
+                x_t = samples["trajectory"][rows[:, None], steps]  # (b, K, 4, h, w)
+                x_prev = samples["trajectory"][rows[:, None], steps + 1]  # (b, K, 4, h, w)
+                log_prob_old = samples["log_probs"][rows[:, None], steps]  # (b, K)
+                scales = samples["guidance_scales"][rows[:, None], steps]  # (b, K)
+                prompt_embeds = samples["prompt_embeds"][rows]  # (b, L, D)
+                step_timesteps = timesteps[steps.to(timesteps.device)]  # (b, K)
+                row_kept = is_kept[slots]  # (b,): 1 for a kept row, 0 for padding
+                row_advantages = (advantages[rows] * row_kept).to(accelerator.device)  # A = z, 0 for padding: (b,)
+                visited_steps.update(steps.flatten().tolist())
+                last_of_update = (inner_epoch, micro_index) in ends
+                if args.update_schedule == "released":  # accelerate's division by the window: 64 x tau passes there
+                    scale = 1 / (micro_batches_per_update * trained_steps)
+                else:  # the mean over the update's kept rows (all processes; DDP averages) and interval steps
+                    update_rows = kept_rows_in_update(
+                        kept_per_process, micro_index, micro_batches_per_update, micro_batches, args.train_batch_size
+                    )
+                    scale = args.train_batch_size * accelerator.num_processes / (update_rows * trained_steps)
+                # gradients accumulate locally (no_sync) until the update's last micro-batch, all K of whose backward
+                # passes run with DDP's all-reduce: each averages the gradient so far over the processes
+                with nullcontext() if last_of_update else accelerator.no_sync(unet):
+                    for k in range(trained_steps):
+                        noise_pred = guided_noise_prediction(
+                            unet, x_t[:, k], step_timesteps[:, k], prompt_embeds, null_embeds, scales[:, k]
+                        )
+                        _, log_prob = ddim_step_with_logprob(
+                            pipeline.scheduler, noise_pred, step_timesteps[:, k], x_t[:, k], args.eta, x_prev[:, k]
+                        )
+                        loss, _, _ = clipped_policy_loss(
+                            log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip
+                        )
+                        accelerator.backward(loss * scale)
+                        step_sums = kept_row_sums(
+                            log_prob, log_prob_old[:, k], row_advantages, row_kept, args.clip_range, args.advantage_clip
+                        )
+                        kept_sums = [total + value for total, value in zip(kept_sums, step_sums)]
+                if last_of_update:
+                    grad_norm, skipped_in_a_row = optimizer_step(
+                        accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch, skipped_in_a_row
+                    )
+                    grad_norms.append(grad_norm)
+        optimizer.zero_grad()  # released: the last partial window's gradient is never stepped, as in the release
+        grad_norms = grad_norms or [0.0]  # no update: nothing kept on any process (every z within the thresholds)
+
+        # ==================================================================================================
+        # 6. Log, evaluate, checkpoint
+        # ==================================================================================================
+        *kept_sums, kept_count, grad_norm_mean, skipped_steps = process_means(
+            accelerator, [*kept_sums, *grad_norm_summary(grad_norms)]
+        )
+        # loss, approx_kl and clipfrac: means over the kept (row, step) pairs of all processes (0 if none)
+        loss_mean, approx_kl_mean, clipfrac_mean = [total / (kept_count or 1) for total in kept_sums]
+        stop_on_non_finite(accelerator, epoch, "loss", loss_mean)
+        metrics = dict(
+            epoch=epoch,
+            reward_queries=(epoch + 1) * args.samples_per_epoch,
+            reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std()),
+            **member_reward_means(accelerator, member_rewards),
+            loss=loss_mean,
+            approx_kl=approx_kl_mean,
+            clipfrac=clipfrac_mean,
+            grad_norm=grad_norm_mean,
+            skipped_steps=round(skipped_steps),
+            interval_steps=trained_steps,
+            branch_step=branch_step if branches > 1 else None,
+            kept_samples=len(all_kept),
+            trained_step_indices=sorted(visited_steps),
+            seconds=round(time.time() - epoch_start, 3),
+        )
+        line = f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, interval "
+        line += f"{trained_steps}, kept {len(all_kept)}, loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, "
+        log_epoch(accelerator, run_dir, metrics, lora_parameters, line + f"clipfrac {clipfrac_mean:.2f}")
+        if epoch + 1 == args.epochs:
+            evaluate_at(epoch + 1)
+        method_state = dict(reward_history=reward_history, skipped_in_a_row=skipped_in_a_row)  # what --resume needs
+        save_checkpoint(args, accelerator, run_dir, epoch, unet, optimizer, **method_state)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(run_summary(run_dir, time.time() - run_start))
+
+
+# ==========================================================================================================
+# Evaluation (B2-DiffuRL Sec. 4): fixed noise, plain CFG w, no branching; the mean reward and the diversity
+# ==========================================================================================================
+
+
+def run_evaluation(
+    args, accelerator, pipeline, unet, reward_fn, eval_sets, null_embeds, latent_shape, run_dir, diversity_model, epoch
+):
+    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
+    unet.eval()
+    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
+    grids = {}
+    for name, prompts in eval_sets.items():
+        mean, std, diversity, member_means, grid = evaluate(
+            args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape
+        )
+        line[f"{name}_reward_mean"], line[f"{name}_reward_std"], line[f"{name}_diversity"] = mean, std, diversity
+        line[f"{name}_images"] = len(prompts) * args.eval_images_per_prompt
+        line |= {f"{name}_reward_{member}_mean": value for member, value in member_means.items()}
+        if accelerator.is_main_process:
+            grid_path = os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png")
+            grids[f"eval/{name}_grid"] = save_image_grid(grid_path, grid[:32])
+    if accelerator.is_main_process:
+        append_jsonl(os.path.join(run_dir, "eval.jsonl"), line)
+        report(accelerator, {f"eval/{key}": value for key, value in line.items()}, epoch, grids)
+        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+
+
+@torch.no_grad()
+def evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape):
+    """Evaluation protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w, no branching.
+
+    The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
+    the numbers do not depend on the number of processes. Returns (mean, std, diversity, member means, first
+    images): diversity is the mean over prompts of mean_pairwise_distance of the prompt's CLIP image embeddings,
+    member means the mean of each ensemble member's reward ({} for a single reward).
+    """
+    jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
+    batch_size = args.sample_batch_size
+    batches = [list(range(start, min(start + batch_size, len(jobs)))) for start in range(0, len(jobs), batch_size)]
+    rewards, members, embeddings, images_kept = {}, {}, {}, {}
+    for batch_index in range(accelerator.process_index, len(batches), accelerator.num_processes):
+        indices = batches[batch_index]
+        batch_prompts = [jobs[i] for i in indices]
+        generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
+        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
+            accelerator.device, pipeline.unet.dtype
+        )
+        prompt_embeds = encode_prompts(pipeline, batch_prompts, args.resolution)
+        guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
+        _, _, images = sample_trajectories(
+            pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
+        )
+        batch_rewards, batch_members = score_images(reward_fn, images, batch_prompts)  # (B,), {member: (B,)}
+        pixels = clip_preprocess(images).to(diversity_model.dtype)  # CLIP's 224 px, normalised
+        batch_embeddings = diversity_model(pixel_values=pixels).image_embeds.float().cpu()  # (B, D)
+        for position, job in enumerate(indices):
+            rewards[job], embeddings[job] = batch_rewards[position].item(), batch_embeddings[position]
+            members[job] = {name: values[position].item() for name, values in batch_members.items()}
+            if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
+                images_kept[job] = images[position].cpu()
+    all_rewards, all_members, all_embeddings, all_images = (
+        {job: value for part in gather_object([results]) for job, value in part.items()}
+        for results in (rewards, members, embeddings, images_kept)
+    )
+    values = np.array([all_rewards[i] for i in range(len(jobs))])
+    # an ensemble's members, each a mean over every image ({} for a single reward)
+    member_means = {name: float(np.mean([all_members[i][name] for i in range(len(jobs))])) for name in all_members[0]}
+    per_prompt = torch.stack([all_embeddings[i] for i in range(len(jobs))]).unflatten(0, (len(prompts), -1))
+    diversity = (
+        float(np.mean([mean_pairwise_distance(e) for e in per_prompt])) if args.eval_images_per_prompt > 1 else None
+    )
+    grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
+    return float(values.mean()), float(values.std()), diversity, member_means, grid
+
+
+def load_diversity_model(args, device, dtype):
+    """CLIP ViT-L/14 image tower with projection for the diversity metric; offline (--tiny, --shapes) a tiny one."""
+    from transformers import CLIPVisionModelWithProjection
+
+    if args.tiny or args.shapes:
+        model = clip_vision_model(projection_dim=32, seed=3)  # tiny_world.py: the same random weights every run
+    else:
+        try:
+            model = CLIPVisionModelWithProjection.from_pretrained(DIVERSITY_CLIP)
+        except Exception as exception:
+            raise hub_error(DIVERSITY_CLIP, exception)
+    return freeze(model, device, dtype)
+
+
+def mean_pairwise_distance(embeddings):
+    """Diversity of one prompt's M >= 2 images: mean over the pairs i < j of 1 - cos(e_i, e_j); embeddings (M, D)."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    first, second = torch.triu_indices(len(unit), len(unit), offset=1)
+    return float((1 - (unit[first] * unit[second]).sum(-1)).mean())
+
+
+def caption_lines(draw, text, width):
+    """`text` in lines no wider than `width` pixels in `draw`'s font, broken at spaces; a word wider than a line
+    is broken where it reaches the edge. PIL's default font is proportional: about 23 characters fit in 124 px."""
+    lines = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+            continue
+        lines.append("")
+        for character in word:
+            if lines[-1] and draw.textlength(lines[-1] + character) > width:
+                lines.append("")
+            lines[-1] += character
+    return lines or [""]
+
+
+def save_image_grid(path, entries, columns=8, cell=128):
+    """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it; returns
+    the grid (a PIL RGB image). A prompt takes as many lines as it needs (a two-object prompt keeps its second
+    object): every caption is as tall as the grid's longest."""
+    line_height = 11
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # for measuring text in the default font
+    captions = [caption_lines(draw, prompt, cell - 4) for prompt, _, _ in entries]
+    caption_height = line_height * (max(map(len, captions), default=1) + 1) + 2  # the prompt's lines and the reward
+    rows = math.ceil(len(entries) / columns)
+    grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, ((prompt, reward, image), lines) in enumerate(zip(entries, captions)):
+        x, y = (index % columns) * cell, (index // columns) * (cell + caption_height)
+        grid.paste(images_to_pil(image[None])[0].resize((cell, cell), Image.NEAREST), (x, y))
+        for number, line in enumerate([*lines, f"{reward:.4g}"]):
+            draw.text((x + 2, y + cell + 1 + number * line_height), line, fill="black")
+    grid.save(path)
+    return grid
+
+
+# ==========================================================================================================
+# Run management: presets, flag checks, the run folder, resume, logs, checkpoints. Not the method: a first
+# reading can stop here. After this script's PRESETS and flag rules, it is the same text in every script.
+# ==========================================================================================================
+
 # Named presets (--preset NAME; --tiny and --shapes name the first two): each sets the flags of one experiment,
-# and every value says where it comes from. Flags given on the command line override a preset's.
+# and every value says where it comes from (PRESETS.md: each with its source). Flags on the command line win.
 PRESETS = {
     # ours: everything small enough for 2 CPU cores (the tiny world, tiny_world.py), the plumbing a user runs first
     "tiny": dict(
@@ -286,13 +926,38 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 1. Setup
-# ----------------------------------------------------------------------------------------------------------
+METHOD_COUNTS = ("inner_epochs",)  # each must be >= 1
+
+
+def flag_rules(args, processes):
+    """(field, holds, what its value must be) for this script's flags; the shared ones hold (no batch size is 0)."""
+    positive, schedules = args.positive_threshold, ("released", "per_inner_epoch")
+    # without --no-branch: N >= 2 branches to compare, and a sampling batch of whole branch groups
+    branching = [("num_branches", args.num_branches >= 2, "must be >= 2 to compare branches (or pass --no-branch)")]
+    branching += [multiple(args, "sample_batch_size", "num_branches")] if args.num_branches >= 2 else []
+    return [
+        ("eta", args.eta > 0, "must be > 0: the policy's log-probability needs sigma_t > 0"),
+        ("update_schedule", args.update_schedule in schedules, "must be released or per_inner_epoch"),
+        ("first_interval_fraction", 0 < args.first_interval_fraction <= 1, "must be in (0, 1]"),
+        ("negative_threshold", args.negative_threshold <= positive, f"must not exceed --positive-threshold {positive}"),
+        *[(name, holds or args.no_branch, must) for name, holds, must in branching],
+        multiple(args, "samples_per_epoch", "sample_batch_size", processes),
+        ("history_stages", args.history_stages >= 0, "must be >= 0"),
+        ("clip_range", args.clip_range > 0, "must be > 0"),
+        ("advantage_clip", args.advantage_clip > 0, "must be > 0"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------- the same in every script
+COUNTS = ("epochs", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size", "samples_per_update")
+COUNTS += ("eval_every", "save_every", "eval_images_per_prompt", "lora_rank")  # each must be >= 1
+# flags that may change on --resume: how often a run evaluates, saves and reports, and where it is. Every other flag
+# defines the experiment (--epochs too: DiffExp's exploring 3/4 and B2-DiffuRL's stages follow it).
+SAFE_TO_CHANGE_ON_RESUME = ("eval_every", "save_every", "report_to", "resume", "output_dir", "run_name")
 
 
 def parse_args(argv=None):
-    """Parse flags on top of the defaults, or of the named preset (--preset NAME, --tiny, --shapes) if one is given."""
+    """The flags on top of the defaults, or of the named preset (--preset NAME, --tiny, --shapes) if one is given."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = [word[2:] for word in argv if word in ("--tiny", "--shapes")]
     chosen += [value for word, value in zip(argv, argv[1:]) if word == "--preset"]
@@ -304,6 +969,9 @@ def parse_args(argv=None):
     defaults = replace(Args(**PRESETS[chosen[0]]), preset=chosen[0]) if chosen else Args()
     description = f"{__doc__.splitlines()[0]}\n\nPresets (--preset NAME): {', '.join(PRESETS)}."
     args = tyro.cli(Args, default=defaults, args=argv, description=description)
+    if getattr(args, "diffexp", False):  # a script with --diffexp: both strategies become defaults, under the
+        defaults = replace(defaults, dynamic_cfg=True, prompt_weighting=True)  # flags (--no-dynamic-cfg still wins)
+        args = tyro.cli(Args, default=defaults, args=argv, description=description)
     return args
 
 
@@ -312,153 +980,106 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def divisibility_problem(args, name, divisor_name, num_processes=1):
-    """None if args.<name> is a multiple of args.<divisor_name> x num_processes, else the arithmetic, spelled out."""
-    value, divisor = getattr(args, name), getattr(args, divisor_name) * num_processes
-    if value % divisor == 0:
-        return None
-    per = f" x {num_processes} processes = {divisor}" if num_processes > 1 else ""
-    return (
-        f"{flag(name)} {value} is not a multiple of {flag(divisor_name)} {getattr(args, divisor_name)}{per} "
-        f"({value} = {value // divisor} x {divisor} + {value % divisor})"
-    )
+def multiple(args, name, divisor_name, processes=1):
+    """The rule that args.<name> is a multiple of args.<divisor_name> x processes, its arithmetic spelled out."""
+    value, divisor = getattr(args, name), getattr(args, divisor_name) * processes
+    per = f" x {processes} processes = {divisor}" if processes > 1 else ""
+    why = f"is not a multiple of {flag(divisor_name)} {divisor // processes}{per}"
+    return name, value % divisor == 0, f"{why} ({value} = {value // divisor} x {divisor} + {value % divisor})"
 
 
-def shared_flag_problems(args, num_processes):
-    """The problems of the flags every script shares, and of any float flag that is NaN or infinite.
-
-    Rewards and prompt files are checked first and stop at once (each with its own error line): they are looked
-    up on disk, and a later check could not say anything useful about a run without them.
-    """
-    rewards = (args.reward, args.eval_reward or args.reward)
-    for reward in rewards:
+def check_args(args, processes):
+    """One line and exit for bad input, before any model loads. Rewards and prompt files stop at once, each with its
+    own line; then every number must be finite and every count >= 1 (the other rules divide by them); then the rules
+    of every script, here, and this script's, flag_rules above: (field, holds, what its value must be) each."""
+    for reward in (args.reward, args.eval_reward or args.reward):
         check_reward_name(reward)
     prompts = load_prompts(args.prompts) + (load_prompts(args.eval_unseen_prompts) if args.eval_unseen_prompts else [])
-    for reward in rewards:
+    for reward in (args.reward, args.eval_reward or args.reward):
         check_reward_prompts(reward, prompts)
-    problems = []
-    for field in fields(args):
-        value = getattr(args, field.name)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
-            problems.append(f"{flag(field.name)} {value} must be finite")
-    counts = ("epochs", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size")
-    counts += ("samples_per_update", "eval_every", "save_every", "eval_images_per_prompt", "lora_rank")
-    problems += [f"{flag(name)} {getattr(args, name)} must be >= 1" for name in counts if getattr(args, name) < 1]
-    if problems:  # the checks below would divide by these, or compare NaN
-        return problems
-    if args.seed < 0:
-        problems.append(f"--seed {args.seed} must be >= 0")
-    if args.eta < 0:
-        problems.append(f"--eta {args.eta} must be >= 0")
-    if args.resolution % 8:
-        problems.append(f"--resolution {args.resolution} must be a multiple of 8")
-    if args.mixed_precision not in ("fp16", "bf16", "no"):
-        problems.append(f"--mixed-precision {args.mixed_precision} must be fp16, bf16 or no")
-    if args.report_to not in ("none", "tensorboard", "wandb"):
-        problems.append(f"--report-to {args.report_to} must be none, tensorboard or wandb")
-    elif args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
-        problems.append(
-            f"--report-to {args.report_to} needs the {args.report_to} package: pip install {args.report_to}"
-        )
-    if args.learning_rate <= 0:
-        problems.append(f"--learning-rate {args.learning_rate} must be > 0")
-    if not all(0 <= beta < 1 for beta in args.adam_betas):
-        problems.append(f"--adam-betas {' '.join(map(str, args.adam_betas))} must both be in [0, 1)")
-    if args.weight_decay < 0:
-        problems.append(f"--weight-decay {args.weight_decay} must be >= 0")
-    if args.max_grad_norm <= 0:
-        problems.append(f"--max-grad-norm {args.max_grad_norm} must be > 0 (the norm the gradient is clipped to)")
-    problems.append(divisibility_problem(args, "samples_per_update", "train_batch_size", num_processes))
-    return [problem for problem in problems if problem]
 
+    def broken(rules):  # each broken rule as a message: --adam-betas 0.9 1.0 must both be in [0, 1)
+        shown = {n: " ".join(map(str, v)) if isinstance(v, tuple) else v for n, v in asdict(args).items()}
+        return [f"{flag(name)} {shown[name]} {must}" for name, holds, must in rules if not holds]
 
-def method_flag_problems(args, num_processes):
-    """The problems of this script's own flags (the shared ones hold: no batch size is 0)."""
-    problems = []
-    if args.eta <= 0:
-        problems.append(f"--eta {args.eta} must be > 0: the policy's log-probability needs sigma_t > 0")
-    if args.update_schedule not in ("released", "per_inner_epoch"):
-        problems.append(f"--update-schedule {args.update_schedule} must be released or per_inner_epoch")
-    if not 0 < args.first_interval_fraction <= 1:
-        problems.append(f"--first-interval-fraction {args.first_interval_fraction} must be in (0, 1]")
-    if args.negative_threshold > args.positive_threshold:
-        problems.append(
-            f"--negative-threshold {args.negative_threshold} must not exceed --positive-threshold "
-            f"{args.positive_threshold}"
-        )
-    if not args.no_branch and args.num_branches < 2:
-        problems.append(f"--num-branches {args.num_branches} must be >= 2 to compare branches (or pass --no-branch)")
-    elif not args.no_branch:
-        problems.append(divisibility_problem(args, "sample_batch_size", "num_branches"))
-    problems.append(divisibility_problem(args, "samples_per_epoch", "sample_batch_size", num_processes))
-    if args.history_stages < 0:
-        problems.append(f"--history-stages {args.history_stages} must be >= 0")
-    if args.clip_range <= 0:
-        problems.append(f"--clip-range {args.clip_range} must be > 0")
-    if args.advantage_clip <= 0:
-        problems.append(f"--advantage-clip {args.advantage_clip} must be > 0")
-    if args.inner_epochs < 1:
-        problems.append(f"--inner-epochs {args.inner_epochs} must be >= 1")
-    return [problem for problem in problems if problem]
-
-
-def check_args(args, num_processes):
-    """One line and exit for bad input, before any model loads: the shared flags' problems, then the method's."""
-    problems = shared_flag_problems(args, num_processes)
-    problems = problems or method_flag_problems(args, num_processes)  # the method's checks assume the shared ones
+    numbers = {n: v if isinstance(v, tuple) else (v,) for n, v in asdict(args).items() if isinstance(v, (float, tuple))}
+    problems = broken([(name, all(map(math.isfinite, values)), "must be finite") for name, values in numbers.items()])
+    problems += broken([(name, getattr(args, name) >= 1, "must be >= 1") for name in COUNTS + METHOD_COUNTS])
+    tracker = args.report_to not in ("tensorboard", "wandb") or importlib.util.find_spec(args.report_to) is not None
+    problems = problems or broken(
+        [
+            ("seed", args.seed >= 0, "must be >= 0"),
+            ("eta", args.eta >= 0, "must be >= 0"),
+            ("resolution", args.resolution % 8 == 0, "must be a multiple of 8"),
+            ("mixed_precision", args.mixed_precision in ("fp16", "bf16", "no"), "must be fp16, bf16 or no"),
+            ("report_to", args.report_to in ("none", "tensorboard", "wandb"), "must be none, tensorboard or wandb"),
+            ("report_to", tracker, f"needs the {args.report_to} package: pip install {args.report_to}"),
+            ("learning_rate", args.learning_rate > 0, "must be > 0"),
+            ("adam_betas", all(0 <= beta < 1 for beta in args.adam_betas), "must both be in [0, 1)"),
+            ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
+            ("max_grad_norm", args.max_grad_norm > 0, "must be > 0 (the norm the gradient is clipped to)"),
+            multiple(args, "samples_per_update", "train_batch_size", processes),
+            *flag_rules(args, processes),
+        ]
+    )
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
 
-# flags that may change when a run is resumed: how often it evaluates, saves and reports, and where it is; every
-# other flag defines the experiment, and a resumed run that changed one would silently continue a different one.
-# --epochs too: DiffExp explores in its first 3/4 and B2-DiffuRL's stage schedule follows it
-SAFE_TO_CHANGE_ON_RESUME = ("eval_every", "save_every", "report_to", "resume", "output_dir", "run_name")
+def default_run_name(args, processes):
+    """The run folder's name without --run-name: the script, the preset, the flags that define the run beyond the
+    preset's (not those the others imply: --diffexp --dynamic-cfg is --diffexp), the process count if > 1 and the
+    seed, e.g. ddpo_diffexp_diffexp-fig4a_no-diffexp_seed0. Over 100 characters, it ends with a hash of the whole."""
 
-
-def default_run_name(args, num_processes):
-    """The run folder's name when --run-name is not given: the script, the preset (none for the defaults), the flags
-    that define the run beyond the preset's, the process count (if > 1: each process draws its own numbers) and the
-    seed, e.g. ddpo_diffexp_diffexp-fig4a_no-diffexp_seed0.
-
-    Two commands that train different runs get different names; the same command with --resume, or with another of
-    the SAFE_TO_CHANGE_ON_RESUME flags, gets the same one. A flag that the others imply is left out (--diffexp turns
-    on --dynamic-cfg and --prompt-weighting). A name over 100 characters is cut, and ends with a hash of the whole.
-    """
-
-    def words(name, value):  # a flag as typed: --diffexp, --no-diffexp, --model tiny, --adam-betas 0.9 0.999
+    def words(name):  # a flag as typed: --diffexp, --no-diffexp, --model tiny, --adam-betas 0.9 0.999
+        value = getattr(args, name)
         if isinstance(value, bool):
             return [flag(name) if value else "--no-" + flag(name)[2:]]
         return [flag(name), *map(str, value if isinstance(value, tuple) else [value])]
 
     preset = ["--preset", args.preset] if args.preset else []
-    defining = [field.name for field in fields(args) if field.name not in SAFE_TO_CHANGE_ON_RESUME]
-    defining = [name for name in defining if name not in ("preset", "seed")]  # named on their own
+    defining = [f.name for f in fields(args) if f.name not in (*SAFE_TO_CHANGE_ON_RESUME, "preset", "seed")]
 
-    def differences(names):  # the defining fields in which `--preset P --<name> <value> ...` differs from args
-        again = parse_args(preset + [word for name in names for word in words(name, getattr(args, name))])
+    def differences(names):  # the defining fields in which `--preset P --<name> <value> ...` still differs from args
+        again = parse_args(preset + [word for name in names for word in words(name)])
         return [name for name in defining if getattr(again, name) != getattr(args, name)]
 
-    changed = differences([])  # the flags whose values differ from the preset's
-    while extra := [name for name in differences(changed) if name not in changed]:  # an implication overridden:
-        changed = [name for name in defining if name in changed + extra]  # --diffexp --no-dynamic-cfg
-    for name in list(changed):  # leave out a flag that the others imply: --diffexp --dynamic-cfg is --diffexp
-        if not differences([other for other in changed if other != name]):
-            changed.remove(name)
-    parts = [os.path.splitext(os.path.basename(__file__))[0]] + ([args.preset] if args.preset else [])
-    for name in changed:
-        value = getattr(args, name)
-        if isinstance(value, bool):
-            parts.append(words(name, value)[0][2:])  # diffexp, no-diffexp
-        else:
-            parts.append(f"{flag(name)[2:]}={'-'.join(words(name, value)[1:])}")  # reward=pickscore
-    parts += [f"{num_processes}processes"] if num_processes > 1 else []
+    changed = []  # grown by the first defining flag still different: the flags the preset and they imply are left out
+    while missing := differences(changed):
+        changed = [name for name in defining if name in (*changed, missing[0])]
+    parts = [os.path.splitext(os.path.basename(__file__))[0], *preset[1:]]
+    parts += [words(n)[0][2:] if len(words(n)) == 1 else f"{flag(n)[2:]}={'-'.join(words(n)[1:])}" for n in changed]
+    parts += [f"{processes}processes"] if processes > 1 else []
     body = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts).replace("*", "x"))  # 2*a+b: 2xa+b; a/b: a-b
-    name = f"{body}_seed{args.seed}"
-    if len(name) > 100:
+    if len(name := f"{body}_seed{args.seed}") > 100:
         tail = f"_{hashlib.sha1(name.encode()).hexdigest()[:8]}_seed{args.seed}"
         name = body[: 100 - len(tail)] + tail
     return name
+
+
+def start_run(args):
+    """Check the flags, start the processes, find the run folder and, on --resume, read its last checkpoint. Returns
+    (accelerator, run_dir, state), state being the checkpoint's ({} on a fresh start). The folder is only read here:
+    a start that fails later (a bad model id, no network) writes nothing. A finished run exits at once."""
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # set in each process by the launchers (torchrun)
+    check_args(args, processes)  # before Accelerator(...), which meets `--report-to tensorbaord` with a traceback
+    on_gpu = torch.cuda.is_available()  # else cpu=True: several processes over gloo; bf16 runs there, fp16 is fp32
+    precision = args.mixed_precision if on_gpu or args.mixed_precision == "bf16" else "no"
+    log_with = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(mixed_precision=precision, cpu=not on_gpu, log_with=log_with, project_dir=args.output_dir)
+    if accelerator.num_processes != processes:  # mpirun counts its processes in its own variables (PMI_SIZE)
+        check_args(args, accelerator.num_processes)
+    if not (accelerator.is_main_process and sys.stderr.isatty()):  # in a log file every redraw of a bar stays
+        disable_library_progress_bars()
+    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(args, accelerator.num_processes))
+    folder, state = load_last_checkpoint(run_dir, accelerator) if args.resume else (None, {})
+    if args.resume:
+        check_resume(args, run_dir, folder)
+        if state["epoch"] >= args.epochs:  # a finished run resumes as a no-op and changes no file
+            accelerator.print(f"{run_dir} is complete ({state['epoch']} of {args.epochs} epochs); nothing to do")
+            raise SystemExit  # exit code 0
+        accelerator.print(f"resuming from {folder} at epoch {state['epoch']}")
+    return accelerator, run_dir, state
 
 
 def checkpoint_folders(run_dir):
@@ -469,10 +1090,8 @@ def checkpoint_folders(run_dir):
 
 
 def load_last_checkpoint(run_dir, accelerator):
-    """(folder, training state) of the newest checkpoint that loads, or (None, {}) if none does.
-
-    A checkpoint that does not load (a truncated or corrupt file) is skipped, with a warning, for the one before it.
-    """
+    """(folder, training state) of the newest checkpoint that loads, or (None, {}): one that does not (a truncated
+    or corrupt file) is skipped, with a warning, for the one before it."""
     from safetensors.torch import load_file
 
     for folder in reversed(checkpoint_folders(run_dir)):
@@ -482,7 +1101,7 @@ def load_last_checkpoint(run_dir, accelerator):
             return folder, state
         except Exception as error:  # EOFError, UnpicklingError, RuntimeError, SafetensorError, OSError
             accelerator.print(
-                f"warning: checkpoint {folder} does not load ({first_line(error)}); trying the one before it"
+                f"warning: checkpoint {folder} does not load ({first_line(error)}); trying the last but one"
             )
     return None, {}
 
@@ -502,910 +1121,144 @@ def check_resume(args, run_dir, checkpoint):
         for name in sorted(set(saved) | set(given))
         if name not in SAFE_TO_CHANGE_ON_RESUME and saved.get(name) != given.get(name)
     ]
+    safe = ", ".join(flag(name) for name in SAFE_TO_CHANGE_ON_RESUME[:3])
     if changed:
-        safe = ", ".join(flag(name) for name in SAFE_TO_CHANGE_ON_RESUME[:3])
         raise SystemExit(
             f"error: --resume with other flags than {run_dir}: {'; '.join(changed)} (only {safe} may change)"
         )
 
 
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+def open_run_folder(args, accelerator, run_dir, state, unet, optimizer):
+    """Once the models have loaded: refuse a folder with checkpoints unless --resume, lock it, drop the log lines of
+    the epochs this run redoes (all, on a fresh start), write args.json, start the --report-to trackers and, on
+    --resume, load the checkpoint's LoRA weights, AdamW moments and fp16 loss scale."""
+    from peft.utils import set_peft_model_state_dict
+
+    if not args.resume and checkpoint_folders(run_dir):
+        raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")
+    accelerator.wait_for_everyone()  # every process has checked the folder and loaded its models
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        lock_run(os.path.join(run_dir, "run.lock"))
+        for path in (os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "eval.jsonl")):
+            lines = open(path).readlines() if os.path.exists(path) else []
+            with open(path, "w") as f:
+                f.writelines(line for line in lines if json.loads(line)["epoch"] < state.get("epoch", 0))
+        if not args.resume:
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=2)
+    if args.report_to != "none":  # tensorboard writes into runs/<run_name>/; wandb logs run <run_name> of <script>
+        name, script = os.path.basename(run_dir), os.path.splitext(os.path.basename(__file__))[0]
+        project = name if args.report_to == "tensorboard" else script
+        accelerator.init_trackers(project, init_kwargs={"wandb": {"config": asdict(args), "name": name}})
+    if "lora" in state:
+        set_peft_model_state_dict(unet, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        if accelerator.scaler is not None and "scaler" in state:
+            accelerator.scaler.load_state_dict(state["scaler"])
 
 
 def lock_run(path):
-    """Hold the lock file `path` (created atomically, holding this pid) until this process exits.
-
-    A live holder stops this run with one line; a lock whose process is gone (killed with -9) is taken over.
-    """
-    for _ in range(3):
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = int(f.read().strip() or 0)
-            except (OSError, ValueError):  # being written this instant, or unreadable: look again
-                holder = 0
-            if holder and process_alive(holder):
-                raise SystemExit(f"error: {path} is held by process {holder}, which is running this folder already")
-            if holder:  # stale: its process is gone
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            else:
-                time.sleep(0.1)
-            continue
-        with os.fdopen(descriptor, "w") as f:
-            f.write(str(os.getpid()))
-        atexit.register(lambda: os.path.exists(path) and os.remove(path))
-        return
-    raise SystemExit(f"error: cannot take the lock {path}; remove it if no run of this folder is going on")
-
-
-def keep_lines_before(path, epoch):
-    """Drop log lines of epochs that a resumed run redoes, so that every epoch is logged once."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["epoch"] < epoch]
-        with open(path, "w") as f:
-            f.writelines(lines)
+    """Hold an exclusive lock on `path` (which holds this pid) while this process lives: a second run of the folder
+    stops in one line; a run killed with -9 leaves no lock behind."""
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise SystemExit(
+            f"error: {path} is held by process {lock.read().strip()}, which is running this folder already"
+        )
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    atexit.register(lock.close)  # keeps the file open, and so locked, until this process exits
 
 
 def append_jsonl(path, record):
     """Append `record` as one line of JSON; a NaN or infinite number is written as null (bare NaN is not JSON)."""
-
-    def finite_or_none(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return [finite_or_none(v) for v in value] if isinstance(value, (list, tuple)) else value
-
     with open(path, "a") as f:
-        f.write(json.dumps({key: finite_or_none(value) for key, value in record.items()}, allow_nan=False) + "\n")
+        f.write(json.dumps(json.loads(json.dumps(record), parse_constant=lambda nan_or_infinity: None)) + "\n")
 
 
 def report(accelerator, values, step, grids=None):
-    """Send the finite numbers of `values` (and the PIL images of `grids`, {tag: image}) to the --report-to
-    trackers at `step` (the epoch); the .jsonl files stay the record. Nothing without a tracker."""
-    if not accelerator.trackers:
-        return
+    """Send the finite numbers of `values` (and the PIL images of `grids`, {tag: image}) to the --report-to trackers
+    at `step` (the epoch); the .jsonl files stay the record."""
     numbers = {key: value for key, value in values.items() if isinstance(value, (int, float)) and math.isfinite(value)}
-    accelerator.log(numbers, step=step)
+    accelerator.log(numbers, step=step)  # nothing without a tracker
     for tracker in accelerator.trackers:
         for tag, grid in (grids or {}).items():
-            image = np.asarray(grid)[None]  # (1, H, W, 3) uint8
             options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
-            tracker.log_images({tag: image}, step=step, **options)
+            tracker.log_images({tag: np.asarray(grid)[None]}, step=step, **options)  # (1, H, W, 3) uint8
 
 
-def load_diversity_model(args, device, dtype):
-    """CLIP ViT-L/14 image tower with projection for the diversity metric; offline (--tiny, --shapes) a tiny one."""
-    from transformers import CLIPVisionModelWithProjection
-
-    if args.tiny or args.shapes:
-        model = clip_vision_model(projection_dim=32, seed=3)  # tiny_world.py: the same random weights every run
-    else:
-        try:
-            model = CLIPVisionModelWithProjection.from_pretrained(DIVERSITY_CLIP)
-        except Exception as exception:
-            raise hub_error(DIVERSITY_CLIP, exception)
-    return freeze(model, device, dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 2. Sample
-# ----------------------------------------------------------------------------------------------------------
-
-
-def epoch_seed(seed, epoch, process_index):
-    """The seed of one (epoch, process): every draw is a function of --seed, so --resume redraws the same."""
-    return (seed * 100_003 + epoch) * 1_009 + process_index
-
-
-def first_interval_steps(num_steps, fraction):
-    """tau_0, the number of last steps the first stage trains: round(fraction T), at least 1 (14 for T = 20)."""
-    return min(num_steps, max(1, round(fraction * num_steps)))
-
-
-def split_step(stage, num_stages, num_steps, first_interval):
-    """Eq. 4's tau at `stage`: the number of last denoising steps trained (BPT), first_interval .. T.
-
-    The released code (T = 20, 100 stages, first 14): 14 + floor(stage * 7 / 100), each of the M = 7 lengths
-    14..20 for an equal block of stages. With fewer stages than lengths, the lengths are spread evenly; either
-    way the last stage trains all T steps (deviation 1).
-    """
-    lengths = num_steps - first_interval + 1  # M: the interval lengths first_interval, ..., T
-    if num_stages >= lengths:
-        return first_interval + stage * lengths // num_stages
-    if num_stages == 1:
-        return num_steps
-    return first_interval + stage * (lengths - 1) // (num_stages - 1)
-
-
-def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_sample=None, generator=None):
-    """One DDIM step x_t -> x_{t-1} of the policy, and log p(x_{t-1} | x_t, c) averaged over C*H*W.
-
-    noise_pred: guided eps~ (B, C, h, w); timestep: t, an int or a (B,) tensor (0..999); latents: x_t (B, C, h, w).
-    prev_sample: a given x_{t-1} to score (training); None draws one with `generator` (sampling).
-    Returns (x_{t-1} in latents' dtype, log_prob (B,) fp32). Assumes an epsilon-predicting model and a scheduler
-    without sample clipping or thresholding (SD 1.x's DDIM config).
-    """
-    device = latents.device
-    eps, x_t = noise_pred.float(), latents.float()
-    # 1. t and the previous timestep t' = t - 1000 / T, per sample
-    timestep = torch.as_tensor(timestep, device=device).long().reshape(-1)  # (B,) or (1,)
-    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    # 2. abar_t and abar_t' (abar_t' = final_alpha_cumprod past the last step: abar_0 for SD 1.x)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    alpha_prod_t = alphas_cumprod[timestep].view(-1, 1, 1, 1)
-    alpha_prod_prev = torch.where(
-        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], scheduler.final_alpha_cumprod.to(device)
-    ).view(-1, 1, 1, 1)
-    # 3. predicted clean latent: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (DDIM eq. 12)
-    x0_hat = (x_t - (1 - alpha_prod_t).sqrt() * eps) / alpha_prod_t.sqrt()
-    # 4. sigma_t = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')   (DDIM eq. 16)
-    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
-    std_dev = eta * variance.sqrt()
-    # 5. mean: mu = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma_t^2) eps   (DDIM eq. 12)
-    mean = alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev - std_dev**2).sqrt() * eps
-    # 6. x_{t-1} = mu + sigma_t z, rounded to the latents' dtype BEFORE scoring, so training recomputes the same value
-    if prev_sample is None:
-        noise = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else device).to(device)
-        prev_sample = mean + std_dev * noise
-    prev_sample = prev_sample.to(latents.dtype)
-    # 7. Gaussian log-density, averaged over the C*H*W latent elements (DDPO's code: a sum overflows the ratio)
-    log_prob = (
-        -((prev_sample.float() - mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev) - math.log(math.sqrt(2 * math.pi))
-    )
-    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-
-
-@torch.no_grad()
-def sample_trajectories(
-    pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, eta, generator, branch_step=0, num_branches=1
-):
-    """Run the policy from x_T to x_0, keeping every latent and log-prob; branch-based sampling (Eq. 5-6).
-
-    prompt_embeds (G, L, D); guidance_scales (G, T), the scale that samples each step; latents x_T (G, 4, h, w).
-    The G trajectories run alone for the first `branch_step` steps (the prefix x_T .. x_tau); there each is
-    copied into num_branches branches, rows g N .. g N + N - 1, that share the prefix exactly and finish with
-    their own noise. num_branches = 1 is plain DDPO sampling.
-    Returns the trajectory (G N, T + 1, 4, h, w), log_probs (G N, T) and the decoded images (G N, 3, H, W) in [0, 1].
-    """
-    scheduler = pipeline.scheduler
-    trajectory, log_probs = [latents], []
-    for step, t in enumerate(scheduler.timesteps):
-        if step == branch_step:  # copy every prefix (latents, log-probs, conditioning) into its N branches
-            latents, prompt_embeds, guidance_scales = (
-                x.repeat_interleave(num_branches, dim=0) for x in (latents, prompt_embeds, guidance_scales)
-            )
-            trajectory = [x.repeat_interleave(num_branches, dim=0) for x in trajectory]
-            log_probs = [x.repeat_interleave(num_branches, dim=0) for x in log_probs]
-        noise_pred = guided_noise_prediction(unet, latents, t, prompt_embeds, null_embeds, guidance_scales[:, step])
-        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
-        trajectory.append(latents)
-        log_probs.append(log_prob)
-    images = pipeline.vae.decode(latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor).sample
-    images = (images.float() / 2 + 0.5).clamp(0, 1)  # VAE output is in [-1, 1]
-    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), images
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 3. Reward
-# ----------------------------------------------------------------------------------------------------------
-
-
-def stop_on_non_finite(accelerator, epoch, what, value):
-    """A NaN / inf reward, loss, gradient norm or LoRA parameter ends the run here, before the update that made
-    it is applied or before it can be checkpointed: the last checkpoint on disk stays the last finite state."""
-    if not math.isfinite(value):
-        if accelerator.is_main_process:
-            print(
-                f"error: epoch {epoch}: non-finite {what} ({value}); stopped, the last checkpoint is finite",
-                file=sys.stderr,
-            )
-        raise SystemExit(1)
-
-
-def score_in_batches(reward_fn, images, prompts, batch_size):
-    """(rewards (S,), {member: (S,)}) of images (S, 3, H, W), batch_size at a time (the reward models' memory)."""
-    scored = [
-        score_images(reward_fn, images[i : i + batch_size], prompts[i : i + batch_size])
-        for i in range(0, len(prompts), batch_size)
-    ]
-    rewards = torch.cat([batch_rewards for batch_rewards, _ in scored])
-    return rewards, {name: torch.cat([members[name] for _, members in scored]) for name in scored[0][1]}
-
-
-def member_reward_means(accelerator, member_rewards):
-    """{"reward_<member>_mean": the mean over every process's samples} of an ensemble's members ({} for one reward)."""
-    return {
-        f"reward_{name}_mean": float(accelerator.gather(values.detach().float().to(accelerator.device)).mean())
-        for name, values in member_rewards.items()
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 4. Advantage and loss
-# ----------------------------------------------------------------------------------------------------------
-
-
-def per_prompt_z_scores(prompts, rewards, history, history_stages):
-    """Normalised rewards z = (r - mean_p) / (std_p + 1e-8) over the prompt's rewards of this and recent stages.
-
-    `history` is a list of the past stages' {prompt: [rewards]}, oldest first, updated in place: mean_p and the
-    unbiased std_p pool this stage's rewards of prompt p with those of the last `history_stages` stages; then
-    this stage is appended and older ones dropped (deviation 2).
-    """
-    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
-    this_stage = {str(prompt): rewards[prompts == prompt].tolist() for prompt in np.unique(prompts)}
-    z_scores = np.empty_like(rewards)
-    for prompt, values in this_stage.items():
-        pooled = np.array([r for stage in history for r in stage.get(prompt, [])] + values)
-        std = pooled.std(ddof=1) if len(pooled) > 1 else 0.0
-        z_scores[prompts == prompt] = (rewards[prompts == prompt] - pooled.mean()) / (std + 1e-8)
-    history.append(this_stage)
-    del history[: max(len(history) - history_stages, 0)]
-    return z_scores
-
-
-def select_branches(z_scores, num_branches, positive_threshold, negative_threshold):
-    """Eq. 5: the indices of the kept samples; rows g N .. g N + N - 1 of z_scores (G N,) are branch group g.
-
-    In each group, the best branch is kept if its z >= positive_threshold (it is in G+) and the worst if its
-    z < negative_threshold (G-): 0, 1 or 2 samples, which Eq. 6 contrasts.
-    """
-    kept = []
-    for group, scores in enumerate(np.asarray(z_scores).reshape(-1, num_branches)):
-        best, worst = int(scores.argmax()), int(scores.argmin())
-        if scores[best] >= positive_threshold:
-            kept.append(group * num_branches + best)
-        if scores[worst] < negative_threshold:
-            kept.append(group * num_branches + worst)
-    return torch.tensor(kept, dtype=torch.long)
-
-
-def clipped_policy_loss(log_prob, log_prob_old, advantages, clip_range, advantage_clip):
-    """DDPO-IS / PPO clipped surrogate for one timestep of a batch; returns (loss, approx_kl, clipfrac).
-
-    ratio = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c) = exp(log_prob - log_prob_old)
-    loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), A = clip(advantage, -5, 5)
-    """
-    advantages = advantages.clamp(-advantage_clip, advantage_clip)
-    ratio = torch.exp(log_prob - log_prob_old)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    approx_kl = 0.5 * ((log_prob - log_prob_old) ** 2).mean()
-    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
-    return loss, approx_kl.detach(), clipfrac.detach()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 5. Update
-# ----------------------------------------------------------------------------------------------------------
-
-
-def optimizer_step(accelerator, optimizer, lora_parameters, max_grad_norm, epoch, skipped_in_a_row):
-    """Clip the accumulated gradient, step and zero it; returns (gradient norm before clipping, skips in a row).
-
-    fp16 on a GPU: accelerate multiplies the loss by a GradScaler's scale S (2^16 at first), so an overflowing
-    backward gives a non-finite norm by design. The scaler then skips the step (LoRA and AdamW state unchanged)
-    and halves S; the norm is returned as it is, and the epoch counts it in `skipped_steps`. 17 skips in a row
-    stop the run: S has gone from 2^16 to 2^-1, and a gradient that overflows even when the loss is scaled DOWN is
-    not an overflow of the scaling but a non-finite loss or gradient, which no scale mends.
-    Without a scaler (bf16, fp32) a non-finite norm stops the run before the step. A step that leaves a
-    non-finite LoRA parameter (an overflowing update, say) stops it before anything can save that parameter.
-    """
-    grad_norm = float(accelerator.clip_grad_norm_(lora_parameters, max_grad_norm))
-    if accelerator.scaler is None:
-        stop_on_non_finite(accelerator, epoch, "gradient norm", grad_norm)
-    optimizer.step()
-    optimizer.zero_grad()
-    if accelerator.scaler is not None and optimizer.step_was_skipped:
-        skipped_in_a_row += 1
-        if skipped_in_a_row >= 17:
-            scale = accelerator.scaler.get_scale()
-            what = f"gradient norm in {skipped_in_a_row} fp16 steps in a row (loss scale {scale})"
-            stop_on_non_finite(accelerator, epoch, what, grad_norm)
-        return grad_norm, skipped_in_a_row
-    lora_sum = float(sum(parameter.detach().float().sum() for parameter in lora_parameters))
-    stop_on_non_finite(accelerator, epoch, "LoRA parameters after the update", lora_sum)
-    return grad_norm, 0
-
-
-def grad_norm_summary(grad_norms):
-    """[mean gradient norm of the applied steps (NaN if none was), number of steps the fp16 loss scaler skipped]."""
-    applied = [norm for norm in grad_norms if math.isfinite(norm)]  # a skipped step's norm is inf or NaN
-    return [float(np.mean(applied)) if applied else math.nan, len(grad_norms) - len(applied)]
-
-
-def kept_row_sums(log_prob, log_prob_old, advantages, is_kept, clip_range, advantage_clip):
-    """[loss, approx_kl, clipfrac] summed over the kept rows of one micro-batch's timestep, and the kept rows' count.
-
-    What the logs average: a padding row has no gradient (advantage 0), but its ratio is a real sample's (row 0,
-    again), so a mean over all rows would count that sample's approx_kl and clipfrac several times, and the loss's
-    zeros of the padding too.
-    """
-    kept = is_kept.bool().to(log_prob.device)
-    if not kept.any():
-        return [0.0, 0.0, 0.0, 0]
-    count = int(kept.sum())
-    with torch.no_grad():
-        means = clipped_policy_loss(log_prob[kept], log_prob_old[kept], advantages[kept], clip_range, advantage_clip)
-    return [float(mean) * count for mean in means] + [count]
-
-
-def update_ends(micro_batches, inner_epochs, micro_batches_per_update, schedule):
-    """The (inner epoch, micro-batch index) pairs after which an optimiser step is taken.
-
-    released: the micro-batches of all inner epochs counted as one sequence, a step after every
-    micro_batches_per_update of them, so a step may straddle two inner epochs and the last partial window is never
-    stepped (the release's accelerate counter is not reset within a stage). per_inner_epoch: a step after every
-    micro_batches_per_update micro-batches of an inner epoch, and after its last one.
-    """
-    window = micro_batches_per_update
-    if schedule == "released":
-        return {divmod(end - 1, micro_batches) for end in range(window, inner_epochs * micro_batches + 1, window)}
-    ends = {(e, i) for e in range(inner_epochs) for i in range(micro_batches) if (i + 1) % window == 0}
-    return ends | {(e, micro_batches - 1) for e in range(inner_epochs)}
-
-
-def kept_rows_in_update(kept_per_process, update_index, micro_batches_per_update, micro_batches, batch_size):
-    """Kept (not padding) rows of one update over all processes; each process's kept rows come before its padding."""
-    first = update_index * micro_batches_per_update * batch_size
-    last = min((update_index + 1) * micro_batches_per_update, micro_batches) * batch_size
-    return sum(min(max(count - first, 0), last - first) for count in kept_per_process)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of 6. Log, evaluate, checkpoint
-# ----------------------------------------------------------------------------------------------------------
-
-
-def run_evaluation(
-    args, accelerator, pipeline, unet, reward_fn, diversity_model, eval_sets, null_embeds, latent_shape, run_dir, epoch
-):
-    """Evaluate on the seen and unseen sets; append a line to eval.jsonl and save a grid of the first images."""
-    unet.eval()
-    line = dict(epoch=epoch, reward_queries=epoch * args.samples_per_epoch, eval_reward=args.eval_reward or args.reward)
-    grids = {}
-    for name, prompts in eval_sets.items():
-        mean, std, diversity, member_means, grid = evaluate(
-            args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape
-        )
-        line[f"{name}_reward_mean"], line[f"{name}_reward_std"], line[f"{name}_diversity"] = mean, std, diversity
-        line[f"{name}_images"] = len(prompts) * args.eval_images_per_prompt
-        line |= {f"{name}_reward_{member}_mean": value for member, value in member_means.items()}
-        if accelerator.is_main_process:
-            grid_path = os.path.join(run_dir, "samples", f"eval_{name}_epoch_{epoch:04d}.png")
-            grids[f"eval/{name}_grid"] = save_image_grid(grid_path, grid[:32])
+def log_epoch(accelerator, run_dir, metrics, lora_parameters, line):
+    """The epoch's metrics to metrics.jsonl and the trackers, and `line` to the terminal. With several processes,
+    each one's LoRA sum too: every replica must hold the same LoRA after the all-reduced updates."""
+    if accelerator.num_processes > 1:
+        lora_sum = torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]
+        metrics["lora_sum_per_process"] = accelerator.gather(lora_sum).tolist()
     if accelerator.is_main_process:
-        append_jsonl(os.path.join(run_dir, "eval.jsonl"), line)
-        report(accelerator, {f"eval/{key}": value for key, value in line.items()}, epoch, grids)
-        tqdm.write("eval " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+        append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
+        report(accelerator, {f"train/{key}": value for key, value in metrics.items()}, metrics["epoch"])
+        tqdm.write(line)
 
 
-@torch.no_grad()
-def evaluate(args, accelerator, pipeline, unet, reward_fn, diversity_model, prompts, null_embeds, latent_shape):
-    """Evaluation protocol: eval_images_per_prompt images per prompt from fixed noise, plain CFG w_h, no branching.
-
-    The jobs (prompt, image index) are split over processes; every job's noise depends only on its index, so
-    the numbers do not depend on the number of processes. Returns (mean, std, diversity, member means, first
-    images): diversity is the mean over prompts of mean_pairwise_distance of the prompt's CLIP image embeddings,
-    member means the mean of each ensemble member's reward ({} for a single reward).
-    """
-    jobs = [prompt for prompt in prompts for _ in range(args.eval_images_per_prompt)]
-    batch_size = args.sample_batch_size
-    batches = [list(range(start, min(start + batch_size, len(jobs)))) for start in range(0, len(jobs), batch_size)]
-    rewards, members, embeddings, images_kept = {}, {}, {}, {}
-    for batch_index in range(accelerator.process_index, len(batches), accelerator.num_processes):
-        indices = batches[batch_index]
-        batch_prompts = [jobs[i] for i in indices]
-        generator = torch.Generator().manual_seed(10_000_019 + args.seed * 1_009 + batch_index)  # fixed across evals
-        latents = torch.randn((len(indices), *latent_shape), generator=generator).to(
-            accelerator.device, pipeline.unet.dtype
-        )
-        prompt_embeds = encode_prompts(pipeline, batch_prompts, args.resolution)
-        guidance_scales = torch.full((len(indices), args.num_steps), args.cfg_high)
-        _, _, images = sample_trajectories(
-            pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
-        )
-        batch_rewards, batch_members = score_images(reward_fn, images, batch_prompts)  # (B,), {member: (B,)}
-        # (B, D)
-        batch_embeddings = (
-            diversity_model(pixel_values=clip_preprocess(images).to(diversity_model.dtype)).image_embeds.float().cpu()
-        )
-        for position, job in enumerate(indices):
-            rewards[job], embeddings[job] = batch_rewards[position].item(), batch_embeddings[position]
-            members[job] = {name: values[position].item() for name, values in batch_members.items()}
-            if job % args.eval_images_per_prompt == 0:  # keep the first image of every prompt for the grid
-                images_kept[job] = images[position].cpu()
-    all_rewards, all_embeddings, all_images = {}, {}, {}
-    for part in gather_object([rewards]):
-        all_rewards.update(part)
-    for part in gather_object([embeddings]):
-        all_embeddings.update(part)
-    for part in gather_object([images_kept]):
-        all_images.update(part)
-    all_members = {}
-    for part in gather_object([members]):
-        all_members.update(part)
-    values = np.array([all_rewards[i] for i in range(len(jobs))])
-    # an ensemble's members, each a mean over every image ({} for a single reward)
-    member_means = {name: float(np.mean([all_members[i][name] for i in range(len(jobs))])) for name in all_members[0]}
-    per_prompt = torch.stack([all_embeddings[i] for i in range(len(jobs))]).view(
-        len(prompts), args.eval_images_per_prompt, -1
-    )
-    diversity = (
-        float(np.mean([mean_pairwise_distance(e) for e in per_prompt])) if args.eval_images_per_prompt > 1 else None
-    )
-    grid = [(jobs[i], all_rewards[i], all_images[i]) for i in sorted(all_images)]
-    return float(values.mean()), float(values.std()), diversity, member_means, grid
-
-
-def mean_pairwise_distance(embeddings):
-    """Diversity of one prompt's M >= 2 images: mean over the pairs i < j of 1 - cos(e_i, e_j); embeddings (M, D)."""
-    unit = F.normalize(embeddings.float(), dim=-1)
-    first, second = torch.triu_indices(len(unit), len(unit), offset=1)
-    return float((1 - (unit[first] * unit[second]).sum(-1)).mean())
-
-
-def caption_lines(draw, text, width):
-    """`text` in lines no wider than `width` pixels in `draw`'s font, broken at spaces; a word wider than a line
-    is broken where it reaches the edge. PIL's default font is proportional: about 23 characters fit in 124 px."""
-    lines = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] += f" {word}"
-            continue
-        lines.append("")
-        for character in word:
-            if lines[-1] and draw.textlength(lines[-1] + character) > width:
-                lines.append("")
-            lines[-1] += character
-    return lines or [""]
-
-
-def save_image_grid(path, entries, columns=8, cell=128):
-    """PNG grid of (prompt, reward, image (3, H, W) in [0, 1]) with each image's prompt and reward under it; returns
-    the grid (a PIL RGB image). A prompt takes as many lines as it needs (a two-object prompt keeps its second
-    object): every caption is as tall as the grid's longest."""
-    line_height = 11
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # for measuring text in the default font
-    captions = [caption_lines(draw, prompt, cell - 4) for prompt, _, _ in entries]
-    caption_height = line_height * (max(map(len, captions), default=1) + 1) + 2  # the prompt's lines and the reward
-    rows = math.ceil(len(entries) / columns)
-    grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, ((prompt, reward, image), lines) in enumerate(zip(entries, captions)):
-        x, y = (index % columns) * cell, (index // columns) * (cell + caption_height)
-        grid.paste(images_to_pil(image[None])[0].resize((cell, cell), Image.NEAREST), (x, y))
-        for number, line in enumerate([*lines, f"{reward:.4g}"]):
-            draw.text((x + 2, y + cell + 1 + number * line_height), line, fill="black")
-    grid.save(path)
-    return grid
-
-
-def save_checkpoint(folder, unet, optimizer, state):
-    """Write the LoRA (diffusers format) and the training state, atomically: a crash or a full disk leaves the
-    previous checkpoint whole and no partial folder behind."""
+def save_checkpoint(args, accelerator, run_dir, epoch, unet, optimizer, **state):
+    """After every save_every-th epoch and the last, checkpoints/epoch_<N>: the LoRA in diffusers' format (for
+    load_lora_weights) and all that --resume needs. It is written as <folder>.tmp and renamed: a crash or a full disk
+    leaves the previous checkpoint whole and no partial folder behind."""
     from peft.utils import get_peft_model_state_dict
 
-    temporary = folder + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        os.makedirs(temporary)
-        save_lora(unet, temporary)
-        training_state = dict(state, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict())
-        scaler = getattr(optimizer, "scaler", None)  # accelerate's under fp16 (a GPU), else None
-        if scaler is not None:  # fp16's loss scale: a resumed run must not restart it at 2^16
-            training_state["scaler"] = scaler.state_dict()
-        torch.save(training_state, os.path.join(temporary, "training_state.pt"))
-        os.replace(temporary, folder)
-    except OSError as error:  # ENOSPC (disk full), EDQUOT, EIO, ...
-        shutil.rmtree(temporary, ignore_errors=True)
-        print(
-            f"error: cannot write {folder} ({error.strerror or error}); the previous checkpoint is intact",
-            file=sys.stderr,
-        )
-        raise SystemExit(1)
+    if (epoch + 1) % args.save_every and epoch + 1 != args.epochs:
+        return
+    if accelerator.is_main_process:
+        folder = os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}")
+        unet = accelerator.unwrap_model(unet)
+        state = dict(state, epoch=epoch + 1, lora=get_peft_model_state_dict(unet), optimizer=optimizer.state_dict())
+        if accelerator.scaler is not None:  # fp16's loss scale: a resumed run must not restart it at 2^16
+            state["scaler"] = accelerator.scaler.state_dict()
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)
+        try:
+            os.makedirs(folder + ".tmp")
+            save_lora(unet, folder + ".tmp")
+            torch.save(state, os.path.join(folder + ".tmp", "training_state.pt"))
+            shutil.rmtree(folder, ignore_errors=True)  # one that did not load, which this run redid
+            os.replace(folder + ".tmp", folder)
+        except OSError as error:  # ENOSPC (disk full), EDQUOT, EIO, ...
+            shutil.rmtree(folder + ".tmp", ignore_errors=True)
+            print(
+                f"error: cannot write {folder} ({error.strerror or error}); the previous checkpoint is intact",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
+    accelerator.wait_for_everyone()
 
 
 def run_summary(run_dir, seconds):
-    """The line a run ends with: the evaluation reward at the first and the last evaluation, the best one, and
-    where the sample grids and the LoRA checkpoints are."""
-    path = os.path.join(run_dir, "eval.jsonl")
+    """The line a run ends with: the evaluation reward first, last and best, and where the grids and LoRA are."""
+    path, where = os.path.join(run_dir, "eval.jsonl"), f"grids in {run_dir}/samples, LoRA in {run_dir}/checkpoints"
     lines = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    where = f"grids in {os.path.join(run_dir, 'samples')}, LoRA in {os.path.join(run_dir, 'checkpoints')}"
     if not lines:
         return f"done in {seconds:.0f} s (no evaluation); {where}"
     first, last = lines[0], lines[-1]
     best = max(lines, key=lambda line: line["seen_reward_mean"])
-    error = ""
-    if "seen_images" in last:  # the standard error of one evaluation's mean, std / sqrt(n): how far apart is apart
-        error = f", each +- {last['seen_reward_std'] / math.sqrt(last['seen_images']):.2g} (standard error)"
-    unseen = ""
-    if "unseen_reward_mean" in last:
-        unseen = f"; unseen {first['unseen_reward_mean']:.4g} -> {last['unseen_reward_mean']:.4g}"
+    # the standard error of one evaluation's mean, std / sqrt(n): how far apart is apart (older logs lack n)
+    error = (
+        f", each +- {last['seen_reward_std'] / last['seen_images'] ** 0.5:.2g} (standard error)"
+        if "seen_images" in last
+        else ""
+    )
+    unseen = (
+        f"; unseen {first['unseen_reward_mean']:.4g} -> {last['unseen_reward_mean']:.4g}"
+        if "unseen_reward_mean" in last
+        else ""
+    )
     return (
         f"done in {seconds:.0f} s: seen {last['eval_reward']} reward {first['seen_reward_mean']:.4g} (epoch "
         f"{first['epoch']}) -> {last['seen_reward_mean']:.4g} (epoch {last['epoch']}), best "
         f"{best['seen_reward_mean']:.4g} (epoch {best['epoch']}){error}{unseen}; {where}"
     )
-
-
-def main(args):
-    # ======================================================================================================
-    # 1. Setup: processes, models, LoRA, optimiser, resume
-    # ======================================================================================================
-    # Every flag is checked before anything is built: Accelerator(...) would meet `--report-to tensorbaord` or
-    # `--mixed-precision bf` with a traceback. The process count comes from WORLD_SIZE, which the launchers set in
-    # each process (accelerate launch through torchrun); a plain `python script.py` is one process.
-    run_start = time.time()
-    num_processes = int(os.environ.get("WORLD_SIZE", 1))
-    check_args(args, num_processes)
-    # without CUDA, cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU;
-    # a CPU runs bf16 (weights and autocast) but not fp16, which falls back to fp32 there
-    on_gpu = torch.cuda.is_available()
-    mixed_precision = args.mixed_precision if on_gpu or args.mixed_precision == "bf16" else "no"
-    log_with = None if args.report_to == "none" else args.report_to
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision, cpu=not on_gpu, log_with=log_with, project_dir=args.output_dir
-    )
-    if accelerator.num_processes != num_processes:  # mpirun counts its processes in its own variables (PMI_SIZE)
-        check_args(args, accelerator.num_processes)
-    # progress bars on the main process in a terminal only: written to a file (nohup, a batch system's log) every
-    # redraw of a bar stays in it, hundreds of fragments; there the log is the epoch and evaluation lines (tqdm.write)
-    progress_bars = accelerator.is_main_process and sys.stderr.isatty()
-    if not progress_bars:
-        disable_library_progress_bars()  # the models' loading and download bars too
-    script = os.path.splitext(os.path.basename(__file__))[0]
-    run_name = args.run_name or default_run_name(args, accelerator.num_processes)
-    run_dir = os.path.join(args.output_dir, run_name)
-    # The run folder is only read until the models have loaded: a start that fails (a bad model id, no network)
-    # writes nothing, so its corrected rerun starts as if it had never happened.
-    checkpoint, state = load_last_checkpoint(run_dir, accelerator) if args.resume else (None, {})
-    if args.resume:
-        check_resume(args, run_dir, checkpoint)
-        if state["epoch"] >= args.epochs:  # a finished run resumes as a no-op and changes no file
-            accelerator.print(f"{run_dir} is complete ({state['epoch']} of {args.epochs} epochs); nothing to do")
-            return
-    start_epoch = state.get("epoch", 0)
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[accelerator.mixed_precision]
-    train_prompts = load_prompts(args.prompts)
-    unseen_name = args.eval_unseen_prompts or unseen_twin(args.prompts)
-    eval_sets = {"seen": train_prompts} | ({"unseen": load_prompts(unseen_name)} if unseen_name else {})
-
-    pipeline = load_pipeline(args.model, accelerator.device, weight_dtype)
-    reward_dtype = weight_dtype if args.half_precision_rewards else torch.float32  # fp32 unless asked
-    reward_fn = load_reward(args.reward, accelerator.device, reward_dtype, tiny=args.tiny, shapes=args.shapes)
-    eval_reward = args.eval_reward or args.reward
-    eval_reward_fn = (
-        reward_fn
-        if eval_reward == args.reward
-        else load_reward(eval_reward, accelerator.device, reward_dtype, tiny=args.tiny, shapes=args.shapes)
-    )
-    if not args.resume and checkpoint_folders(run_dir):  # after the loads: a bad --model or reward is named first
-        raise SystemExit(f"error: {run_dir} has checkpoints; pass --resume to continue it or choose another --run-name")
-    accelerator.wait_for_everyone()  # every process has checked the folder and loaded its models
-    if accelerator.is_main_process:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        lock_run(os.path.join(run_dir, "run.lock"))  # one process writes this folder at a time
-        for log in ("metrics.jsonl", "eval.jsonl"):  # drop the epochs this run redoes (all, on a fresh start)
-            keep_lines_before(os.path.join(run_dir, log), start_epoch)
-        if not args.resume:
-            with open(os.path.join(run_dir, "args.json"), "w") as f:
-                json.dump(asdict(args), f, indent=2)
-    if args.report_to != "none":  # tensorboard writes into runs/<run_name>/; wandb logs run <run_name> of <script>
-        project = run_name if args.report_to == "tensorboard" else script
-        accelerator.init_trackers(project, init_kwargs={"wandb": {"config": asdict(args), "name": run_name}})
-    pipeline.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
-    timesteps = pipeline.scheduler.timesteps  # (T,): 981, 961, ..., 1 for T = 50; 951, 901, ..., 1 for T = 20
-    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    latent_shape = (pipeline.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
-    null_embeds = encode_prompts(pipeline, [""], args.resolution)  # c_null, (1, L, D)
-
-    torch.manual_seed(args.seed)
-    lora_parameters = add_lora(pipeline.unet, args.lora_rank)
-    optimizer = torch.optim.AdamW(
-        lora_parameters, lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay
-    )
-    if checkpoint is not None:
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(pipeline.unet, state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        if accelerator.scaler is not None and "scaler" in state:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        accelerator.print(f"resumed from {checkpoint} at epoch {start_epoch}")
-    # DDP over the UNet: the LoRA gradients are all-reduced (averaged) across processes at every optimiser step.
-    unet, optimizer = accelerator.prepare(pipeline.unet, optimizer)
-    samples_per_process = args.samples_per_epoch // accelerator.num_processes
-    micro_batches_per_update = args.samples_per_update // (args.train_batch_size * accelerator.num_processes)
-    skipped_in_a_row = state.get("skipped_in_a_row", 0)  # optimiser steps the fp16 loss scaler skipped in a row
-
-    # Method-specific setup
-    # the rewards of the last history_stages stages, per prompt, for the z-scores (deviation 2), restored on resume
-    reward_history = state.get("reward_history", [])
-    first_interval = first_interval_steps(args.num_steps, args.first_interval_fraction)  # tau_0, 14 for T = 20
-    branches = 1 if args.no_branch else args.num_branches  # copies of each prefix; 1 = independent samples
-    diversity_model = load_diversity_model(args, accelerator.device, reward_dtype)  # for the evaluation only
-
-    for epoch in tqdm(
-        range(start_epoch, args.epochs),
-        desc="epochs",
-        initial=start_epoch,
-        total=args.epochs,
-        disable=not progress_bars,
-    ):
-        epoch_start = time.time()
-        # torch's global RNG, for anything not drawn from `generator`
-        torch.manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
-        if epoch % args.eval_every == 0:
-            run_evaluation(
-                args,
-                accelerator,
-                pipeline,
-                unet,
-                eval_reward_fn,
-                diversity_model,
-                eval_sets,
-                null_embeds,
-                latent_shape,
-                run_dir,
-                epoch,
-            )
-
-        # ==================================================================================================
-        # 2. Sample: branch-based sampling (Eq. 5-6) at the start of this stage's BPT interval (Eq. 4)
-        # ==================================================================================================
-        # Eq. 4: this stage trains the last K = tau steps, step indices T - K .. T - 1 (all T with --no-bpt)
-        trained_steps = (
-            args.num_steps if args.no_bpt else split_step(epoch, args.epochs, args.num_steps, first_interval)
-        )
-        first_trained_step = args.num_steps - trained_steps
-        # branches split at x_tau, the interval's start (with --no-bpt: the first stage's interval start)
-        branch_step = args.num_steps - first_interval if args.no_bpt else first_trained_step
-        # CPU: same draws on any device
-        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
-        unet.eval()
-        batches = []
-        for _ in tqdm(
-            range(samples_per_process // args.sample_batch_size),
-            desc="sampling",
-            leave=False,
-            disable=not progress_bars,
-        ):
-            prefixes = args.sample_batch_size // branches  # G trajectories from their own noise, N branches each
-            prompt_indices = torch.randint(len(train_prompts), (prefixes,), generator=generator)
-            prefix_prompts = [train_prompts[i] for i in prompt_indices]
-            prompt_embeds = encode_prompts(pipeline, prefix_prompts, args.resolution)  # c, (G, L, D)
-            guidance_scales = torch.full((prefixes, args.num_steps), args.cfg_high)  # (G, T)
-            latents = torch.randn((prefixes, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
-            trajectory, log_probs, images = sample_trajectories(
-                pipeline,
-                unet,
-                prompt_embeds,
-                null_embeds,
-                guidance_scales,
-                latents,
-                args.eta,
-                generator,
-                branch_step,
-                branches,
-            )
-            # rows g N .. g N + N - 1 are the branches of prefix g: repeat its prompt and conditioning N times
-            prompts = [prompt for prompt in prefix_prompts for _ in range(branches)]
-            prompt_embeds = prompt_embeds.repeat_interleave(branches, dim=0)  # (G N, L, D)
-            guidance_scales = guidance_scales.repeat_interleave(branches, dim=0)  # (G N, T)
-            # Store exactly what sampled each step (its c and w): training must recompute THAT policy.
-            batches.append(
-                dict(
-                    prompts=prompts,
-                    prompt_embeds=prompt_embeds,
-                    guidance_scales=guidance_scales,
-                    trajectory=trajectory,
-                    log_probs=log_probs,
-                    images=images,
-                )
-            )
-        prompts = [p for batch in batches for p in batch["prompts"]]
-        samples = {
-            key: torch.cat([batch[key] for batch in batches])
-            for key in ("prompt_embeds", "guidance_scales", "trajectory", "log_probs", "images")
-        }
-        # samples: prompt_embeds (S, L, D), guidance_scales (S, T), trajectory (S, T+1, 4, h, w), log_probs (S, T); S =
-        # G N
-
-        # ==================================================================================================
-        # 3. Reward: r(x_0, c) for every sample, gathered from all processes
-        # ==================================================================================================
-        # (S,), and an ensemble's members {name: (S,)}
-        rewards, member_rewards = score_in_batches(reward_fn, samples["images"], prompts, args.sample_batch_size)
-        all_rewards = accelerator.gather(rewards.float().to(accelerator.device)).cpu().numpy()  # (samples_per_epoch,)
-        all_prompts = (
-            [p for part in gather_object([prompts]) for p in part] if accelerator.num_processes > 1 else prompts
-        )
-        stop_on_non_finite(accelerator, epoch, "reward", float(all_rewards.sum()))
-
-        # ==================================================================================================
-        # 4. Advantage and loss: per-prompt z-scores, selection of each branch group's best / worst (Eq. 5)
-        # ==================================================================================================
-        all_z_scores = per_prompt_z_scores(all_prompts, all_rewards, reward_history, args.history_stages)
-        if args.no_branch:  # no groups to compare: every sample is trained with its own z
-            all_kept = torch.arange(args.samples_per_epoch)
-        else:  # groups never straddle processes (a sampling batch holds whole groups), so global rows work
-            all_kept = select_branches(
-                all_z_scores, args.num_branches, args.positive_threshold, args.negative_threshold
-            )
-        # every process computed the same selection; gather order = process order, samples_per_process rows each
-        kept_per_process = [
-            int(((all_kept >= p * samples_per_process) & (all_kept < (p + 1) * samples_per_process)).sum())
-            for p in range(accelerator.num_processes)
-        ]
-        offset = accelerator.process_index * samples_per_process
-        # this process's kept rows, as indices into its own samples
-        kept = all_kept[(all_kept >= offset) & (all_kept < offset + samples_per_process)] - offset
-        advantages = torch.tensor(all_z_scores, dtype=torch.float32).reshape(accelerator.num_processes, -1)[
-            accelerator.process_index
-        ]
-
-        # ==================================================================================================
-        # 5. Update: DDPO-IS on the kept samples over the interval's steps only (Eq. 4, Eq. 6)
-        # ==================================================================================================
-        unet.train()
-        kept_sums, grad_norms, visited_steps = [0.0, 0.0, 0.0, 0], [], set()  # loss, approx_kl, clipfrac, rows
-        micro_batches = math.ceil(max(kept_per_process) / args.train_batch_size)  # the same on every process
-        ends = update_ends(micro_batches, args.inner_epochs, micro_batches_per_update, args.update_schedule)
-        for inner_epoch in range(args.inner_epochs if micro_batches else 0):  # 0: no group kept a sample (below)
-            # this process's kept rows in random order, then padding rows (row 0, advantage 0: no gradient) so that
-            # every process runs micro_batches backward passes (deviation 4)
-            order = kept[torch.randperm(len(kept), generator=generator)]
-            order = torch.cat(
-                [order, torch.zeros(micro_batches * args.train_batch_size - len(order), dtype=torch.long)]
-            )
-            is_kept = (torch.arange(len(order)) < len(kept)).float()  # (R,)
-            # each sample visits the interval's steps T - K .. T - 1 in its own random order
-            # (R, K)
-            step_orders = first_trained_step + torch.stack(
-                [torch.randperm(trained_steps, generator=generator) for _ in range(len(order))]
-            )
-            for micro_index in tqdm(range(micro_batches), desc="training", leave=False, disable=not progress_bars):
-                slots = slice(micro_index * args.train_batch_size, (micro_index + 1) * args.train_batch_size)
-                rows = order[slots]  # (b,)
-                steps = step_orders[slots]  # (b, K)
-                x_t = samples["trajectory"][rows[:, None], steps]  # (b, K, 4, h, w)
-                x_prev = samples["trajectory"][rows[:, None], steps + 1]  # (b, K, 4, h, w)
-                log_prob_old = samples["log_probs"][rows[:, None], steps]  # (b, K)
-                scales = samples["guidance_scales"][rows[:, None], steps]  # (b, K)
-                prompt_embeds = samples["prompt_embeds"][rows]  # (b, L, D)
-                step_timesteps = timesteps[steps.to(timesteps.device)]  # (b, K)
-                # A = z, 0 for padding: (b,)
-                row_advantages = (advantages[rows] * is_kept[slots]).to(accelerator.device)
-                visited_steps.update(steps.flatten().tolist())
-                last_of_update = (inner_epoch, micro_index) in ends
-                if args.update_schedule == "released":  # accelerate's division by the window: 64 x tau passes there
-                    scale = 1 / (micro_batches_per_update * trained_steps)
-                else:  # the mean over the update's kept rows (all processes; DDP averages) and interval steps
-                    update_rows = kept_rows_in_update(
-                        kept_per_process,
-                        micro_index // micro_batches_per_update,
-                        micro_batches_per_update,
-                        micro_batches,
-                        args.train_batch_size,
-                    )
-                    scale = args.train_batch_size * accelerator.num_processes / (update_rows * trained_steps)
-                # gradients accumulate locally; DDP all-reduces only on the backward that ends an update
-                with nullcontext() if last_of_update else accelerator.no_sync(unet):
-                    for k in range(trained_steps):
-                        noise_pred = guided_noise_prediction(
-                            unet, x_t[:, k], step_timesteps[:, k], prompt_embeds, null_embeds, scales[:, k]
-                        )
-                        _, log_prob = ddim_step_with_logprob(
-                            pipeline.scheduler,
-                            noise_pred,
-                            step_timesteps[:, k],
-                            x_t[:, k],
-                            args.eta,
-                            prev_sample=x_prev[:, k],
-                        )
-                        loss, _, _ = clipped_policy_loss(
-                            log_prob, log_prob_old[:, k], row_advantages, args.clip_range, args.advantage_clip
-                        )
-                        accelerator.backward(loss * scale)
-                        step_sums = kept_row_sums(
-                            log_prob,
-                            log_prob_old[:, k],
-                            row_advantages,
-                            is_kept[slots],
-                            args.clip_range,
-                            args.advantage_clip,
-                        )
-                        kept_sums = [total + value for total, value in zip(kept_sums, step_sums)]
-                if last_of_update:
-                    grad_norm, skipped_in_a_row = optimizer_step(
-                        accelerator, optimizer, lora_parameters, args.max_grad_norm, epoch, skipped_in_a_row
-                    )
-                    grad_norms.append(grad_norm)
-        optimizer.zero_grad()  # released: the last partial window's gradient is never stepped, as in the release
-        if not grad_norms:  # nothing kept on any process this stage (every branch within the thresholds): no update
-            grad_norms = [0.0]
-
-        # ==================================================================================================
-        # 6. Log, evaluate, checkpoint
-        # ==================================================================================================
-        # loss, approx_kl and clipfrac: means over the kept rows' (row, step) pairs of all processes (0 if none)
-        statistics = torch.tensor([*kept_sums, *grad_norm_summary(grad_norms)], device=accelerator.device)
-        statistics = accelerator.gather(statistics).view(-1, 6)
-        loss_sum, approx_kl_sum, clipfrac_sum, kept_count = statistics[:, :4].sum(0).tolist()
-        loss_mean, approx_kl_mean, clipfrac_mean = [
-            total / max(kept_count, 1) for total in (loss_sum, approx_kl_sum, clipfrac_sum)
-        ]
-        grad_norm_mean, skipped_steps = statistics[:, 4:].mean(0).tolist()
-        stop_on_non_finite(accelerator, epoch, "loss", loss_mean)
-        metrics = dict(
-            epoch=epoch,
-            reward_queries=(epoch + 1) * args.samples_per_epoch,
-            reward_mean=float(all_rewards.mean()),
-            reward_std=float(all_rewards.std()),
-            **member_reward_means(accelerator, member_rewards),
-            loss=loss_mean,
-            approx_kl=approx_kl_mean,
-            clipfrac=clipfrac_mean,
-            grad_norm=grad_norm_mean,
-            skipped_steps=round(skipped_steps),
-            interval_steps=trained_steps,
-            branch_step=branch_step if branches > 1 else None,
-            kept_samples=len(all_kept),
-            trained_step_indices=sorted(visited_steps),
-            seconds=round(time.time() - epoch_start, 3),
-        )
-        if accelerator.num_processes > 1:  # every replica must hold the same LoRA after the all-reduced updates
-            metrics["lora_sum_per_process"] = accelerator.gather(
-                torch.stack([p.detach().double().sum() for p in lora_parameters]).sum()[None]
-            ).tolist()
-        if accelerator.is_main_process:
-            append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
-            report(accelerator, {f"train/{key}": value for key, value in metrics.items()}, epoch)
-            tqdm.write(
-                f"epoch {epoch}: reward {metrics['reward_mean']:.4g} +- {metrics['reward_std']:.3g}, "
-                f"interval {trained_steps}, kept {len(all_kept)}, "
-                f"loss {loss_mean:.3g}, kl {approx_kl_mean:.2e}, clipfrac {clipfrac_mean:.2f}"
-            )
-        last_epoch = epoch + 1 == args.epochs
-        if last_epoch:
-            run_evaluation(
-                args,
-                accelerator,
-                pipeline,
-                unet,
-                eval_reward_fn,
-                diversity_model,
-                eval_sets,
-                null_embeds,
-                latent_shape,
-                run_dir,
-                epoch + 1,
-            )
-        if (epoch + 1) % args.save_every == 0 or last_epoch:
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    os.path.join(run_dir, "checkpoints", f"epoch_{epoch + 1:04d}"),
-                    accelerator.unwrap_model(unet),
-                    optimizer,
-                    dict(epoch=epoch + 1, reward_history=reward_history, skipped_in_a_row=skipped_in_a_row),
-                )
-            accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        print(run_summary(run_dir, time.time() - run_start))
 
 
 if __name__ == "__main__":

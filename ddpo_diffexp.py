@@ -100,7 +100,7 @@ class Args:
     shapes: bool = False
     """preset for the shapes world on CPU (shapes_world.py): its model, reward and prompts (explicit flags still win)"""
     preset: Optional[str] = None
-    """a named experiment's flags, from PRESETS at the top of the script (--help lists them; explicit flags win)"""
+    """a named experiment's flags, from PRESETS (after main(); --help lists them; explicit flags win)"""
     reward: str = "aesthetic"
     """reward to maximise: aesthetic, pickscore, clipscore, imagereward, hpsv2 (v2.0), hpsv2.1,
     jpeg_compressibility, jpeg_incompressibility, shapes, shapes_binary, shapes_learned; or an ensemble, a+b or
@@ -486,16 +486,8 @@ def main(args):
                 pipeline, unet, prompt_embeds, null_embeds, guidance_scales, latents, args.eta, generator
             )
             # Store exactly what sampled each step (its c and w): training must recompute THAT policy.
-            batches.append(
-                dict(
-                    prompts=prompts,
-                    prompt_embeds=prompt_embeds,
-                    guidance_scales=guidance_scales,
-                    trajectory=trajectory,
-                    log_probs=log_probs,
-                    images=images,
-                )
-            )
+            batch = dict(prompts=prompts, prompt_embeds=prompt_embeds, guidance_scales=guidance_scales)
+            batches.append(batch | dict(trajectory=trajectory, log_probs=log_probs, images=images))
         prompts = [p for batch in batches for p in batch["prompts"]]
         samples = {
             key: torch.cat([batch[key] for batch in batches])
@@ -819,7 +811,8 @@ PRESETS = {
 
 
 def diffexp_flag_rules(args):
-    """(field, holds, what its value must be) for DiffExp's flags: Eq. 7's threshold, Eq. 8's range, the fraction."""
+    """(field, holds, what its value must be) for DiffExp's flags: DiffExp Eq. 7's threshold, DiffExp Eq. 8's
+    range, the exploring fraction."""
     return [
         ("t_thres", 0 <= args.t_thres < 1000, "must be in [0, 1000)"),
         ("prompt_weight_range", args.prompt_weight_range[0] <= args.prompt_weight_range[1], "is inverted (low > high)"),

@@ -65,7 +65,7 @@ def run_flags(tmp_path_factory):
     diffexp = ["--diffexp", "--explore-fraction", "0.5", "--epochs", "2"]
     return {
         "ddpo_diffexp.py": [*MICRO_FLAGS, *diffexp],
-        "alignprop_diffexp.py": [*MICRO_FLAGS, *diffexp],  # tiny aesthetic reward, K = 1
+        "alignprop_diffexp.py": [*MICRO_FLAGS, *diffexp],  # tiny aesthetic reward; per_step truncation: 1-4 of 4 steps
         "b2_diffurl.py": [*b2_flags(str(prompt_file)), "--epochs", "2"],  # T = 4: intervals of 3, then 4 steps
         # two CoCA windows of 2 steps; evaluated before the first and after the last epoch only (the later flag wins)
         "ddpo_coca.py": [*MICRO_FLAGS, "--similarity-window", "2", "--eval-every", "100", *diffexp],

@@ -293,19 +293,21 @@ def test_tiny_preset_and_paper_defaults():
     [
         (
             ["--reward", "jpeg_compressibility"],
-            "error: reward 'jpeg_compressibility' is not differentiable; AlignProp backpropagates through the "
+            "error: --reward jpeg_compressibility is not differentiable; AlignProp backpropagates through the "
             "reward, choose one of aesthetic, pickscore, clipscore",
         ),
-        (["--reward", "jpeg_incompressibility"], "error: reward 'jpeg_incompressibility' is not differentiable"),
+        (["--reward", "jpeg_incompressibility"], "error: --reward jpeg_incompressibility is not differentiable"),
         (
             ["--reward", "aesthetic+jpeg_compressibility"],
-            "error: reward 'aesthetic+jpeg_compressibility' is not differ",
+            "error: --reward aesthetic+jpeg_compressibility is not differ",
         ),
         (["--reward", "beauty"], "error: unknown reward 'beauty'"),
         (["--grad-steps", "51"], "error: --grad-steps 51 must be <= --num-steps 50"),
         (["--grad-steps", "0"], "error: --grad-steps 0 must be >= 1"),
         (["--num-steps", "1", "--truncation", "gaussian"], "error: --truncation gaussian needs --num-steps >= 2"),
         (["--truncation", "random"], "error: --truncation random must be per_step, fixed or gaussian"),
+        (["--reward-resize", "nearest"], "error: --reward-resize nearest must be bicubic or bilinear"),
+        (["--loss-scale", "0"], "error: --loss-scale 0.0 must be > 0"),
         (["--eta", "-1"], "error: --eta -1.0 must be >= 0"),
         (["--samples-per-epoch", "30"], "error: --samples-per-epoch 30 is not a multiple of --train-batch-size"),
     ],

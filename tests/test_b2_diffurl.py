@@ -134,9 +134,10 @@ def test_selection_keeps_best_and_worst_branches_past_the_thresholds():
 
 
 def test_padding_counts_kept_rows_per_update():
-    # processes keep 5 and 2 rows; batches of 2 -> 3 micro batches each; 2 micro batches per update
-    counts = [b2_diffurl.kept_rows_in_update([5, 2], u, 2, 3, 2) for u in range(2)]
-    assert counts == [6, 1] and sum(counts) == 7
+    # processes keep 5 and 2 rows; batches of 2 -> 3 micro batches each; 2 micro batches per update: micro batches
+    # 0 and 1 are the first update (rows 0-3: 4 + 2 kept), micro batch 2 the second (row 4: 1 kept)
+    counts = [b2_diffurl.kept_rows_in_update([5, 2], micro_index, 2, 3, 2) for micro_index in range(3)]
+    assert counts == [6, 6, 1]
 
 
 def test_logged_statistics_leave_the_padding_rows_out():

@@ -19,44 +19,34 @@ DIFFEXP = ["ddpo_diffexp.py", "alignprop_diffexp.py", "ddpo_coca.py"]  # the scr
 DDPO_UPDATE = ["ddpo_diffexp.py", "ddpo_coca.py"]  # DDPO's own update: per-prompt advantages, K steps
 
 # (kind, name, scripts): kind "function" is a top-level def with its decorators; "section" the text from a
-# banner of main to the next marker; "args" the docstrings of a group of Args fields; "import" one import line.
+# banner of main to the next marker; "tail" the run-management banner and the text from the line "# ---- ... the
+# same in every script" to the end of the file; "args" the docstrings of a group of Args fields; "import" one
+# import line.
 SHARED_BLOCKS = [
     ("import", "from worlds import", SCRIPTS),
     ("args", "shared", SCRIPTS),
     ("args", "DiffExp", DIFFEXP),
-    ("function", "parse_args", DIFFEXP),
+    ("tail", "run management", SCRIPTS),  # from its banner, less PRESETS and the flag rules, to the end of the file
     ("function", "ddim_step_with_logprob", DDPO_FAMILY),
     ("function", "clipped_policy_loss", DDPO_FAMILY),
     ("function", "per_prompt_advantages", DDPO_UPDATE),
     ("function", "trained_steps_per_sample", DDPO_UPDATE),
     ("function", "exploration_settings", DIFFEXP),
+    ("function", "diffexp_flag_rules", DIFFEXP),
     ("function", "epoch_seed", SCRIPTS),
     ("function", "caption_lines", SCRIPTS),
     ("function", "save_image_grid", SCRIPTS),
-    ("function", "save_checkpoint", SCRIPTS),
-    ("function", "run_summary", SCRIPTS),
-    ("function", "keep_lines_before", SCRIPTS),
     ("function", "stop_on_non_finite", SCRIPTS),
     ("function", "member_reward_means", SCRIPTS),
+    ("function", "process_means", SCRIPTS),
     ("function", "score_in_batches", DDPO_FAMILY),
-    ("function", "flag", SCRIPTS),
-    ("function", "divisibility_problem", SCRIPTS),
-    ("function", "shared_flag_problems", SCRIPTS),
-    ("function", "diffexp_flag_problems", DIFFEXP),
-    ("function", "check_args", SCRIPTS),
-    ("function", "checkpoint_folders", SCRIPTS),
-    ("function", "load_last_checkpoint", SCRIPTS),
-    ("function", "check_resume", SCRIPTS),
-    ("function", "default_run_name", SCRIPTS),
-    ("function", "process_alive", SCRIPTS),
-    ("function", "lock_run", SCRIPTS),
-    ("function", "append_jsonl", SCRIPTS),
-    ("function", "report", SCRIPTS),
     ("function", "optimizer_step", SCRIPTS),
     ("function", "grad_norm_summary", SCRIPTS),
     ("function", "run_evaluation", DIFFEXP),
     ("section", "1. Setup", SCRIPTS),
 ]
+RUN_MANAGEMENT_BANNER = "# Run management:"
+SHARED_FROM = "# " + "-" * 88 + " the same in every script"
 SHARED_ARGS_END = "resume"  # the shared Args fields run from the first field to this one
 DIFFEXP_ARGS = ("diffexp", "dynamic_cfg", "prompt_weighting", "cfg_low", "t_thres", "prompt_weight_range")
 DIFFEXP_ARGS += ("explore_fraction",)
@@ -94,6 +84,10 @@ def block(script, kind, name):
         start = next((i for i, line in enumerate(lines) if line.strip().startswith(f"# {name}:")), None)
         end = next((i for i, line in enumerate(lines) if line.strip() == "# Method-specific setup"), None)
         return None if start is None or end is None else "".join(lines[start:end])
+    if kind == "tail":  # the run-management banner (its rule above it too), then the shared text to the end
+        start = next((i for i, line in enumerate(lines) if line.startswith(RUN_MANAGEMENT_BANNER)), None)
+        shared = next((i for i, line in enumerate(lines) if line.startswith(SHARED_FROM)), None)
+        return None if start is None or shared is None else "".join(lines[start - 1 : start + 3] + lines[shared:])
     if kind == "import":
         found = [line for line in lines if line.startswith(name)]
         return found[0] if found else None

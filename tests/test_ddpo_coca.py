@@ -136,7 +136,7 @@ def test_defaults_and_tiny_preset():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--num-steps", "8"], "error: --num-steps 8 is not a multiple of --similarity-window 5"),
+        (["--num-steps", "8"], "error: --num-steps 8 is not a multiple of --similarity-window 5 (8 = 1 x 5 + 3)"),
         (["--shaping-alpha", "1.5"], "error: --shaping-alpha 1.5 must be in [0, 1]"),
     ],
 )

@@ -101,7 +101,7 @@ def test_a_relative_prompt_file_resolves_the_same_in_every_script(script, tmp_pa
     monkeypatch.chdir(tmp_path)  # not the project folder: prompts/ is found beside the scripts
     assert problems(script, ["--prompts", "prompts/spatial_train.txt", "--reward", "jpeg_compressibility"]) in (
         None,
-        "error: reward 'jpeg_compressibility' is not differentiable; AlignProp backpropagates through the reward, "
+        "error: --reward jpeg_compressibility is not differentiable; AlignProp backpropagates through the reward, "
         "choose one of aesthetic, pickscore, clipscore, imagereward, hpsv2, hpsv2.1, shapes_learned or an ensemble "
         "of them",
     )
