@@ -997,9 +997,7 @@ def load_last_checkpoint(run_dir, accelerator):
             load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))  # what load_lora_weights reads
             return folder, state
         except Exception as error:  # EOFError, UnpicklingError, RuntimeError, SafetensorError, OSError
-            accelerator.print(
-                f"warning: checkpoint {folder} does not load ({first_line(error)}); trying the last but one"
-            )
+            accelerator.print(f"warning: checkpoint {folder} does not load ({first_line(error)}); trying an older one")
     return None, {}
 
 
@@ -1013,12 +1011,9 @@ def check_resume(args, run_dir, checkpoint):
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --resume: cannot read {run_dir}/args.json ({error}), the flags the run started with")
     given = json.loads(json.dumps(asdict(args)))  # tuples as lists, as they were saved
-    changed = [
-        f"{flag(name)} {given.get(name)} (was {saved.get(name)})"
-        for name in sorted(set(saved) | set(given))
-        if name not in SAFE_TO_CHANGE_ON_RESUME and saved.get(name) != given.get(name)
-    ]
-    safe = ", ".join(flag(name) for name in SAFE_TO_CHANGE_ON_RESUME[:3])
+    names = sorted((set(saved) | set(given)) - set(SAFE_TO_CHANGE_ON_RESUME))
+    changed = [f"{flag(n)} {given.get(n)} (was {saved.get(n)})" for n in names if saved.get(n) != given.get(n)]
+    safe = ", ".join(map(flag, SAFE_TO_CHANGE_ON_RESUME[:3]))
     if changed:
         raise SystemExit(
             f"error: --resume with other flags than {run_dir}: {'; '.join(changed)} (only {safe} may change)"
@@ -1124,10 +1119,8 @@ def save_checkpoint(args, accelerator, run_dir, epoch, unet, optimizer, **state)
             os.replace(folder + ".tmp", folder)
         except OSError as error:  # ENOSPC (disk full), EDQUOT, EIO, ...
             shutil.rmtree(folder + ".tmp", ignore_errors=True)
-            print(
-                f"error: cannot write {folder} ({error.strerror or error}); the previous checkpoint is intact",
-                file=sys.stderr,
-            )
+            why = f"error: cannot write {folder} ({error.strerror or error})"
+            print(f"{why}; the previous checkpoint is intact", file=sys.stderr)
             raise SystemExit(1)
     accelerator.wait_for_everyone()
 
@@ -1138,24 +1131,14 @@ def run_summary(run_dir, seconds):
     lines = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     if not lines:
         return f"done in {seconds:.0f} s (no evaluation); {where}"
-    first, last = lines[0], lines[-1]
-    best = max(lines, key=lambda line: line["seen_reward_mean"])
-    # the standard error of one evaluation's mean, std / sqrt(n): how far apart is apart (older logs lack n)
-    error = (
-        f", each +- {last['seen_reward_std'] / last['seen_images'] ** 0.5:.2g} (standard error)"
-        if "seen_images" in last
-        else ""
-    )
-    unseen = (
-        f"; unseen {first['unseen_reward_mean']:.4g} -> {last['unseen_reward_mean']:.4g}"
-        if "unseen_reward_mean" in last
-        else ""
-    )
-    return (
-        f"done in {seconds:.0f} s: seen {last['eval_reward']} reward {first['seen_reward_mean']:.4g} (epoch "
-        f"{first['epoch']}) -> {last['seen_reward_mean']:.4g} (epoch {last['epoch']}), best "
-        f"{best['seen_reward_mean']:.4g} (epoch {best['epoch']}){error}{unseen}; {where}"
-    )
+    first, last, best = lines[0], lines[-1], max(lines, key=lambda line: line["seen_reward_mean"])
+    seen = [f"{line['seen_reward_mean']:.4g} (epoch {line['epoch']})" for line in (first, last, best)]
+    summary = f"done in {seconds:.0f} s: seen {last['eval_reward']} reward {seen[0]} -> {seen[1]}, best {seen[2]}"
+    if "seen_images" in last:  # the standard error of one evaluation's mean, std / sqrt(n) (older logs lack n)
+        summary += f", each +- {last['seen_reward_std'] / last['seen_images'] ** 0.5:.2g} (standard error)"
+    if "unseen_reward_mean" in last:
+        summary += f"; unseen {first['unseen_reward_mean']:.4g} -> {last['unseen_reward_mean']:.4g}"
+    return f"{summary}; {where}"
 
 
 if __name__ == "__main__":
