@@ -592,3 +592,26 @@ def test_gpu_results_merge_keeps_the_later_figures_and_the_failed_tries():
     assert set(merged["sampling"]) == set(merged["training_step"]) == {"fp16", "bf16"}
     table = gpu.table(merged)
     assert all(f"| {run[0]} |" in table for run in gpu.METHOD_RUNS + [gpu.SDXL_RUN])
+
+
+def test_plot_run_reads_a_runs_curve_and_a_benchmarks_band(tmp_path):
+    """benchmarks/plot_run.py: the README's command that plots a run (the drawing itself needs matplotlib)."""
+    import plot_run
+
+    for seed, rewards in ((0, [0.4, 0.5, 0.6]), (1, [0.5, 0.55, 0.5])):
+        (tmp_path / f"run{seed}").mkdir()
+        with open(tmp_path / f"run{seed}" / "eval.jsonl", "w") as f:
+            for epoch, reward in enumerate(rewards):
+                f.write(json.dumps(dict(epoch=epoch, reward_queries=64 * epoch, seen_reward_mean=reward)) + "\n")
+    curves = plot_run.read_curves([tmp_path / "run0", tmp_path / "run1"])
+    queries, rewards = curves["seen"]
+    assert list(queries) == [0, 64, 128] and rewards.tolist() == [[0.4, 0.5, 0.6], [0.5, 0.55, 0.5]]
+    assert "unseen" not in curves
+    (tmp_path / "results.csv").write_text(
+        "method,seed,epoch,reward_queries,seen_exact_reward,unseen_exact_reward\n"
+        "ddpo,0,0,0,0.4,0.6\nddpo,0,5,320,0.5,0.7\nddpo,1,0,0,0.45,0.62\nddpo,1,5,320,0.55,0.66\nother,0,0,0,9,9\n"
+    )
+    band = plot_run.read_band(tmp_path / "results.csv", "ddpo")
+    assert band["seen"][1].tolist() == [[0.4, 0.5], [0.45, 0.55]] and list(band["unseen"][0]) == [0, 320]
+    with pytest.raises(SystemExit, match="no rows of method 'x'"):
+        plot_run.read_band(tmp_path / "results.csv", "x")
